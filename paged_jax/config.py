@@ -1,0 +1,57 @@
+"""Engine options, frozen and validated. Field names follow vLLM's engine arguments; the
+command line spells them in kebab case (--max-num-seqs)."""
+from __future__ import annotations
+
+import dataclasses
+
+ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    dtype: str = "auto"  # "auto": float32 on the CPU, bfloat16 on accelerators
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
+    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len)
+    precompile: bool = False
+    attention_backend: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    cache_dir: str | None = None  # where converted checkpoints are kept
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
+                             f"{self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
+                             f"{self.attention_backend!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            # Without chunked prefill a whole prompt must fit in one step's token budget.
+            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
+                             f"max_model_len {self.max_model_len}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
+        return cls(**kwargs)

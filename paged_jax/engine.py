@@ -1,0 +1,202 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs back.
+
+The host side (scheduler, block tables, stop checks, detokenization) is plain Python; the
+device sees one padded StepInputs per step through the ModelRunner.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Iterable
+
+import jax
+
+from paged_jax import kv_cache, sampler, step_inputs
+from paged_jax.config import EngineConfig
+from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
+from paged_jax.model_runner import ModelRunner
+from paged_jax.models.loader import LoadedModel, load_model
+from paged_jax.outputs import OutputBuilder
+from paged_jax.request import Request, RequestOutput, Status
+from paged_jax.sampling_params import SamplingParams
+from paged_jax.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_MODEL_LEN = 2048  # cap on the model's own context when max_model_len is not given
+
+
+@dataclasses.dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    finished: dict = dataclasses.field(default_factory=dict)  # finish reason -> count
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: LoadedModel | None = None):
+        on_cpu = jax.default_backend() == "cpu"
+        dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        self.model = model or load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
+        mcfg = self.model.config
+        self.backend = (config.attention_backend if config.attention_backend != "auto"
+                        else ("xla" if on_cpu else "pallas"))
+        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings,
+                                                         DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {mcfg.max_position_embeddings}")
+        self.max_num_batched_tokens = (config.max_num_batched_tokens
+                                       or max(2048, self.max_model_len))
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
+                             f"max_model_len {self.max_model_len}")
+        num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
+            mcfg, config.block_size, config.kv_cache_memory_bytes)
+        self.config = config
+        self.tokenizer = self.model.tokenizer
+        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens)
+        self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
+                                                self.max_model_len, config.block_size)
+        self.runner = ModelRunner(self.model.graphdef, self.model.params,
+                                  kv_cache.allocate(mcfg, num_blocks, config.block_size),
+                                  self.backend, self.max_model_len)
+        self.outputs = OutputBuilder(self.tokenizer)
+        self.stats = EngineStats()
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, Request] = {}
+        self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
+        self._group_of: dict[str, str] = {}  # sequence id -> user request id
+        log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s, max_model_len %d",
+                 num_blocks, config.block_size,
+                 num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / 2**20,
+                 self.backend, self.max_model_len)
+        if config.precompile:
+            start = time.perf_counter()
+            self.runner.precompile(self.buckets, self._needs_prefill_tables)
+            log.info("precompiled %d step variants in %.1fs", self.runner.num_compiled,
+                     time.perf_counter() - start)
+
+    @property
+    def _needs_prefill_tables(self) -> bool:
+        return self.backend == "pallas"
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """prompt: a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        Raises ValueError for a request that can never run; other requests are untouched."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        limit = self.max_model_len - len(ids)
+        max_total = len(ids) + min(params.max_tokens or limit, limit)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        group = []
+        for i in range(params.n):
+            seed = (params.seed + i if params.seed is not None else self._rng.getrandbits(63))
+            rid = request_id if params.n == 1 else f"{i}_{request_id}"
+            group.append(Request(rid, list(ids), params, max_total, seed,
+                                 self.model.eos_token_ids, text, arrival))
+        self._groups[request_id] = group
+        for req in group:
+            self._requests[req.request_id] = req
+            self._group_of[req.request_id] = request_id
+            self.scheduler.add(req)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}, which leaves no room to generate")
+        need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        blocks = cdiv(need, self.kv.block_size)
+        if blocks > self.kv.pool.num_usable:
+            raise ValueError(f"the request needs up to {need} tokens ({blocks} KV blocks) but "
+                             f"the KV cache holds {self.kv.pool.num_usable} blocks")
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            for req in self._groups.pop(rid, []):
+                if not req.finished:
+                    self.scheduler.finish(req)
+                    req.finish_reason = "abort"
+                    self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+                self._forget(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.scheduler.waiting) + len(self.scheduler.running)
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None or not batch.requests:
+            return []
+        now = time.monotonic()
+        inputs = step_inputs.build(batch, self.kv, self.buckets, self._needs_prefill_tables)
+        rows = len(inputs.seq_lens)
+        sampling = sampler.build_inputs(list(batch.requests), rows, self.max_model_len)
+        result = self.runner.run(inputs, sampling)
+        self.stats.num_steps += 1
+        if batch.kind == "prefill":
+            self.stats.prompt_tokens += sum(batch.num_new_tokens)
+        for i, req in enumerate(batch.requests):
+            req.num_computed_tokens = req.num_tokens
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            self.stats.generation_tokens += 1
+            if self.outputs.append_token(req, {k: v[i] for k, v in result.items()},
+                                         self.max_model_len):
+                self.scheduler.finish(req)
+                req.finished_time = time.monotonic()
+                self.stats.finished[req.finish_reason] = (
+                    self.stats.finished.get(req.finish_reason, 0) + 1)
+        return self._collect(batch.requests)
+
+    def _collect(self, updated) -> list[RequestOutput]:
+        outs, seen = [], set()
+        for req in updated:
+            gid = self._group_of.get(req.request_id)
+            if gid in seen or gid is None:
+                continue
+            seen.add(gid)
+            group = self._groups[gid]
+            out = self.outputs.request_output(gid, group)
+            outs.append(out)
+            if out.finished:
+                for r in self._groups.pop(gid):
+                    self._forget(r)
+        return outs
+
+    def _forget(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._group_of.pop(req.request_id, None)
+
+    def kv_usage(self) -> KVUsage:
+        held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
+        return self.kv.usage(held)
+

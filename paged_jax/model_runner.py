@@ -1,0 +1,92 @@
+"""Runs one engine step on the device: forward + sampling, one compiled executable per shape.
+
+Executables are compiled ahead of time (jit(...).lower(...).compile()) and kept in a dict keyed
+by the step's shape, so the number of variants is explicit, logged, and bounded by the bucket
+ladders. The KV caches are donated: pages are updated in place, never copied.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_jax.attention import AttentionMetadata
+from paged_jax.models.forward import forward
+from paged_jax.sampler import SamplingInputs, sample
+from paged_jax.step_inputs import Buckets, StepInputs
+
+log = logging.getLogger(__name__)
+
+_STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+                "block_tables", "logits_indices")
+
+
+def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
+    md = AttentionMetadata(arrays["slot_mapping"], arrays["query_start_loc"], arrays["seq_lens"],
+                           arrays["block_tables"], arrays["logits_indices"], mode, backend)
+    logits, kv_caches = forward(graphdef, params, arrays["input_ids"], arrays["positions"],
+                                kv_caches, md)
+    return sample(logits, sampling), kv_caches
+
+
+class ModelRunner:
+    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int):
+        self.params = params
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.history_len = history_len
+        self._jits = {mode: jax.jit(functools.partial(_step, graphdef, mode, backend),
+                                    donate_argnums=(1,))
+                      for mode in ("prefill", "decode", "mixed")}
+        self._compiled: dict[tuple, object] = {}
+        self.compile_seconds = 0.0
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._compiled)
+
+    def _executable(self, key: tuple):
+        if key not in self._compiled:
+            mode, t, s, mb = key
+            start = time.perf_counter()
+            self._compiled[key] = self._jits[mode].lower(
+                self.params, self.kv_caches, _array_specs(t, s, mb),
+                _sampling_specs(s, self.history_len)).compile()
+            took = time.perf_counter() - start
+            self.compile_seconds += took
+            log.info("compiled step %s in %.2fs (%d variants)", key, took, len(self._compiled))
+        return self._compiled[key]
+
+    def precompile(self, buckets: Buckets, needs_prefill_tables: bool) -> None:
+        for key in buckets.all_shapes(needs_prefill_tables):
+            self._executable(key)
+
+    def run(self, inputs: StepInputs, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        exe = self._executable(inputs.shape_key)
+        arrays = {f: getattr(inputs, f) for f in _STEP_FIELDS}
+        result, self.kv_caches = exe(self.params, self.kv_caches, arrays,
+                                     SamplingInputs(**sampling))
+        n = inputs.num_seqs
+        return {k: np.asarray(v)[:n] for k, v in vars(result).items()}
+
+
+def _array_specs(t: int, s: int, mb: int) -> dict:
+    i32 = jnp.int32
+    shapes = dict(input_ids=(t,), positions=(t,), slot_mapping=(t,), query_start_loc=(s + 1,),
+                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(s,))
+    return {k: jax.ShapeDtypeStruct(v, i32) for k, v in shapes.items()}
+
+
+def _sampling_specs(s: int, history_len: int) -> SamplingInputs:
+    f32, i32 = jnp.float32, jnp.int32
+    spec = jax.ShapeDtypeStruct
+    return SamplingInputs(
+        temperature=spec((s,), f32), top_k=spec((s,), i32), top_p=spec((s,), f32),
+        min_p=spec((s,), f32), repetition_penalty=spec((s,), f32),
+        presence_penalty=spec((s,), f32), frequency_penalty=spec((s,), f32),
+        seed=spec((s, 2), jnp.uint32), step=spec((s,), i32), prompt_lens=spec((s,), i32),
+        history=spec((s, history_len), i32), flags=spec((3,), jnp.bool_))

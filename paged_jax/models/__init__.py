@@ -1,0 +1,1 @@
+"""Model definitions. Each architecture maps a Hugging Face config to a `ModelConfig`."""

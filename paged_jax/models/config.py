@@ -1,0 +1,96 @@
+"""The model's shape, read from a Hugging Face config and frozen."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Rope scaling as sorted (key, value) pairs so the config stays hashable.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        itemsize = 4 if self.dtype == "float32" else 2
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @classmethod
+    def from_hf(cls, hf_config, dtype: str = "float32") -> "ModelConfig":
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        scaling = _rope_scaling(hf_config)
+        return cls(
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            rope_theta=_rope_theta(hf_config),
+            rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+            sliding_window=getattr(hf_config, "sliding_window", None),
+            dtype=dtype,
+        )
+
+
+def _rope_params(hf_config) -> dict:
+    # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
+    params = getattr(hf_config, "rope_parameters", None)
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def _rope_theta(hf_config) -> float:
+    theta = _rope_params(hf_config).get("rope_theta")
+    return float(theta if theta is not None else getattr(hf_config, "rope_theta", 10000.0))
+
+
+def _rope_scaling(hf_config) -> dict | None:
+    params = _rope_params(hf_config) or dict(getattr(hf_config, "rope_scaling", None) or {})
+    params.pop("rope_theta", None)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    params["rope_type"] = kind
+    params.pop("type", None)
+    return {k: v for k, v in params.items() if v is not None}

@@ -1,0 +1,119 @@
+"""Llama-family decoder (Llama, Mistral) as flax NNX modules, used functionally.
+
+Every parameter carries logical axis names (`sharding_names`) that paged_jax/sharding.py maps
+to a device mesh. Kernels are stored [in, out]. Layers are a Python list, unrolled under jit:
+on this project's measurements a per-layer list beat scanning over stacked weights (see
+shared MEASURED.md), and it lets each layer keep its own donated KV cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paged_jax.attention import AttentionMetadata, attention
+from paged_jax.models.config import ModelConfig
+from paged_jax.models.rope import apply_rope, inv_freq
+
+
+def _param(shape, names, dtype):
+    # Created abstractly (nnx.eval_shape) and filled from a checkpoint; zeros never reach a run.
+    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, dtype):
+        self.weight = _param((size,), ("norm",), dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    def __init__(self, n_in, n_out, names, dtype, bias=False):
+        self.kernel = _param((n_in, n_out), names, dtype)
+        self.bias = _param((n_out,), names[1:], dtype) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype, cfg.attention_bias)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype,
+                             cfg.attention_bias)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype,
+                             cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype)
+
+    def __call__(self, x, positions, kv_cache, md: AttentionMetadata):
+        cfg, t = self.cfg, x.shape[0]
+        freq = inv_freq(cfg)
+        q = apply_rope(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim), positions, freq)
+        k = apply_rope(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, freq)
+        v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        out, kv_cache = attention(q, k, v, kv_cache, md, scale=cfg.head_dim ** -0.5,
+                                  sliding_window=cfg.sliding_window)
+        return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, i, ("embed", "mlp"), dtype)
+        self.up_proj = Linear(h, i, ("embed", "mlp"), dtype)
+        self.down_proj = Linear(i, h, ("mlp", "embed"), dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def __call__(self, x, positions, kv_cache, md):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        dtype = jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+        self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        _param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype))
+
+    def __call__(self, input_ids, positions, kv_caches, md: AttentionMetadata):
+        """input_ids, positions [T]; kv_caches: list of (k, v) per layer, or None (dense run).
+
+        Returns (logits [len(md.logits_indices), V] float32, new kv_caches).
+        """
+        x = self.embed_tokens[...][input_ids]
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, None if kv_caches is None else kv_caches[i], md)
+            new_caches.append(cache)
+        x = self.norm(x[md.logits_indices])
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        logits = (x @ head).astype(jnp.float32)
+        return logits, (None if kv_caches is None else new_caches)
+
+
+def abstract_model(cfg: ModelConfig) -> LlamaForCausalLM:
+    """The module tree with shape-only parameters; weights.py fills it."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg))

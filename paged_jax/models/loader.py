@@ -1,0 +1,44 @@
+"""One call from a model name to (config, graphdef, params, tokenizer)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from paged_jax import weights
+from paged_jax.models.config import ModelConfig
+from paged_jax.models.params import load_params
+from paged_jax.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    graphdef: object
+    params: object
+    tokenizer: object
+    hf_config: object
+    path: str
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = set()
+        for source in (self.hf_config, self.tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        return tuple(sorted(ids))
+
+
+def load_model(model: str | None = None, dtype: str = "float32",
+               cache_dir: str | None = None) -> LoadedModel:
+    start = time.perf_counter()
+    folder = weights.resolve_model(model, cache_dir=cache_dir)
+    hf_config = weights.load_hf_config(folder)
+    cfg = ModelConfig.from_hf(hf_config, dtype=dtype)
+    graphdef, params = load_params(cfg, weights.read_safetensors(folder))
+    tokenizer = load_tokenizer(folder)
+    log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
+             time.perf_counter() - start, dtype)
+    return LoadedModel(cfg, graphdef, params, tokenizer, hf_config, str(folder))

@@ -1,0 +1,51 @@
+"""Hugging Face tensors -> the model's parameter state, with shape checks that name the tensor."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from paged_jax.models.config import ModelConfig
+from paged_jax.models.llama import abstract_model
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Our parameter path -> (Hugging Face tensor name, whether it is stored transposed)."""
+    parts = [str(p) for p in path]
+    if parts == ["embed_tokens"]:
+        return "model.embed_tokens.weight", False
+    if parts == ["lm_head"]:
+        return "lm_head.weight", True
+    leaf = parts[-1]
+    stem = ".".join(parts[:-1])
+    if leaf == "kernel":
+        return f"model.{stem}.weight", True
+    return f"model.{stem}.{leaf}", False
+
+
+def load_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]):
+    """Returns (graphdef, params) with every parameter taken from `tensors` in cfg.dtype."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    pure = nnx.to_pure_dict(state)
+    _fill(pure, (), tensors, jnp.dtype(cfg.dtype))
+    nnx.replace_by_pure_dict(state, pure)
+    return graphdef, state
+
+
+def _fill(tree: dict, prefix: tuple, tensors, dtype):
+    for key, node in tree.items():
+        path = prefix + (key,)
+        if isinstance(node, dict):
+            _fill(node, path, tensors, dtype)
+            continue
+        name, transposed = hf_name(path)
+        if name not in tensors:
+            raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
+        value = np.asarray(tensors[name])
+        value = value.T if transposed else value
+        if value.shape != tuple(node.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(np.asarray(tensors[name]).shape)}, "
+                             f"expected {tuple(reversed(node.shape)) if transposed else node.shape}")
+        tree[key] = jnp.asarray(value, dtype=dtype)

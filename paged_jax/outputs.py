@@ -1,0 +1,84 @@
+"""Host-side handling of each sampled token: stop checks, detokenization, logprobs, and the
+RequestOutputs users see."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from paged_jax.request import CompletionOutput, Logprob, Request, RequestOutput
+
+
+class OutputBuilder:
+    def __init__(self, tokenizer, text_every_step: bool = False):
+        self.tokenizer = tokenizer
+        # Offline generation only needs the final text; streaming servers want it every step.
+        self.text_every_step = text_every_step
+
+    def append_token(self, req: Request, row: dict[str, np.ndarray], max_model_len: int) -> bool:
+        """Record one sampled token; returns True when the request has finished."""
+        token = int(row["tokens"])
+        req.output_token_ids.append(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        req.cumulative_logprob += float(row["logprob"])
+        if req.params.logprobs is not None:
+            req.output_logprobs.append(self._logprobs(req.params.logprobs, token, row))
+        p = req.params
+        if not p.ignore_eos and token in req.eos_token_ids:
+            req.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif p.stop and self._hit_stop_string(req):
+            req.finish_reason = "stop"
+        elif req.num_tokens >= req.max_total_tokens or req.num_tokens >= max_model_len:
+            req.finish_reason = "length"
+        return req.finish_reason is not None
+
+    def _hit_stop_string(self, req: Request) -> bool:
+        text = self.decode(req)
+        # Only the tail can hold a new match: the text before it was checked last step.
+        window = max(len(s) for s in req.params.stop) + 16
+        start = max(0, len(text) - window)
+        for stop in req.params.stop:
+            at = text.find(stop, start)
+            if at >= 0:
+                end = at + len(stop) if req.params.include_stop_str_in_output else at
+                req.text, req.stop_reason = text[:end], stop
+                return True
+        return False
+
+    def decode(self, req: Request) -> str:
+        return self.tokenizer.decode(req.output_token_ids,
+                                     skip_special_tokens=req.params.skip_special_tokens)
+
+    def _logprobs(self, n: int, token: int, row) -> dict[int, Logprob]:
+        out = {}
+        for rank, (tid, lp) in enumerate(zip(row["top_ids"][:n], row["top_logprobs"][:n]), 1):
+            out[int(tid)] = Logprob(float(lp), rank, self.tokenizer.decode([int(tid)]))
+        out[token] = Logprob(float(row["logprob"]), int(row["rank"]),
+                             self.tokenizer.decode([token]))
+        return out
+
+    def completion(self, index: int, req: Request) -> CompletionOutput:
+        if isinstance(req.stop_reason, str):
+            text = req.text
+        elif req.finish_reason is not None or self.text_every_step:
+            text = self.decode(req)
+        else:
+            text = ""
+        return CompletionOutput(
+            index=index, text=text, token_ids=list(req.output_token_ids),
+            cumulative_logprob=req.cumulative_logprob if req.params.logprobs is not None
+            else None,
+            logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+            finish_reason=req.finish_reason, stop_reason=req.stop_reason)
+
+    def request_output(self, group_id: str, group: list[Request]) -> RequestOutput:
+        first = group[0]
+        return RequestOutput(
+            request_id=group_id, prompt=first.prompt,
+            prompt_token_ids=list(first.prompt_token_ids),
+            outputs=[self.completion(i, r) for i, r in enumerate(group)],
+            finished=all(r.finish_reason is not None for r in group),
+            num_preemptions=sum(r.num_preemptions for r in group))

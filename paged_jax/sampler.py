@@ -1,0 +1,143 @@
+"""Sampling on device, inside the jitted step: penalties, temperature, min-p, top-k, top-p,
+per-request seeds and top-N logprobs.
+
+Each request draws its noise from its own key, fold_in(seed, number of tokens it has
+generated), so a seeded request samples the same tokens whatever batch it lands in. Optional
+work (penalties, sorting for top-k/top-p, logprobs) sits behind lax.cond on runtime flags:
+one compiled variant per shape serves every mix of sampling options.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paged_jax.request import Request
+from paged_jax.sampling_params import MAX_LOGPROBS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: jax.Array  # [S] f32; 0 = greedy
+    top_k: jax.Array  # [S] i32; 0 = off
+    top_p: jax.Array  # [S] f32
+    min_p: jax.Array  # [S] f32
+    repetition_penalty: jax.Array  # [S] f32
+    presence_penalty: jax.Array  # [S] f32
+    frequency_penalty: jax.Array  # [S] f32
+    seed: jax.Array  # [S, 2] u32 (low, high words)
+    step: jax.Array  # [S] i32: tokens generated so far
+    prompt_lens: jax.Array  # [S] i32
+    history: jax.Array  # [S, L] i32: prompt then output tokens, -1 padded (penalties only)
+    flags: jax.Array  # [3] bool: any penalties, any top-k/top-p, any logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    tokens: jax.Array  # [S] i32
+    logprob: jax.Array  # [S] f32 of the chosen token
+    rank: jax.Array  # [S] i32, 1 = most likely
+    top_ids: jax.Array  # [S, MAX_LOGPROBS]
+    top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
+
+
+def build_inputs(reqs: list[Request], num_rows: int, history_len: int) -> dict[str, np.ndarray]:
+    """Host side: numpy arrays for the rows of `reqs`, padded to num_rows."""
+    p = [r.params for r in reqs]
+    pad = num_rows - len(reqs)
+
+    def col(values, dtype, fill=0):
+        return np.asarray(list(values) + [fill] * pad, dtype)
+
+    penalties = any(x.uses_penalties for x in p)
+    # Always full width so the step keeps one shape whether or not penalties are in use.
+    history = np.full((num_rows, history_len), -1, np.int32)
+    if penalties:
+        for i, r in enumerate(reqs):
+            if r.params.uses_penalties:
+                toks = r.all_token_ids[:history_len]
+                history[i, :len(toks)] = toks
+    return dict(
+        temperature=col((0.0 if x.greedy else x.temperature for x in p), np.float32),
+        top_k=col((max(x.top_k, 0) for x in p), np.int32),
+        top_p=col((x.top_p for x in p), np.float32, 1.0),
+        min_p=col((x.min_p for x in p), np.float32),
+        repetition_penalty=col((x.repetition_penalty for x in p), np.float32, 1.0),
+        presence_penalty=col((x.presence_penalty for x in p), np.float32),
+        frequency_penalty=col((x.frequency_penalty for x in p), np.float32),
+        seed=np.asarray([[r.seed & 0xFFFFFFFF, r.seed >> 32] for r in reqs] + [[0, 0]] * pad,
+                        np.uint32),
+        step=col((len(r.output_token_ids) for r in reqs), np.int32),
+        prompt_lens=col((len(r.prompt_token_ids) for r in reqs), np.int32),
+        history=history,
+        flags=np.asarray([penalties,
+                          any(x.top_k > 0 or x.top_p < 1 for x in p),
+                          any(x.logprobs is not None for x in p)], bool),
+    )
+
+
+def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
+    """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logits = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temp = jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
+    scaled = logits / temp
+    scaled = _min_p(scaled, si.min_p)
+    scaled = jax.lax.cond(si.flags[1], _top_k_top_p, lambda lg, *_: lg, scaled, si.top_k,
+                          si.top_p)
+    noise = jax.vmap(_gumbel, in_axes=(0, 0, None))(si.seed, si.step, logits.shape[-1])
+    random_tokens = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(si.temperature > 0, random_tokens, greedy_tokens)
+    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    rank = 1 + jnp.sum(raw_logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+    s = logits.shape[0]
+    top_lp, top_ids = jax.lax.cond(
+        si.flags[2], lambda lp: tuple(jax.lax.top_k(lp, MAX_LOGPROBS)),
+        lambda lp: (jnp.zeros((s, MAX_LOGPROBS), lp.dtype),
+                    jnp.zeros((s, MAX_LOGPROBS), jnp.int32)), raw_logprobs)
+    return SampleResult(tokens, chosen, rank, top_ids.astype(jnp.int32), top_lp)
+
+
+def _gumbel(seed, step, vocab):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), step)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+
+def _penalize(logits, si: SamplingInputs):
+    s, v = logits.shape
+    hist = si.history
+    valid = hist >= 0
+    idx = jnp.where(valid, hist, 0)
+    is_output = jnp.arange(hist.shape[1])[None, :] >= si.prompt_lens[:, None]
+    rows = jnp.arange(s)[:, None]
+    seen = jnp.zeros((s, v), bool).at[rows, idx].max(valid)
+    counts = jnp.zeros((s, v), jnp.float32).at[rows, idx].add((valid & is_output).astype(
+        jnp.float32))
+    rep = si.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - si.frequency_penalty[:, None] * counts
+    return logits - si.presence_penalty[:, None] * (counts > 0)
+
+
+def _min_p(logits, min_p):
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def _top_k_top_p(logits, top_k, top_p):
+    v = logits.shape[-1]
+    desc = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    # The most likely token is always kept; then tokens while the mass before them < top_p.
+    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(logits >= jnp.maximum(kth, pth), logits, -jnp.inf)

@@ -1,0 +1,109 @@
+"""Iteration-level (continuous) batching with preemption by recompute.
+
+Every step is either a prefill of newly admitted requests (FCFS, while sequences, the token
+budget and KV blocks allow) or one decode token for every running request. When a decode
+step cannot find a block, the newest running request is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed from its prompt and output so far.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+from paged_jax.kv_cache_manager import KVCacheManager
+from paged_jax.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledBatch:
+    kind: str  # "prefill" | "decode"
+    requests: tuple[Request, ...]
+    num_new_tokens: tuple[int, ...]
+    preempted: tuple[Request, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+def paged_reservation(req: Request) -> int:
+    """Tokens to hold KV for at admission: exactly what is computed now (allocate on demand)."""
+    return req.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 reservation: Callable[[Request], int] = paged_reservation):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.reservation = reservation
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        batch: list[Request] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+            req = self.waiting[0]
+            if tokens + req.num_tokens > self.max_num_batched_tokens:
+                break
+            if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req))):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            batch.append(req)
+            tokens += req.num_tokens
+        if not batch:
+            return None
+        self.running.extend(batch)
+        return ScheduledBatch("prefill", tuple(batch),
+                              tuple(r.num_tokens - r.num_computed_tokens for r in batch))
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        scheduled: list[Request] = []
+        preempted: list[Request] = []
+        queue = list(self.running)
+        while queue:
+            req = queue.pop(0)
+            while not self.kv.allocate(req.request_id, req.num_tokens):
+                victim = queue.pop() if queue else req  # the newest running request
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                scheduled.append(req)
+        if not scheduled:
+            return None if not preempted else ScheduledBatch("decode", (), (), tuple(preempted))
+        return ScheduledBatch("decode", tuple(scheduled), (1,) * len(scheduled),
+                              tuple(preempted))
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        self.running.remove(req)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request) -> None:
+        """Remove a finished or aborted request wherever it is and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        req.status = Status.FINISHED

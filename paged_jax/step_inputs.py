@@ -1,0 +1,110 @@
+"""The padded int32/float32 arrays one step hands the device, and the bucket ladders that bound
+how many shapes (and so compilations) there are. Plain numpy: built on the host every step."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from paged_jax.kv_cache_manager import KVCacheManager, cdiv
+from paged_jax.scheduler import ScheduledBatch
+
+
+def ladder(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two from lo up to hi, always ending exactly at hi."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    return tuple(out) + (hi,)
+
+
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    seqs: tuple[int, ...]  # padded sequence counts (decode batch sizes)
+    tokens: tuple[int, ...]  # padded token counts of prefill steps
+    blocks: tuple[int, ...]  # padded block-table widths of decode steps
+
+    @classmethod
+    def make(cls, max_num_seqs, max_num_batched_tokens, max_model_len, block_size):
+        max_blocks = cdiv(max_model_len, block_size)
+        return cls(seqs=ladder(1, max_num_seqs),
+                   tokens=ladder(min(16, max_num_batched_tokens), max_num_batched_tokens),
+                   blocks=ladder(min(8, max_blocks), max_blocks))
+
+    def all_shapes(self, needs_prefill_tables: bool):
+        """Every (mode, T, S, MB) the runner can see: precompile iterates over this."""
+        for t in self.tokens:
+            s = pick(self.seqs, min(t, self.seqs[-1]))
+            for mb in (self.blocks if needs_prefill_tables else (1,)):
+                yield ("prefill", t, s, mb)
+        for s in self.seqs:
+            for mb in self.blocks:
+                yield ("decode", s, s, mb)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    mode: str
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T]
+    query_start_loc: np.ndarray  # [S + 1]
+    seq_lens: np.ndarray  # [S]
+    block_tables: np.ndarray  # [S, MB]
+    logits_indices: np.ndarray  # [S]
+    num_seqs: int  # real sequences; rows past it are padding
+
+    @property
+    def shape_key(self) -> tuple:
+        return (self.mode, len(self.input_ids), len(self.seq_lens), self.block_tables.shape[1])
+
+
+def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
+          needs_prefill_tables: bool) -> StepInputs:
+    reqs, n = batch.requests, len(batch.requests)
+    if batch.kind == "decode":
+        s_pad = t_pad = pick(buckets.seqs, n)
+    else:
+        t_pad = pick(buckets.tokens, batch.num_tokens)
+        s_pad = pick(buckets.seqs, min(t_pad, buckets.seqs[-1]))
+    ids, pos, slots, qsl, lens = [], [], [], [0], []
+    for req, new in zip(reqs, batch.num_new_tokens):
+        start, end = req.num_tokens - new, req.num_tokens
+        ids.extend(req.all_token_ids[start:end])
+        pos.extend(range(start, end))
+        slots.extend(kv.slots(req.request_id, start, end))
+        qsl.append(qsl[-1] + new)
+        lens.append(end)
+    tables_needed = batch.kind == "decode" or needs_prefill_tables
+    mb = pick(buckets.blocks, max(len(kv.block_table(r.request_id)) for r in reqs)) \
+        if tables_needed else 1
+    tables = np.zeros((s_pad, mb), np.int32)
+    if tables_needed:
+        for i, req in enumerate(reqs):
+            table = kv.block_table(req.request_id)
+            tables[i, :len(table)] = table
+    return StepInputs(
+        mode=batch.kind,
+        input_ids=_pad(ids, t_pad),
+        positions=_pad(pos, t_pad),
+        # Padding tokens write into block 0, which no request owns.
+        slot_mapping=_pad(slots, t_pad),
+        query_start_loc=_pad(qsl, s_pad + 1, qsl[-1]),
+        seq_lens=_pad(lens, s_pad),
+        block_tables=tables,
+        logits_indices=_pad([q - 1 for q in qsl[1:]], s_pad),
+        num_seqs=n)
+
+
+def _pad(values, size: int, fill: int = 0) -> np.ndarray:
+    out = np.full((size,), fill, np.int32)
+    out[:len(values)] = values
+    return out
