@@ -6,6 +6,7 @@ so requests get blocks 1..num_blocks-1.
 from __future__ import annotations
 
 import collections
+import random
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -13,12 +14,16 @@ class NoFreeBlocksError(RuntimeError):
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, shuffle_seed: int | None = None):
+        """shuffle_seed: hand blocks out in a random order (tests use it to scatter tables)."""
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {num_blocks}")
         self.num_blocks = num_blocks
         self._ref = [0] * num_blocks
-        self._free = collections.deque(range(1, num_blocks))
+        order = list(range(1, num_blocks))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        self._free = collections.deque(order)
 
     @property
     def num_usable(self) -> int:

@@ -32,9 +32,9 @@ class KVUsage:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, shuffle_seed: int | None = None):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, shuffle_seed)
         self._tables: dict[str, list[int]] = {}
 
     def block_table(self, request_id: str) -> list[int]:

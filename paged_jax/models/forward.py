@@ -31,9 +31,16 @@ def _dense_logits(graphdef, params, token_ids):
     return logits
 
 
-def dense_logits(graphdef, params, token_ids) -> np.ndarray:
-    """Logits [T, V] of one sequence by plain causal attention: no KV cache, no paging."""
-    return np.asarray(_dense_logits(graphdef, params, jnp.asarray(token_ids, jnp.int32)))
+def dense_logits(graphdef, params, token_ids, pad_to: int = 1) -> np.ndarray:
+    """Logits [T, V] of one sequence by plain causal attention: no KV cache, no paging.
+
+    pad_to: pad the sequence to a multiple of this (causal, so padding after the real tokens
+    changes nothing) to bound the number of compiled lengths.
+    """
+    t = len(token_ids)
+    padded = np.zeros((-(-t // pad_to) * pad_to,), np.int32)
+    padded[:t] = token_ids
+    return np.asarray(_dense_logits(graphdef, params, jnp.asarray(padded)))[:t]
 
 
 def dense_greedy(graphdef, params, prompt_ids, max_new_tokens: int, eos_ids=()) -> list[int]:
@@ -41,7 +48,7 @@ def dense_greedy(graphdef, params, prompt_ids, max_new_tokens: int, eos_ids=()) 
     ids = list(prompt_ids)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        nxt = int(np.argmax(dense_logits(graphdef, params, ids)[-1]))
+        nxt = int(np.argmax(dense_logits(graphdef, params, ids, pad_to=64)[-1]))
         out.append(nxt)
         ids.append(nxt)
         if nxt in eos_ids:

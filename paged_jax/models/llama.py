@@ -1,6 +1,6 @@
 """Llama-family decoder (Llama, Mistral) as flax NNX modules, used functionally.
 
-Every parameter carries logical axis names (`sharding_names`) that paged_jax/sharding.py maps
+Every parameter carries logical axis names (`out_sharding`) that paged_jax/sharding.py maps
 to a device mesh. Kernels are stored [in, out]. Layers are a Python list, unrolled under jit:
 on this project's measurements a per-layer list beat scanning over stacked weights (see
 shared MEASURED.md), and it lets each layer keep its own donated KV cache.
@@ -18,7 +18,7 @@ from paged_jax.models.rope import apply_rope, inv_freq
 
 def _param(shape, names, dtype):
     # Created abstractly (nnx.eval_shape) and filled from a checkpoint; zeros never reach a run.
-    return nnx.Param(jnp.zeros(shape, dtype), sharding_names=names, eager_sharding=False)
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):

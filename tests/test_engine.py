@@ -1,0 +1,229 @@
+"""The paged engine against a dense (unpaged, one request at a time) run of the same model."""
+import numpy as np
+import pytest
+
+from paged_jax import LLM, SamplingParams
+from paged_jax.block_pool import BlockPool
+from paged_jax.models.forward import dense_greedy
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_llama_dir):
+    # Larger weights than HF's default init give peaked logits, so greedy choices are stable.
+    return make_tiny_llama_dir(tokenizer=True, initializer_range=0.2, num_hidden_layers=2,
+                               hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_llm(tiny_dir, **kw):
+    opts = dict(num_kv_blocks=128, max_model_len=128, max_num_seqs=32,
+                max_num_batched_tokens=512)
+    opts.update(kw)
+    return LLM(str(tiny_dir), **opts)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return make_llm(tiny_dir)
+
+
+def random_prompts(n, seed, lo=1, hi=60, vocab=49152):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, vocab, int(rng.integers(lo, hi))).tolist()}
+            for _ in range(n)]
+
+
+def token_ids(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def dense(llm, prompt, n):
+    m = llm.llm_engine.model
+    return dense_greedy(m.graphdef, m.params, prompt["prompt_token_ids"], n)
+
+
+def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir):
+    llm = make_llm(tiny_dir)
+    engine = llm.llm_engine
+    engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=7)
+    # Lengths around block boundaries (block size 16) and a one-token prompt.
+    prompts = [{"prompt_token_ids": p["prompt_token_ids"][:n]} for p, n in
+               zip(random_prompts(7, 0, 60, 61), (1, 15, 16, 17, 31, 33, 50))]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    tables_scattered = any(b != a + 1 for a, b in zip(range(1, 9), sorted(engine.kv.pool._free)))
+    assert tables_scattered
+    for prompt, got in zip(prompts, token_ids(outs)):
+        assert got == dense(llm, prompt, 20)
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+def test_output_alone_equals_output_in_a_batch_of_33(llm):
+    target = random_prompts(1, 1)[0]
+    alone = token_ids(llm.generate([target], GREEDY, use_tqdm=False))[0]
+    batch = random_prompts(32, 2) + [target]
+    together = token_ids(llm.generate(batch, GREEDY, use_tqdm=False))[-1]
+    assert alone == together
+
+
+def test_preemption_under_a_small_cache_gives_the_same_outputs(tiny_dir, llm):
+    prompts = random_prompts(10, 3, 20, 40)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = token_ids(llm.generate(prompts, params, use_tqdm=False))
+    small = make_llm(tiny_dir, num_kv_blocks=9)  # 8 usable blocks: 128 token slots for 10 requests
+    outs = small.generate(prompts, params, use_tqdm=False)
+    engine = small.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    assert sum(o.num_preemptions for o in outs) > 0
+    assert token_ids(outs) == expected
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+def test_abort_frees_every_block(llm):
+    engine = llm.llm_engine
+    for i, p in enumerate(random_prompts(6, 4)):
+        engine.add_request(f"abort-{i}", p, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.kv.pool.num_free < engine.kv.pool.num_usable
+    engine.abort_request(["abort-0", "abort-3"])
+    engine.abort_request("abort-5")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+    assert engine.stats.finished["abort"] >= 3
+
+
+def test_seeded_sampling_is_the_same_whatever_the_batch(llm):
+    target = random_prompts(1, 5)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16,
+                            ignore_eos=True)
+    alone = token_ids(llm.generate([target], params, use_tqdm=False))[0]
+    others = random_prompts(9, 6)
+    mixed = llm.generate(others + [target], [SamplingParams(temperature=0.8, max_tokens=8)] * 9
+                         + [params], use_tqdm=False)
+    assert token_ids(mixed)[-1] == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=16,
+                                ignore_eos=True)
+    assert token_ids(llm.generate([target], other_seed, use_tqdm=False))[0] != alone
+
+
+def test_top_k_one_is_greedy(llm):
+    prompts = random_prompts(3, 8)
+    greedy = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    topk1 = SamplingParams(temperature=0.7, top_k=1, max_tokens=20, ignore_eos=True)
+    assert token_ids(llm.generate(prompts, topk1, use_tqdm=False)) == greedy
+
+
+def test_n_gives_n_distinct_samples(llm):
+    out = llm.generate(random_prompts(1, 9), SamplingParams(n=3, temperature=1.0, max_tokens=12,
+                                                            ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 3 and [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+
+
+def test_logprobs_match_the_dense_distribution(llm):
+    prompt = random_prompts(1, 10)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=3, logprobs=5,
+                                                ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    m = llm.llm_engine.model
+    from paged_jax.models.forward import dense_logits
+    ids = prompt["prompt_token_ids"] + out.token_ids
+    logits = dense_logits(m.graphdef, m.params, ids).astype(np.float64)
+    n = len(prompt["prompt_token_ids"])
+    for i, (tok, lps) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = logits[n - 1 + i]
+        ref = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        assert lps[tok].rank == 1
+        assert set(lps) == set(np.argsort(-ref)[:5].tolist())
+        for t, lp in lps.items():
+            assert abs(lp.logprob - ref[t]) < 1e-4
+    assert abs(out.cumulative_logprob - sum(lps[t].logprob for t, lps in
+                                            zip(out.token_ids, out.logprobs))) < 1e-4
+
+
+def test_stop_token_ids_stop_strings_and_max_tokens(llm):
+    prompt = random_prompts(1, 11)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop_tok = free.token_ids[5]
+    first = free.token_ids.index(stop_tok)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                stop_token_ids=[stop_tok]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free.token_ids[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_tok)
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip()
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+
+
+def test_eos_stops_unless_ignored(tiny_dir):
+    llm = make_llm(tiny_dir)
+    engine = llm.llm_engine
+    prompt = random_prompts(1, 12)[0]
+    free = llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    # Make the third greedy token the request's EOS: generation must stop right there, while
+    # the ignore_eos run above went past it.
+    engine_eos = (free.token_ids[2],)
+    engine.add_request("eos", prompt, SamplingParams(temperature=0, max_tokens=20))
+    engine._requests["eos"].eos_token_ids = engine_eos
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    first = free.token_ids.index(engine_eos[0])
+    assert outs[-1].outputs[0].token_ids == free.token_ids[:first + 1]
+    assert outs[-1].outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(max_tokens=0), "max_tokens must be >= 1, got 0"),
+    (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+    (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+    (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(top_k=-2), "top_k must be -1 (disabled) or >= 1, got -2"),
+])
+def test_bad_sampling_params_name_the_value(params, message):
+    with pytest.raises(ValueError) as err:
+        SamplingParams(**params)
+    assert message in str(err.value)
+
+
+def test_bad_requests_are_refused_and_others_go_on(llm):
+    engine = llm.llm_engine
+    good = random_prompts(2, 13)
+    engine.add_request("good-0", good[0], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len is 128"):
+        engine.add_request("long", {"prompt_token_ids": [5] * 200}, GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request("oov", {"prompt_token_ids": [10**6]}, GREEDY)
+    engine.add_request("good-1", good[1], GREEDY)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["good-0", "good-1"]
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+def test_request_that_can_never_fit_in_the_cache(tiny_dir):
+    llm = make_llm(tiny_dir, num_kv_blocks=4)  # 3 usable blocks = 48 token slots
+    with pytest.raises(ValueError, match=r"needs up to 60 tokens \(4 KV blocks\).*holds 3 blocks"):
+        llm.generate([{"prompt_token_ids": [5] * 40}], SamplingParams(max_tokens=20),
+                     use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_unknown_engine_option_is_refused(tiny_dir):
+    with pytest.raises(TypeError, match="unknown engine option.*max_num_seq"):
+        LLM(str(tiny_dir), max_num_seq=4)
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=4),
+                   use_tqdm=False)[0]
+    tok = llm.get_tokenizer()
+    assert "hello" in tok.decode(out.prompt_token_ids)
+    assert len(out.outputs[0].token_ids) <= 4
