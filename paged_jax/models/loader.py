@@ -31,14 +31,14 @@ class LoadedModel:
         return tuple(sorted(ids))
 
 
-def load_model(model: str | None = None, dtype: str = "float32",
-               cache_dir: str | None = None) -> LoadedModel:
+def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str | None = None,
+               with_tokenizer: bool = True) -> LoadedModel:
     start = time.perf_counter()
     folder = weights.resolve_model(model, cache_dir=cache_dir)
     hf_config = weights.load_hf_config(folder)
     cfg = ModelConfig.from_hf(hf_config, dtype=dtype)
     graphdef, params = load_params(cfg, weights.read_safetensors(folder))
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder) if with_tokenizer else None
     log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
              time.perf_counter() - start, dtype)
     return LoadedModel(cfg, graphdef, params, tokenizer, hf_config, str(folder))

@@ -1,0 +1,82 @@
+"""Our forward equals transformers' (PyTorch, float32, CPU) on the same weights."""
+import numpy as np
+import pytest
+
+from paged_jax.models.forward import dense_greedy, dense_logits
+from paged_jax.models.loader import load_model
+
+CONFIGS = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa-tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "gqa-head80-llama3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=80,
+                              rope_scaling="llama3"),
+    "linear-rope-theta": dict(num_attention_heads=2, num_key_value_heads=1,
+                              rope_scaling="linear", rope_theta=500000.0),
+}
+
+
+def hf_logits(folder, ids):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy(), model
+
+
+def max_rel_diff(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_tiny_llama_logits_match_transformers(make_tiny_llama_dir, name):
+    folder = make_tiny_llama_dir(initializer_range=0.1, max_position_embeddings=512,
+                                 **CONFIGS[name])
+    m = load_model(str(folder), with_tokenizer=False)
+    ids = np.random.default_rng(0).integers(0, 256, 300).tolist()  # past the llama3 wavelength
+    ours = dense_logits(m.graphdef, m.params, ids)
+    ref, _ = hf_logits(folder, ids)
+    assert max_rel_diff(ours, ref) < 1e-4
+
+
+def test_bfloat16_weights_load_and_track_float32(make_tiny_llama_dir):
+    folder = make_tiny_llama_dir(initializer_range=0.1, dtype="bfloat16")
+    m32 = load_model(str(folder), "float32", with_tokenizer=False)
+    m16 = load_model(str(folder), "bfloat16", with_tokenizer=False)
+    ids = np.random.default_rng(1).integers(0, 256, 40).tolist()
+    a, b = dense_logits(m32.graphdef, m32.params, ids), dense_logits(m16.graphdef, m16.params, ids)
+    assert m16.params["embed_tokens"][...].dtype.name == "bfloat16"
+    assert max_rel_diff(b, a) < 5e-2
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return load_model(str(smollm2_dir))
+
+
+def test_smollm2_logits_match_transformers(smollm2, smollm2_dir):
+    ids = smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
+    ours = dense_logits(smollm2.graphdef, smollm2.params, ids)
+    ref, _ = hf_logits(smollm2_dir, ids)
+    assert max_rel_diff(ours, ref) < 1e-4
+
+
+def test_smollm2_greedy_32_tokens_match_transformers_generate(smollm2, smollm2_dir):
+    import torch
+    import transformers
+
+    from paged_jax.tokenizer import apply_chat_template
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir,
+                                                           dtype=torch.float32).eval()
+    tok = smollm2.tokenizer
+    prompts = [apply_chat_template(tok, [{"role": "user", "content": q}]) for q in
+               ("What is the capital of France?", "Name three colors.")]
+    prompts.append(tok.encode("Once upon a time, in a small village,"))
+    for ids in prompts:
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        ours = dense_greedy(smollm2.graphdef, smollm2.params, ids, 32)
+        assert ours == ref

@@ -1,0 +1,40 @@
+"""After precompile=True, a varied workload compiles nothing: every step shape is a bucket."""
+import jax
+import numpy as np
+
+from paged_jax import LLM, SamplingParams
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir):
+    folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
+    llm = LLM(str(folder), num_kv_blocks=64, max_model_len=64, max_num_seqs=8,
+              max_num_batched_tokens=128, precompile=True)
+    runner = llm.llm_engine.runner
+    variants = runner.num_compiled
+    assert variants == len(list(llm.llm_engine.buckets.all_shapes(False)))
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.default_rng(0)
+        for batch in (1, 3, 8, 13):
+            prompts = [{"prompt_token_ids": rng.integers(3, 49152, int(rng.integers(1, 40)))
+                        .tolist()} for _ in range(batch)]
+            params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])),
+                                     top_k=int(rng.choice([-1, 5])),
+                                     top_p=float(rng.choice([1.0, 0.9])),
+                                     repetition_penalty=float(rng.choice([1.0, 1.2])),
+                                     logprobs=int(rng.choice([0, 3])) or None,
+                                     max_tokens=int(rng.integers(1, 24)), ignore_eos=True)
+                      for _ in range(batch)]
+            llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert runner.num_compiled == variants
