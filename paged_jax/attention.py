@@ -6,11 +6,13 @@ engine's reference; the Pallas kernels (pallas_kernels/) read pages where they l
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 BACKENDS = ("xla", "pallas")
+DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
 # "prefill": every sequence's context is exactly its new tokens (nothing cached before);
 # "decode": one new token per sequence; "mixed": anything else (cached prefix + new tokens).
 MODES = ("prefill", "decode", "mixed")
@@ -88,28 +90,49 @@ def _prefill_xla(q, k, v, md, scale, sliding_window):
 
 
 def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """cache [Hkv, N, B, D], block_tables [S, MB] -> [S, Hkv, MB * B, D]."""
+    """cache [Hkv, N, B, D], block_tables [S, MB] -> [Hkv, S, MB * B, D] (no transpose: each
+    extra pass over the gathered context costs as much as the gather on the CPU)."""
     hkv, _, b, d = cache.shape
     s, mb = block_tables.shape
-    pages = cache[:, block_tables]  # [Hkv, S, MB, B, D]
-    return pages.reshape(hkv, s, mb * b, d).transpose(1, 0, 2, 3)
+    return cache[:, block_tables].reshape(hkv, s, mb * b, d)
 
 
 def _decode_xla(q, k_cache, v_cache, md, scale, sliding_window):
-    """One query per sequence: q [S, Hq, D] (T == S in decode steps)."""
+    """One query per sequence: q [S, Hq, D] (T == S in decode steps).
+
+    Walks the block table a few columns at a time with an online softmax, so only
+    [Hkv, S, P * B, D] of K and V is gathered per iteration instead of the whole padded
+    context; padded table entries all point at block 0, which stays in the CPU's caches.
+    """
     s, hq, d = q.shape
-    hkv = k_cache.shape[0]
-    keys = gather_pages(k_cache, md.block_tables).astype(jnp.float32)  # [S, Hkv, L, D]
-    vals = gather_pages(v_cache, md.block_tables).astype(jnp.float32)
-    kpos = jnp.arange(keys.shape[2])
-    mask = kpos[None, :] < md.seq_lens[:, None]  # [S, L]
-    if sliding_window is not None:
-        mask &= kpos[None, :] > md.seq_lens[:, None] - 1 - sliding_window
-    qg = q.reshape(s, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("shgd,shld->shgl", qg, keys) * scale
-    weights = _masked_softmax(scores, mask[:, None, None, :])
-    out = jnp.einsum("shgl,shld->shgd", weights, vals)
-    return out.reshape(s, hq, d).astype(q.dtype)
+    hkv, _, b, _ = k_cache.shape
+    g = hq // hkv
+    mb = md.block_tables.shape[1]
+    pages = math.gcd(mb, DECODE_PAGES_PER_STEP)
+    tables = md.block_tables.reshape(s, mb // pages, pages)
+    qg = q.reshape(s, hkv, g, d).transpose(1, 0, 2, 3).astype(jnp.float32) * scale  # [Hkv,S,G,D]
+    lo = (md.seq_lens - sliding_window if sliding_window is not None
+          else jnp.zeros_like(md.seq_lens))
+
+    def column(carry, j):
+        peak, total, acc = carry
+        k = k_cache[:, tables[:, j]].reshape(hkv, s, pages * b, d).astype(jnp.float32)
+        v = v_cache[:, tables[:, j]].reshape(hkv, s, pages * b, d).astype(jnp.float32)
+        pos = j * pages * b + jnp.arange(pages * b)
+        valid = (pos[None, :] < md.seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
+        scores = jnp.where(valid[None, :, None], jnp.einsum("hsgd,hsbd->hsgb", qg, k), -jnp.inf)
+        new_peak = jnp.maximum(peak, scores.max(-1))
+        p = jnp.exp(scores - new_peak[..., None])
+        rescale = jnp.exp(peak - new_peak)
+        acc = acc * rescale[..., None] + jnp.einsum("hsgb,hsbd->hsgd", p, v)
+        return (new_peak, total * rescale + p.sum(-1), acc), None
+
+    # The running max starts finite so fully masked columns give exp(-inf - m) = 0, not NaN.
+    init = (jnp.full((hkv, s, g), -1e30, jnp.float32), jnp.zeros((hkv, s, g), jnp.float32),
+            jnp.zeros((hkv, s, g, d), jnp.float32))
+    (_, total, acc), _ = jax.lax.scan(column, init, jnp.arange(mb // pages))
+    out = acc / jnp.maximum(total, 1e-30)[..., None]  # padded rows (seq_len 0) give zeros
+    return out.transpose(1, 0, 2, 3).reshape(s, hq, d).astype(q.dtype)
 
 
 def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window):
@@ -121,16 +144,16 @@ def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window):
     seg_c = jnp.minimum(seg, s - 1)
     qlen = md.query_start_loc[1:] - md.query_start_loc[:-1]
     qpos = md.seq_lens[seg_c] - qlen[seg_c] + (jnp.arange(t) - md.query_start_loc[seg_c])
-    keys = gather_pages(k_cache, md.block_tables).astype(jnp.float32)  # [S, Hkv, L, D]
+    keys = gather_pages(k_cache, md.block_tables).astype(jnp.float32)  # [Hkv, S, L, D]
     vals = gather_pages(v_cache, md.block_tables).astype(jnp.float32)
     kpos = jnp.arange(keys.shape[2])
     mask = (kpos[None, :] <= qpos[:, None]) & (seg[:, None] < s)  # [T, L]
     if sliding_window is not None:
         mask &= kpos[None, :] > qpos[:, None] - sliding_window
     qg = q.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("thgd,thld->thgl", qg, keys[seg_c]) * scale
+    scores = jnp.einsum("thgd,htld->thgl", qg, keys[:, seg_c]) * scale
     weights = _masked_softmax(scores, mask[:, None, None, :])
-    out = jnp.einsum("thgl,thld->thgd", weights, vals[seg_c])
+    out = jnp.einsum("thgl,htld->thgd", weights, vals[:, seg_c])
     return out.reshape(t, hq, d).astype(q.dtype)
 
 

@@ -53,16 +53,18 @@ class BlockPool:
 
     def share(self, ids: list[int]) -> None:
         """One more owner for blocks already in use (forked sequences, shared prefixes)."""
-        for i in ids:
-            if self._ref[i] < 1:
+        for i in ids:  # all checked before any changes, so a bad id changes nothing
+            if not 0 < i < self.num_blocks or self._ref[i] < 1:
                 raise ValueError(f"block {i} is free and cannot be shared")
+        for i in ids:
             self._ref[i] += 1
 
     def free(self, ids: list[int]) -> None:
+        for i, n in collections.Counter(ids).items():  # checked first: all or nothing
+            if not 0 < i < self.num_blocks or self._ref[i] < n:
+                raise ValueError(f"block {i} is not allocated (or freed more often than held)")
         # Freed in reverse so a request's tail blocks are reused first (its head may be shared).
         for i in reversed(ids):
-            if i == 0 or self._ref[i] < 1:
-                raise ValueError(f"block {i} is not allocated (ref count {self._ref[i]})")
             self._ref[i] -= 1
             if self._ref[i] == 0:
                 self._free.append(i)

@@ -17,7 +17,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     max_model_len: int | None = None  # None: the model's max_position_embeddings, capped
     max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: max(2048, max_model_len)
+    max_num_batched_tokens: int | None = None  # None: max_model_len
     precompile: bool = False
     attention_backend: str = "auto"
     seed: int = 0

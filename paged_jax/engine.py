@@ -48,8 +48,10 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mcfg.max_position_embeddings}")
-        self.max_num_batched_tokens = (config.max_num_batched_tokens
-                                       or max(2048, self.max_model_len))
+        # Default: one whole prompt per step at most. The XLA prefill attention is flat over
+        # the step's tokens (cost grows with the square of the step), so on the CPU a smaller
+        # step is faster; the Pallas ragged kernel has no such cost.
+        self.max_num_batched_tokens = config.max_num_batched_tokens or self.max_model_len
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
                              f"max_model_len {self.max_model_len}")

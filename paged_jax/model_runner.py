@@ -89,4 +89,4 @@ def _sampling_specs(s: int, history_len: int) -> SamplingInputs:
         min_p=spec((s,), f32), repetition_penalty=spec((s,), f32),
         presence_penalty=spec((s,), f32), frequency_penalty=spec((s,), f32),
         seed=spec((s, 2), jnp.uint32), step=spec((s,), i32), prompt_lens=spec((s,), i32),
-        history=spec((s, history_len), i32), flags=spec((3,), jnp.bool_))
+        history=spec((s, history_len), i32), flags=spec((4,), jnp.bool_))

@@ -62,7 +62,9 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_dir):
     assert max_rel_diff(ours, ref) < 1e-4
 
 
-def test_smollm2_greedy_32_tokens_match_transformers_generate(smollm2, smollm2_dir):
+@pytest.fixture(scope="module")
+def smollm2_greedy_refs(smollm2, smollm2_dir):
+    """Prompts and transformers' greedy 32-token continuations of them."""
     import torch
     import transformers
 
@@ -74,9 +76,30 @@ def test_smollm2_greedy_32_tokens_match_transformers_generate(smollm2, smollm2_d
     prompts = [apply_chat_template(tok, [{"role": "user", "content": q}]) for q in
                ("What is the capital of France?", "Name three colors.")]
     prompts.append(tok.encode("Once upon a time, in a small village,"))
+    refs = []
     for ids in prompts:
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-        ours = dense_greedy(smollm2.graphdef, smollm2.params, ids, 32)
-        assert ours == ref
+            refs.append(hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist())
+    return prompts, refs
+
+
+def test_smollm2_greedy_32_tokens_match_transformers_generate(smollm2, smollm2_greedy_refs):
+    for ids, ref in zip(*smollm2_greedy_refs):
+        assert dense_greedy(smollm2.graphdef, smollm2.params, ids, 32) == ref
+
+
+def test_paged_engine_on_smollm2_matches_transformers(smollm2, smollm2_greedy_refs):
+    from paged_jax import LLMEngine, SamplingParams
+    from paged_jax.config import EngineConfig
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=128, max_num_seqs=4,
+                                    max_num_batched_tokens=128), model=smollm2)
+    prompts, refs = smollm2_greedy_refs
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": ids},
+                           SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert [done[str(i)].outputs[0].token_ids for i in range(len(prompts))] == refs

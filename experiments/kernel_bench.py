@@ -1,0 +1,231 @@
+"""Decode-attention benchmark: our paged kernel vs JAX's shipped one, XLA gather, and dense.
+
+Achieved bandwidth = bytes of K, V (each read once, up to each sequence's length), Q and the
+output / time, set against a device-to-device copy measured in the same run. Paged overhead
+is our paged kernel's latency over the best dense (contiguous) attention of the same
+lengths (paper Fig. 18: 20-26% for vLLM's kernel over FasterTransformer's).
+
+  python experiments/kernel_bench.py --batch_sizes=8,64 --context_lens=512,2048 \
+      --block_sizes=16 --out=/tmp/kernel_bench.json
+
+On a CPU only the XLA paths are timed (the Pallas kernels would run interpreted).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
+from pallas_kernels import backend
+from pallas_kernels.reference import gather_pages
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("batch_sizes", ["8", "64"], "sequences per step")
+flags.DEFINE_list("context_lens", ["256", "2048"], "tokens of context per sequence")
+flags.DEFINE_list("block_sizes", ["8", "16", "32"], "KV block sizes to sweep")
+flags.DEFINE_integer("num_q_heads", 64, "query heads")
+flags.DEFINE_integer("num_kv_heads", 8, "KV heads")
+flags.DEFINE_integer("head_size", 128, "head size")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "cache/query dtype")
+flags.DEFINE_integer("iters", 20, "timed calls per repetition")
+flags.DEFINE_integer("reps", 5, "repetitions (the median is reported)")
+flags.DEFINE_bool("tune", False, "also sweep our kernel's DecodeConfig at every point")
+flags.DEFINE_string("out", "", "write results as JSON here")
+
+PAPER_OVERHEAD = "20-26%"
+
+
+def _seconds(fn, *args, calls: int, launches: int = 1, best: bool = False) -> float:
+  """Median (or best) over `reps` of the seconds per call; `launches` dispatches per rep."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.reps):
+    start = time.perf_counter()
+    for _ in range(launches):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / (calls * launches))
+  return min(times) if best else statistics.median(times)
+
+
+def time_fn(fn, q, *rest) -> float:
+  """Median device seconds per call of fn(q, *rest) -> q-shaped.
+
+  `iters` calls run inside one jitted program, each feeding the next (q + eps * out, eps a
+  runtime 0), so neither host dispatch nor CSE hides the kernel; the tiny add per call
+  (about 2 us on an H100) is included.
+  """
+  fn = jax.jit(fn)  # identical nested calls are lowered (and compiled) once
+
+  @jax.jit
+  def chain(eps, q, *rest):
+    for _ in range(FLAGS.iters):
+      q = q + eps * fn(q, *rest)
+    return q
+
+  return _seconds(chain, jnp.zeros((), q.dtype), q, *rest, calls=FLAGS.iters)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+  """Bytes moved (read + write) per second by an elementwise device copy (best of reps;
+  ten back-to-back launches of 1 GiB each, so dispatch is hidden)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  seconds = _seconds(jax.jit(lambda a: a + 1.0), x, calls=1, launches=10, best=True)
+  return 2 * nbytes / seconds
+
+
+def make_inputs(rng, batch, context, block_size, dtype):
+  hq, hkv, d = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_size
+  max_blocks = -(-context // block_size)
+  num_blocks = 1 + batch * max_blocks
+  tables = (1 + rng.permutation(batch * max_blocks)).reshape(batch, max_blocks)
+  key = jax.random.key(0)
+  kk, kv, kq = jax.random.split(key, 3)
+  shape = (hkv, num_blocks, block_size, d)
+  k_cache = jax.random.normal(kk, shape, dtype)
+  v_cache = jax.random.normal(kv, shape, dtype)
+  q = jax.random.normal(kq, (batch, hq, d), dtype)
+  lens = jnp.full((batch,), context, jnp.int32)
+  return q, k_cache, v_cache, jnp.asarray(tables, jnp.int32), lens
+
+
+def _attend_xla(q, k, v, lens, scale):
+  """q [S, Hq, D]; k, v [S, Hkv, L, D] contiguous -> [S, Hq, D]; f32 softmax."""
+  s, hq, d = q.shape
+  hkv, length = k.shape[1], k.shape[2]
+  qg = q.reshape(s, hkv, hq // hkv, d)
+  logits = jnp.einsum("shgd,shld->shgl", qg, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(jnp.arange(length) < lens[:, None, None, None], logits, -jnp.inf)
+  w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("shgl,shld->shgd", w, v, preferred_element_type=jnp.float32
+                    ).astype(q.dtype).reshape(q.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def xla_gather(q, k_cache, v_cache, tables, lens, *, scale):
+  return _attend_xla(q, gather_pages(k_cache, tables), gather_pages(v_cache, tables), lens, scale)
+
+
+def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int):
+  """name -> (fn, layout) where layout 'paged' or 'dense' picks the arguments."""
+  impls = {"xla_gather": (functools.partial(xla_gather, scale=scale), "paged"),
+           "xla_dense": (jax.jit(functools.partial(_attend_xla, scale=scale)), "dense")}
+  if not on_gpu:
+    return impls
+  impls["ours"] = (functools.partial(paged_attention, scale=scale), "paged")
+  # The same kernel with every sequence's pages in order: what page scattering costs.
+  impls["ours_contiguous"] = (functools.partial(paged_attention, scale=scale), "contiguous")
+  impls["ours_ragged"] = (lambda q, k, v, t, l: ragged_paged_attention(
+      q, k, v, t, l, jnp.arange(q.shape[0] + 1, dtype=jnp.int32), scale=scale), "paged")
+  try:  # JAX's shipped Pallas (Triton) kernels; deprecated on JAX main.
+    from jax.experimental.pallas.ops.gpu import decode_attention, paged_attention as jax_paged
+    splits = max(k for k in (1, 2, 4, 8, 16) if max_blocks % k == 0)
+    pages = max(p for p in (1, 2, 4, 8) if (max_blocks // splits) % p == 0)
+    impls["jax_paged"] = (lambda q, k, v, t, l: jax_paged.paged_attention(
+        q, k, v, t, l, k_splits=splits, pages_per_compute_block=pages), "paged")
+    dense_splits = max(k for k in (1, 2, 4, 8, 16) if context % k == 0 and context // k >= 16)
+    impls["pallas_dense"] = (lambda q, k, v, l: decode_attention.gqa(
+        q, k, v, kv_seq_len=l, sm_scale=scale, k_splits=dense_splits), "dense_token_major")
+  except Exception as e:  # noqa: BLE001 - report and carry on with the rest
+    print(f"JAX's shipped Pallas kernels unavailable: {e!r}")
+  return impls
+
+
+def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
+  q, k_cache, v_cache, tables, lens = make_inputs(rng, batch, context, block_size, dtype)
+  scale = FLAGS.head_size ** -0.5
+  k_dense = gather_pages(k_cache, tables)[:, :, :context]  # [S, Hkv, L, D]
+  v_dense = gather_pages(v_cache, tables)[:, :, :context]
+  contiguous = 1 + jnp.arange(tables.size, dtype=jnp.int32).reshape(tables.shape)
+  itemsize = jnp.dtype(dtype).itemsize
+  nbytes = (2 * batch * context * FLAGS.num_kv_heads + 2 * q.shape[0] * q.shape[1]) \
+      * FLAGS.head_size * itemsize
+  row = dict(batch=batch, context=context, block_size=block_size, bytes=nbytes)
+  for name, (fn, layout) in implementations(on_gpu, scale, context, tables.shape[1]).items():
+    args = {"paged": (q, k_cache, v_cache, tables, lens), "dense": (q, k_dense, v_dense, lens),
+            "contiguous": (q, k_cache, v_cache, contiguous, lens),
+            "dense_token_major": (q, k_dense.transpose(0, 2, 1, 3),
+                                  v_dense.transpose(0, 2, 1, 3), lens)}[layout]
+    try:
+      seconds = time_fn(fn, *args)
+    except Exception as e:  # noqa: BLE001
+      print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    row[name] = dict(us=seconds * 1e6, gbps=nbytes / seconds / 1e9,
+                     pct_copy=100 * nbytes / seconds / copy_bw)
+  if on_gpu and FLAGS.tune:
+    row["tuning"] = tune(q, k_cache, v_cache, tables, lens, scale, nbytes)
+  dense = [row[n]["us"] for n in ("pallas_dense", "xla_dense") if n in row]
+  paged = row.get("ours", row.get("xla_gather"))
+  if dense and paged:
+    row["paged_overhead_pct"] = 100 * (paged["us"] / min(dense) - 1)
+  if "ours" in row and "jax_paged" in row:
+    row["speedup_vs_jax_paged"] = row["jax_paged"]["us"] / row["ours"]["us"]
+  return row
+
+
+def tune(q, k_cache, v_cache, tables, lens, scale, nbytes):
+  results = []
+  block_size = k_cache.shape[2]
+  for tokens in (32, 64, 128):
+    for splits in (1, 2):
+      for stages in (2, 3, 4):
+        config = DecodeConfig(pages_per_compute_block=max(1, tokens // block_size),
+                              k_splits=splits, num_warps=4, num_stages=stages)
+        fn = functools.partial(paged_attention, scale=scale, config=config)
+        try:
+          seconds = time_fn(fn, q, k_cache, v_cache, tables, lens)
+        except Exception as e:  # noqa: BLE001
+          print(f"  tune {config}: failed: {type(e).__name__}")
+          continue
+        results.append(dict(tokens_per_step=tokens, k_splits=splits, num_stages=stages,
+                            us=seconds * 1e6, gbps=nbytes / seconds / 1e9))
+  results.sort(key=lambda r: r["us"])
+  for r in results[:5]:
+    print(f"  tune: {r}")
+  return results
+
+
+def main(argv):
+  del argv
+  on_gpu = backend.on_gpu()
+  device = jax.devices()[0]
+  dtype = jnp.dtype(FLAGS.dtype)
+  print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"Hq={FLAGS.num_q_heads} Hkv={FLAGS.num_kv_heads} D={FLAGS.head_size} {dtype.name}")
+  if not on_gpu:
+    print("CPU: timing the XLA paths only; the Pallas kernels' numbers need a GPU.")
+  copy_bw = copy_bandwidth()
+  print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
+  rng = np.random.default_rng(0)
+  rows = []
+  for block_size in map(int, FLAGS.block_sizes):
+    for batch in map(int, FLAGS.batch_sizes):
+      for context in map(int, FLAGS.context_lens):
+        row = bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
+        rows.append(row)
+        timings = "  ".join(f"{n} {v['us']:.0f}us {v['pct_copy']:.0f}%"
+                            for n, v in row.items() if isinstance(v, dict))
+        extra = ""
+        if "paged_overhead_pct" in row:
+          extra += f"  paged overhead {row['paged_overhead_pct']:.0f}% (paper {PAPER_OVERHEAD})"
+        if "speedup_vs_jax_paged" in row:
+          extra += f"  vs jax_paged {row['speedup_vs_jax_paged']:.2f}x"
+        print(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(device=device.device_kind, jax=jax.__version__, dtype=dtype.name,
+                     copy_gbps=copy_bw / 1e9, num_q_heads=FLAGS.num_q_heads,
+                     num_kv_heads=FLAGS.num_kv_heads, head_size=FLAGS.head_size,
+                     rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

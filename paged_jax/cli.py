@@ -1,0 +1,116 @@
+"""The paged-jax command line.
+
+    paged-jax serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                    [--served-model-name NAME] [engine options]
+    paged-jax generate --prompt "..." [--max-tokens N] [--temperature T] [--chat]
+                    [engine options]
+
+Engine options are EngineConfig's fields in kebab case (--max-num-seqs 16), generated from the
+dataclass so the two never drift apart. `python -m paged_jax ...` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+
+from paged_jax.config import EngineConfig
+
+_SIZE_SUFFIXES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_int(text: str) -> int:
+    """An integer, optionally with a binary size suffix: 4096, 512M, 2GiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not an integer or size: {text!r}")
+    return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options (EngineConfig)")
+    for field in dataclasses.fields(EngineConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = str(field.type)
+        help_text = f"default: {field.default}"
+        if "bool" in kind:
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+                               default=field.default, help=help_text)
+        else:
+            group.add_argument(flag, dest=field.name, default=field.default, help=help_text,
+                               type=parse_int if "int" in kind else
+                               float if "float" in kind else str)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: --model)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    add_engine_options(serve)
+
+    gen = commands.add_parser("generate", help="generate once with paged_jax.LLM and print it")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    add_engine_options(gen)
+    return parser
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> None:
+    import uvicorn
+
+    from paged_jax.engine import LLMEngine
+    from paged_jax.server import create_app
+
+    engine = LLMEngine(config)
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key)
+    # Streams still open at shutdown would otherwise keep the process up.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+
+
+def generate(args: argparse.Namespace, config: EngineConfig) -> None:
+    from paged_jax.llm import LLM
+    from paged_jax.sampling_params import SamplingParams
+
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    llm = LLM(**options)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    print(outputs[0].outputs[0].text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ValueError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    {"serve": serve, "generate": generate}[args.command](args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""Drives one LLMEngine from asyncio code.
+
+The engine is not thread-safe, so one thread owns it: it applies queued commands (add,
+abort), runs step(), and hands each RequestOutput to the asyncio.Queue of the HTTP request
+that asked for it (call_soon_threadsafe). HTTP handlers never touch the engine.
+
+    handle = await loop.submit(["Hello", [1, 2, 3]], params, request_id="cmpl-...")
+    async for prompt_index, output in handle:   # cumulative outputs, the last one finished
+        ...
+
+A ValueError from add_request (a bad request) is raised by submit() before any output, and
+the batch's other prompts are aborted. Leaving the iteration early (a disconnected client:
+the generator is cancelled or closed) aborts what is unfinished, which frees its KV blocks
+at the engine's next iteration.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from paged_jax.request import RequestOutput
+from paged_jax.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Add:
+    request_id: str
+    prompt: object
+    params: SamplingParams
+    arrival: float
+    deliver: Callable[[object], None]
+    accepted: asyncio.Future
+
+
+@dataclasses.dataclass
+class _Timing:
+    arrival: float
+    last: float | None = None  # time of the previous output; None before the first
+
+
+class EngineLoop:
+    def __init__(self, engine, metrics=None):
+        self.engine = engine
+        engine.outputs.text_every_step = True  # streamed outputs carry their text so far
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deliver: dict[str, Callable[[object], None]] = {}  # engine thread only
+        self._timing: dict[str, _Timing] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ---- lifecycle (event loop) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    # ---- requests (event loop) -------------------------------------------------------------
+
+    async def submit(self, prompts: list, params: SamplingParams, request_id: str,
+                     arrival: float | None = None) -> "GenerationHandle":
+        """Adds one engine request per prompt; raises ValueError if any is refused."""
+        if not self.healthy:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        arrival = time.monotonic() if arrival is None else arrival
+        handle = GenerationHandle(self, asyncio.Queue())
+        accepted = []
+        for i, prompt in enumerate(prompts):
+            rid = f"{request_id}-{i}" if len(prompts) > 1 else request_id
+            accepted.append(self._loop.create_future())
+            self._commands.put(_Add(rid, prompt, params, arrival, handle._deliver_from_thread(),
+                                    accepted[-1]))
+            handle.request_ids.append(rid)
+            handle._unfinished.add(rid)
+        try:
+            # One engine iteration takes the whole batch; the first refusal fails it all.
+            for result in await asyncio.gather(*accepted, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
+        except BaseException:
+            handle.abort()
+            raise
+        return handle
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self._commands.put(list(request_ids))
+
+    # ---- the engine thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands(block=not self.engine.has_unfinished_requests())
+                if self._stopping or not self.engine.has_unfinished_requests():
+                    continue
+                started = time.monotonic()
+                outputs = self.engine.step()
+                self._publish(outputs, started)
+                if self.metrics is not None:
+                    self.metrics.update_from_engine(self.engine)
+                if not outputs:
+                    time.sleep(0.001)  # nothing ran (e.g. all preempted): do not spin
+        except BaseException as err:  # a bug in the engine: fail every request, stay down
+            log.exception("engine loop died")
+            self.error = err
+            for deliver in list(self._deliver.values()):
+                deliver(EngineDeadError(f"the engine failed: {type(err).__name__}: {err}"))
+            self._deliver.clear()
+            self._fail_pending_commands()
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                self._resolve(cmd.accepted, EngineDeadError("the engine is not running"))
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        applied_abort = False
+        while cmd is not None:
+            if isinstance(cmd, _Add):
+                self._add(cmd)
+            else:
+                self.engine.abort_request(cmd)
+                for rid in cmd:
+                    self._deliver.pop(rid, None)
+                    self._timing.pop(rid, None)
+                applied_abort = True
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        if applied_abort and self.metrics is not None:
+            self.metrics.update_from_engine(self.engine)  # freed blocks show at once
+
+    def _add(self, cmd: _Add) -> None:
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival)
+        except Exception as err:  # ValueError: a bad request; anything else is reported too
+            self._resolve(cmd.accepted, err)
+            return
+        self._deliver[cmd.request_id] = cmd.deliver
+        self._timing[cmd.request_id] = _Timing(cmd.arrival)
+        self._resolve(cmd.accepted, None)
+
+    def _resolve(self, fut: asyncio.Future, err: BaseException | None) -> None:
+        def set_():
+            if fut.done():
+                return
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
+        self._call_in_loop(set_)
+
+    def _publish(self, outputs: list[RequestOutput], started: float) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            rid = out.request_id
+            deliver = self._deliver.get(rid)
+            timing = self._timing.get(rid)
+            if timing is not None and self.metrics is not None:
+                self._observe(timing, started, now, out.finished)
+            if timing is not None:
+                timing.last = now
+            if deliver is not None:
+                deliver((rid, out))
+            if out.finished:
+                self._deliver.pop(rid, None)
+                self._timing.pop(rid, None)
+
+    def _observe(self, timing: _Timing, started: float, now: float, finished: bool) -> None:
+        m = self.metrics
+        if timing.last is None:
+            # Without chunked prefill a request's first token comes from the step that first
+            # scheduled it, so that step's start is when it left the queue.
+            m.queue_time.observe(max(0.0, started - timing.arrival))
+            m.ttft.observe(now - timing.arrival)
+        else:
+            m.itl.observe(now - timing.last)
+        if finished:
+            m.e2e.observe(now - timing.arrival)
+
+    def _call_in_loop(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+class GenerationHandle:
+    """The outputs of one HTTP request's prompts, as (prompt index, RequestOutput)."""
+
+    def __init__(self, loop: EngineLoop, sink: asyncio.Queue):
+        self._engine_loop = loop
+        self._sink = sink
+        self.request_ids: list[str] = []
+        self._unfinished: set[str] = set()
+        self._watcher: asyncio.Task | None = None
+
+    def _deliver_from_thread(self) -> Callable[[object], None]:
+        sink, loop = self._sink, self._engine_loop
+
+        def deliver(item):
+            loop._call_in_loop(sink.put_nowait, item)
+        return deliver
+
+    def abort(self) -> None:
+        """Aborts what is still running (safe to call more than once)."""
+        pending = [r for r in self.request_ids if r in self._unfinished]
+        self._unfinished.clear()
+        self._engine_loop.abort(pending)
+
+    def watch_disconnect(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        """Aborts as soon as the client goes away (an ASGI http.disconnect), even while the
+        requests wait in the queue and no output would reveal the broken connection."""
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.abort()
+            self._sink.put_nowait(ClientDisconnected())
+        self._watcher = asyncio.ensure_future(watch())
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        index = {rid: i for i, rid in enumerate(self.request_ids)}
+        try:
+            while self._unfinished:
+                batch = [await self._sink.get()]
+                while not self._sink.empty():  # a slow reader skips to the latest outputs
+                    batch.append(self._sink.get_nowait())
+                latest: dict[str, RequestOutput] = {}
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        raise item
+                    rid, out = item
+                    latest[rid] = out
+                for rid, out in latest.items():
+                    if rid not in self._unfinished:
+                        continue
+                    if out.finished:
+                        self._unfinished.discard(rid)
+                    yield index[rid], out
+        finally:
+            if self._watcher is not None:
+                self._watcher.cancel()
+            if self._unfinished:
+                self.abort()

@@ -1,0 +1,92 @@
+"""Prometheus metrics named as vLLM's (prefix paged_jax: instead of vllm:), in a registry of
+the app's own, plus two KV-waste gauges that come from the paper's memory breakdown:
+kv_cache_internal_fragmentation_perc (allocated slots holding no token) and
+kv_cache_token_state_perc (allocated slots holding one). Fractions in [0, 1], as vLLM's
+kv_cache_usage_perc is.
+
+Only the engine thread writes here (prometheus-client's metrics are thread-safe); /metrics
+reads the registry from the event loop.
+"""
+from __future__ import annotations
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
+
+PREFIX = "paged_jax:"
+# vLLM's buckets (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name, doc):
+            return Counter(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name, doc, buckets):
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets,
+                             registry=self.registry).labels(model_name)
+
+        self.running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV blocks in use (0-1).")
+        self.kv_fragmentation = gauge(
+            "kv_cache_internal_fragmentation_perc",
+            "Share of allocated KV slots holding no token (0-1): the last blocks' empty tails.")
+        self.kv_token_states = gauge(
+            "kv_cache_token_state_perc",
+            "Share of allocated KV slots holding a token's K/V (0-1; 1 when nothing is held).")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Preemptions (by recompute).")
+        self._success = Counter(PREFIX + "request_success", "Finished sequences by reason.",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        for reason in ("stop", "length", "abort"):
+            self._success.labels(model_name, reason)  # exported at 0 from the start
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.",
+                              TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens.",
+                             ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.",
+                             LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Arrival to first scheduled.", LATENCY_BUCKETS)
+        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "finished": {}}
+
+    def update_from_engine(self, engine) -> None:
+        """Gauges from the engine's state and counters from its running totals (engine thread)."""
+        sched = engine.scheduler
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        kv = engine.kv_usage()
+        self.kv_usage.set(kv.usage)
+        self.kv_fragmentation.set(kv.internal_fragmentation)
+        self.kv_token_states.set(kv.token_state_share)
+        stats, seen = engine.stats, self._seen
+        self._advance(self.prompt_tokens, "prompt", stats.prompt_tokens)
+        self._advance(self.generation_tokens, "generation", stats.generation_tokens)
+        self._advance(self.preemptions, "preemptions", sched.num_preemptions)
+        for reason, count in list(stats.finished.items()):
+            delta = count - seen["finished"].get(reason, 0)
+            if delta > 0:
+                self._success.labels(self.model_name, reason).inc(delta)
+                seen["finished"][reason] = count
+
+    def _advance(self, counter, key: str, total: int) -> None:
+        if total > self._seen[key]:
+            counter.inc(total - self._seen[key])
+            self._seen[key] = total
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

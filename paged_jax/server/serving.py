@@ -1,0 +1,292 @@
+"""/v1/completions and /v1/chat/completions: requests to engine prompts, engine outputs to
+OpenAI responses, whole or streamed as server-sent events."""
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from paged_jax.request import CompletionOutput, Logprob, RequestOutput
+from paged_jax.sampling_params import SamplingParams
+from paged_jax.server import protocol as p
+from paged_jax.server.engine_loop import (ClientDisconnected, EngineDeadError, EngineLoop,
+                                          GenerationHandle)
+from paged_jax.server.errors import (OpenAIError, bad_request, context_length_error,
+                                     error_body, from_value_error)
+from paged_jax.tokenizer import apply_chat_template
+
+CLIENT_CLOSED = 499  # nginx's code; the client is gone and never sees it
+
+
+class OpenAIServing:
+    def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int):
+        self.loop = engine_loop
+        # The server's own tokenizer: the engine thread decodes with the engine's at the same
+        # time, and a Rust-backed tokenizer must not be shared across threads.
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+
+    # ---- endpoints -------------------------------------------------------------------------
+
+    async def completions(self, body: p.CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.echo or body.suffix:
+            raise bad_request("echo and suffix are not supported", param="echo"
+                              if body.echo else "suffix")
+        params = self._params(body, body.max_tokens, body.logprobs)
+        prompts = [self._completion_prompt(x) for x in body.prompts()]
+        if not prompts:
+            raise bad_request("prompt must not be empty", param="prompt")
+        for prompt in prompts:
+            self._check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
+        return await self._serve(body, request, prompts, params, "cmpl", _CompletionFormat(
+            self.model_name, body.logprobs))
+
+    async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, body.requested_max_tokens, logprobs)
+        try:
+            ids = apply_chat_template(self.tokenizer, body.conversation(),
+                                      add_generation_prompt=body.add_generation_prompt)
+        except Exception as err:  # no template, roles it rejects, non-text content
+            raise bad_request(f"the chat template could not be applied: {err}",
+                              param="messages") from err
+        self._check_context(len(ids), params.max_tokens, "messages")
+        return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
+                                 _ChatFormat(self.model_name, body.top_logprobs or 0
+                                             if body.logprobs else None))
+
+    # ---- shared ----------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
+                              code="model_not_found")
+
+    @staticmethod
+    def _params(body, max_tokens, logprobs) -> SamplingParams:
+        try:
+            return body.sampling_params(max_tokens, logprobs)
+        except ValueError as err:
+            raise from_value_error(err) from err
+
+    def _completion_prompt(self, prompt) -> dict:
+        if isinstance(prompt, str):
+            return {"prompt": prompt, "prompt_token_ids": list(self.tokenizer.encode(prompt))}
+        return {"prompt_token_ids": [int(t) for t in prompt]}
+
+    def _check_context(self, prompt_len: int, max_tokens: int | None, param: str) -> None:
+        if prompt_len + (max_tokens or 0) > self.max_model_len or (
+                max_tokens is None and prompt_len >= self.max_model_len):
+            raise context_length_error(self.max_model_len, prompt_len, max_tokens, param)
+
+    async def _serve(self, body, request: Request, prompts: list[dict], params: SamplingParams,
+                     prefix: str, fmt: "_Format") -> Response:
+        request_id = p.random_id(prefix)
+        try:
+            handle = await self.loop.submit(prompts, params, request_id)
+        except ValueError as err:
+            raise from_value_error(err) from err
+        except EngineDeadError as err:
+            raise OpenAIError(503, str(err), type="server_error", code="engine_dead") from err
+        handle.watch_disconnect(request.receive)
+        prompt_tokens = sum(len(x["prompt_token_ids"]) for x in prompts)
+        if body.stream:
+            events = self._stream(handle, fmt, request_id, params, prompt_tokens,
+                                  body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async for index, out in handle:
+                if out.finished:
+                    finals[index] = out
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED)
+        except EngineDeadError as err:
+            raise OpenAIError(500, str(err), type="server_error", code="engine_dead") from err
+        choices = [(index * params.n + c.index, c) for index in sorted(finals)
+                   for c in finals[index].outputs]
+        completion_tokens = sum(len(c.token_ids) for _, c in choices)
+        usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens)
+        return JSONResponse(fmt.response(request_id, choices, usage).model_dump())
+
+    async def _stream(self, handle: GenerationHandle, fmt: "_Format", request_id: str,
+                      params: SamplingParams, prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+        created = int(time.time())
+        deltas: dict[int, _Delta] = {}
+        try:
+            async for index, out in handle:
+                for comp in out.outputs:
+                    choice = index * params.n + comp.index
+                    if choice not in deltas:
+                        deltas[choice] = _Delta(params)
+                        first = fmt.first_chunk(request_id, created, choice)
+                        if first is not None:
+                            yield _sse(first)
+                    step = deltas[choice].advance(comp)
+                    if step is not None:
+                        yield _sse(fmt.chunk(request_id, created, choice, *step))
+            if include_usage:
+                completion_tokens = sum(d.num_tokens for d in deltas.values())
+                usage = p.UsageInfo(prompt_tokens=prompt_tokens,
+                                    completion_tokens=completion_tokens,
+                                    total_tokens=prompt_tokens + completion_tokens)
+                yield _sse(fmt.usage_chunk(request_id, created, usage))
+            yield "data: [DONE]\n\n"
+        except ClientDisconnected:
+            return
+        except EngineDeadError as err:
+            yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+            yield "data: [DONE]\n\n"
+
+
+def _sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+class _Delta:
+    """What one choice has streamed so far; advance() gives the new part of its output.
+
+    Text that may still change is held back: the tail that could be the start of a stop
+    string (it is cut from the output if the stop string completes) and trailing U+FFFD
+    (a character whose remaining bytes are in tokens not generated yet)."""
+
+    def __init__(self, params: SamplingParams):
+        self.hold = max((len(s) for s in params.stop), default=1) - 1
+        if params.include_stop_str_in_output:
+            self.hold = 0
+        self.sent_chars = 0
+        self.num_tokens = 0
+        self.done = False
+
+    def advance(self, comp: CompletionOutput):
+        """(text, token ids, logprobs, finish reason, stop reason) new since the last call,
+        or None when there is nothing to send."""
+        if self.done:
+            return None
+        text, finished = comp.text, comp.finish_reason is not None
+        end = len(text)
+        if not finished:
+            end = max(self.sent_chars, end - self.hold)
+            while end > self.sent_chars and text[end - 1] == "\ufffd":
+                end -= 1
+        new_text = text[self.sent_chars:end]
+        ids = comp.token_ids[self.num_tokens:]
+        lps = comp.logprobs[self.num_tokens:] if comp.logprobs is not None else None
+        self.sent_chars = max(self.sent_chars, end)
+        self.num_tokens = len(comp.token_ids)
+        self.done = finished
+        if not new_text and not finished and not lps:
+            return None
+        return new_text, ids, lps, comp.finish_reason, comp.stop_reason
+
+
+def _top(entry: dict[int, Logprob], k: int, chosen: int) -> list[tuple[int, Logprob]]:
+    """The top-k alternatives by rank, then the chosen token if it is not among them."""
+    top = sorted((x for x in entry.items() if x[1].rank <= k), key=lambda x: x[1].rank)
+    if chosen not in {t for t, _ in top}:
+        top.append((chosen, entry[chosen]))
+    return top
+
+
+class _Format:
+    def __init__(self, model_name: str, top: int | None):
+        self.model_name = model_name
+        self.top = top  # logprobs asked for: None, or how many alternatives
+
+    def first_chunk(self, request_id, created, index):
+        return None
+
+
+class _CompletionFormat(_Format):
+    def __init__(self, model_name: str, top: int | None):
+        super().__init__(model_name, top)
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
+
+    def logprobs(self, index: int, ids: list[int], lps) -> p.CompletionLogprobs | None:
+        if self.top is None or lps is None:
+            return None
+        out = p.CompletionLogprobs()
+        offset = self._offsets.get(index, 0)
+        for token, entry in zip(ids, lps):
+            chosen = entry[token]
+            text = chosen.decoded_token or ""
+            out.tokens.append(text)
+            out.token_logprobs.append(chosen.logprob)
+            out.top_logprobs.append({lp.decoded_token or "": lp.logprob
+                                     for _, lp in _top(entry, self.top, token)})
+            out.text_offset.append(offset)
+            offset += len(text)
+        self._offsets[index] = offset
+        return out
+
+    def response(self, request_id, choices: list[tuple[int, CompletionOutput]], usage):
+        return p.CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
+            p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
+                               stop_reason=c.stop_reason,
+                               logprobs=self.logprobs(i, c.token_ids, c.logprobs))
+            for i, c in choices])
+
+    def chunk(self, request_id, created, index, text, ids, lps, finish, stop):
+        return p.CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                    choices=[p.CompletionChoice(
+                                        index=index, text=text, finish_reason=finish,
+                                        stop_reason=stop,
+                                        logprobs=self.logprobs(index, ids, lps))])
+
+    def usage_chunk(self, request_id, created, usage):
+        return p.CompletionResponse(id=request_id, created=created, model=self.model_name,
+                                    choices=[], usage=usage)
+
+
+class _ChatFormat(_Format):
+    def logprobs(self, ids: list[int], lps) -> p.ChatLogprobs | None:
+        if self.top is None or lps is None:
+            return None
+
+        def entry(lp: Logprob) -> dict:
+            token = lp.decoded_token or ""
+            return dict(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
+
+        return p.ChatLogprobs(content=[
+            p.ChatLogprob(**entry(e[t]), top_logprobs=[
+                p.TopLogprob(**entry(lp)) for tid, lp in _top(e, self.top, t)
+                if lp.rank <= self.top])
+            for t, e in zip(ids, lps)])
+
+    def response(self, request_id, choices: list[tuple[int, CompletionOutput]], usage):
+        return p.ChatCompletionResponse(id=request_id, model=self.model_name, usage=usage,
+                                        choices=[p.ChatChoice(
+                                            index=i, message=p.AssistantMessage(content=c.text),
+                                            finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason,
+                                            logprobs=self.logprobs(c.token_ids, c.logprobs))
+                                            for i, c in choices])
+
+    def first_chunk(self, request_id, created, index):
+        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
+                                     choices=[p.ChatStreamChoice(
+                                         index=index,
+                                         delta=p.DeltaMessage(role="assistant", content=""))])
+
+    def chunk(self, request_id, created, index, text, ids, lps, finish, stop):
+        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
+                                     choices=[p.ChatStreamChoice(
+                                         index=index, delta=p.DeltaMessage(content=text),
+                                         finish_reason=finish, stop_reason=stop,
+                                         logprobs=self.logprobs(ids, lps))])
+
+    def usage_chunk(self, request_id, created, usage):
+        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
+                                     choices=[], usage=usage)
+

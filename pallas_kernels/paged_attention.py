@@ -1,0 +1,229 @@
+"""Paged decode attention: one query token per sequence, keys read through the block table.
+
+Grid (sequence, KV head, split): a program loads its KV group's query heads once, then
+streams the pages of one slice of the context, so each page of a KV head is read once and
+shared by all the query heads of its group. With k_splits > 1 the splits' partial softmax
+states are merged afterwards (flash-decoding), so small batches still fill the GPU.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import backend, tuning
+
+LOG2E = math.log2(math.e)
+# Finite, so a row with nothing visible yields garbage-but-finite values, never NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+# ---------------------------------------------------------------- kernel pieces (on refs)
+
+def load_rows(ref, rows, cols, row_ok, num_cols):
+  """Masked 2-D gather load: ref[rows[i], cols[j]] for the valid (i, j), zeros elsewhere.
+
+  Triton tensors must have power-of-two sizes, so head counts and head sizes such as 80
+  are padded to the next power of two here and masked.
+  """
+  mask = row_ok[:, None] & (cols < num_cols)[None, :]
+  return plgpu.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+
+
+def load_kv(cache_ref, page, token, cols, token_ok, head_size):
+  """Gathers K or V of `token` (positions in pages `page`) from [N, B, D] -> [len, Dp]."""
+  block_size = cache_ref.shape[1]
+  mask = token_ok[:, None] & (cols < head_size)[None, :]
+  index = (page[:, None], (token % block_size)[:, None], cols[None, :])
+  return plgpu.load(cache_ref.at[index], mask=mask, other=0)
+
+
+def online_softmax_step(q, k, v, visible, carry, qk_scale):
+  """One flash-attention step in float32, in base 2 (scores are pre-multiplied by log2 e)."""
+  acc, m_prev, l_prev = carry
+  s = plgpu.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST) * qk_scale
+  s = jnp.where(visible, s, MASK_VALUE)
+  m_next = jnp.maximum(m_prev, s.max(axis=1))
+  alpha = jnp.exp2(m_prev - m_next)
+  p = jnp.exp2(s - m_next[:, None])
+  l_next = alpha * l_prev + p.sum(axis=1)
+  pv = plgpu.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
+  return acc * alpha[:, None] + pv, m_next, l_next
+
+
+def _decode_kernel(
+    block_tables_ref,  # [MB]       int32, this sequence's row
+    seq_lens_ref,      # [S]        int32, all of them (read at program_id(0))
+    q_ref,             # [G, D]     this sequence's query heads of this KV group
+    k_ref,             # [N, B, D]  every page of this KV head
+    v_ref,             # [N, B, D]
+    o_ref,             # [G, D]     k_splits == 1: normalised output; else unnormalised f32
+    *stat_refs,        # k_splits > 1: m [G], l [G] float32 (base-2 running max, sum)
+    scale: float, rows: int, head_pad: int, tokens_per_step: int, tokens_per_split: int,
+):
+  seq = pl.program_id(0)
+  split = pl.program_id(2)
+  group, head_size = q_ref.shape
+  block_size = k_ref.shape[1]
+  seq_len = seq_lens_ref[seq]
+
+  row = jnp.arange(rows)
+  cols = jnp.arange(head_pad)
+  q = load_rows(q_ref, row, cols, row < group, head_size)
+
+  start = split * tokens_per_split
+  end = jnp.minimum(seq_len, start + tokens_per_split)
+  num_steps = pl.cdiv(jnp.maximum(end - start, 0), tokens_per_step)
+
+  def body(step, carry):
+    token = start + step * tokens_per_step + jnp.arange(tokens_per_step)
+    token_ok = token < end
+    page = plgpu.load(block_tables_ref.at[token // block_size], mask=token_ok, other=0)
+    k = load_kv(k_ref, page, token, cols, token_ok, head_size)
+    v = load_kv(v_ref, page, token, cols, token_ok, head_size)
+    return online_softmax_step(q, k, v, token_ok[None, :], carry, scale * LOG2E)
+
+  init = (jnp.zeros((rows, head_pad), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(0, num_steps, body, init)
+
+  out_mask = (row < group)[:, None] & (cols < head_size)[None, :]
+  out_index = (row[:, None], cols[None, :])
+  if stat_refs:
+    m_ref, l_ref = stat_refs
+    plgpu.store(o_ref.at[out_index], acc, mask=out_mask)
+    plgpu.store(m_ref.at[row], m, mask=row < group)
+    plgpu.store(l_ref.at[row], l, mask=row < group)
+  else:
+    out = acc / jnp.where(l == 0, 1, l)[:, None]  # l == 0 only for empty (padded) rows
+    plgpu.store(o_ref.at[out_index], out.astype(o_ref.dtype), mask=out_mask)
+
+
+# ---------------------------------------------------------------- pallas_call wrapper
+
+def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config, interpret):
+  """q4 [S, Hkv, G, D] -> out [S, Hkv, G, D] (k_splits == 1) or partial (o, m, l)."""
+  num_seqs, num_kv_heads, group, head_size = q4.shape
+  _, num_blocks, block_size, _ = k_cache.shape
+  max_blocks = block_tables.shape[1]
+  splits = config.k_splits
+  tokens_per_step = config.pages_per_compute_block * block_size
+  steps_per_split = pl.cdiv(pl.cdiv(max_blocks * block_size, tokens_per_step), splits)
+  kernel = functools.partial(
+      _decode_kernel, scale=scale,
+      rows=max(16, tuning.next_pow2(group)),  # Triton's dot needs >= 16 rows
+      head_pad=max(16, tuning.next_pow2(head_size)),
+      tokens_per_step=tokens_per_step,
+      tokens_per_split=steps_per_split * tokens_per_step)
+  cache_spec = pl.BlockSpec((None, num_blocks, block_size, head_size),
+                            lambda s, h, k: (h, 0, 0, 0))
+  in_specs = [
+      pl.BlockSpec((None, max_blocks), lambda s, h, k: (s, 0)),  # block_tables: one row
+      pl.BlockSpec((num_seqs,), lambda s, h, k: (0,)),  # seq_lens: whole (tiny)
+      pl.BlockSpec((None, None, group, head_size), lambda s, h, k: (s, h, 0, 0)),  # q
+      cache_spec,  # k_cache: one KV head's whole pool, pages gathered inside
+      cache_spec,  # v_cache
+  ]
+  if splits == 1:
+    out_specs = pl.BlockSpec((None, None, group, head_size), lambda s, h, k: (s, h, 0, 0))
+    out_shape = jax.ShapeDtypeStruct(q4.shape, q4.dtype)
+  else:
+    out_specs = [
+        pl.BlockSpec((None, None, None, group, head_size),
+                     lambda s, h, k: (k, s, h, 0, 0)),  # o: per split, unnormalised
+        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),  # m
+        pl.BlockSpec((None, None, None, group), lambda s, h, k: (k, s, h, 0)),  # l
+    ]
+    out_shape = [jax.ShapeDtypeStruct((splits, *q4.shape), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, *q4.shape[:3]), jnp.float32),
+                 jax.ShapeDtypeStruct((splits, *q4.shape[:3]), jnp.float32)]
+  return pl.pallas_call(
+      kernel,
+      grid=(num_seqs, num_kv_heads, splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=backend.triton_params(config.num_warps, config.num_stages),
+      interpret=interpret,
+      name="paged_attention_decode",
+  )(block_tables, seq_lens, q4, k_cache, v_cache)
+
+
+def merge_splits(o, m, l):
+  """Merges per-split (unnormalised o, base-2 max m, sum l) along axis 0."""
+  m_all = m.max(axis=0)
+  weight = jnp.exp2(m - m_all[None])
+  l_all = (l * weight).sum(axis=0)
+  o_all = (o * weight[..., None]).sum(axis=0)
+  return o_all / jnp.where(l_all == 0, 1, l_all)[..., None]
+
+
+# ---------------------------------------------------------------- validation
+
+def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens):
+  """Checks what both kernels share; raises ValueError naming the mismatch."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be 3-D [tokens, q heads, head size], got shape {q.shape}")
+  if k_cache.ndim != 4:
+    raise ValueError(f"k_cache must be 4-D [kv heads, blocks, block size, head size], "
+                     f"got shape {k_cache.shape}")
+  if v_cache.shape != k_cache.shape:
+    raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+  if q.shape[2] != k_cache.shape[3]:
+    raise ValueError(f"q head size {q.shape[2]} != k_cache head size {k_cache.shape[3]}")
+  if q.shape[1] % k_cache.shape[0]:
+    raise ValueError(f"q heads {q.shape[1]} not a multiple of kv heads {k_cache.shape[0]}")
+  for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    if x.dtype not in _DTYPES:
+      raise ValueError(f"{name} dtype {x.dtype} not one of float32, bfloat16, float16")
+  if not q.dtype == k_cache.dtype == v_cache.dtype:
+    raise ValueError(f"q dtype {q.dtype} != k_cache dtype {k_cache.dtype} "
+                     f"(v_cache dtype {v_cache.dtype})")
+  block_size, head_size = k_cache.shape[2], k_cache.shape[3]
+  if block_size & (block_size - 1) or not 1 <= block_size <= 256:
+    raise ValueError(f"block size {block_size} must be a power of two <= 256")
+  if not 16 <= head_size <= 256:
+    raise ValueError(f"head size {head_size} not in [16, 256]")
+  if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
+    raise ValueError(f"block_tables must be int32 [S, MB], got {block_tables.dtype} "
+                     f"{block_tables.shape}")
+  if seq_lens.shape != block_tables.shape[:1] or seq_lens.dtype != jnp.int32:
+    raise ValueError(f"seq_lens must be int32 [{block_tables.shape[0]}] like block_tables' "
+                     f"rows, got {seq_lens.dtype} {seq_lens.shape}")
+
+
+# ---------------------------------------------------------------- public function
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                    block_tables: jax.Array, seq_lens: jax.Array, *, scale: float,
+                    config: tuning.DecodeConfig | None = None,
+                    interpret: bool | None = None) -> jax.Array:
+  """Decode attention over the paged KV cache.
+
+  q [S, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB] int32;
+  seq_lens [S] int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D] in
+  q's dtype: softmax(scale * q k^T) v over key positions 0..seq_lens[s]-1.
+  """
+  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  if q.shape[0] != block_tables.shape[0]:
+    raise ValueError(f"q sequences {q.shape[0]} != block_tables rows {block_tables.shape[0]}")
+  num_seqs, num_q_heads, head_size = q.shape
+  num_kv_heads, _, block_size, _ = k_cache.shape
+  config = tuning.resolve_decode(
+      config, num_seqs=num_seqs, num_kv_heads=num_kv_heads,
+      max_blocks=block_tables.shape[1], block_size=block_size, head_size=head_size)
+  q4 = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_size)
+  out = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                     config=config, interpret=backend.use_interpret(interpret))
+  if config.k_splits > 1:
+    out = merge_splits(*out)
+  return out.reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,60 @@
+"""Plain jnp float32 references for the paged-attention kernels (gather pages, then attend)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
+  """[Hkv, N, B, D] pages through [S, MB] tables -> contiguous [S, Hkv, MB * B, D]."""
+  num_kv_heads, _, block_size, head_size = cache.shape
+  num_seqs, max_blocks = block_tables.shape
+  pages = cache[:, block_tables]  # [Hkv, S, MB, B, D]
+  pages = pages.reshape(num_kv_heads, num_seqs, max_blocks * block_size, head_size)
+  return pages.transpose(1, 0, 2, 3)
+
+
+def _attend(q, k, v, mask, scale):
+  """q [R, Hkv, G, D]; k, v [R, Hkv, L, D]; mask [R, L] -> [R, Hkv, G, D] float32."""
+  logits = jnp.einsum("rhgd,rhld->rhgl", q, k, precision="highest") * scale
+  logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+  # Rows with no visible key (padding) get zeros rather than NaN.
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-1e30))
+  denom = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights / jnp.where(denom == 0, 1, denom)
+  return jnp.einsum("rhgl,rhld->rhgd", weights, v, precision="highest")
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float):
+  """Decode attention: q [S, Hq, D] -> [S, Hq, D] float32."""
+  num_seqs, num_q_heads, head_size = q.shape
+  num_kv_heads = k_cache.shape[0]
+  k = gather_pages(k_cache.astype(jnp.float32), block_tables)
+  v = gather_pages(v_cache.astype(jnp.float32), block_tables)
+  mask = jnp.arange(k.shape[2])[None, :] < seq_lens[:, None]
+  q = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, -1, head_size)
+  return _attend(q, k, v, mask, scale).reshape(num_seqs, num_q_heads, head_size)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
+                                     query_start_loc, *, scale: float):
+  """Ragged causal attention: q [T, Hq, D] -> [T, Hq, D] float32; padding tokens get zeros."""
+  num_tokens, num_q_heads, head_size = q.shape
+  num_kv_heads = k_cache.shape[0]
+  num_seqs = block_tables.shape[0]
+  token = jnp.arange(num_tokens)
+  # Sequence of each flat token; tokens past query_start_loc[S] get index S (padding).
+  seq = jnp.searchsorted(query_start_loc, token, side="right") - 1
+  valid = (token < query_start_loc[-1]) & (seq < num_seqs)
+  seq = jnp.clip(seq, 0, num_seqs - 1)
+  q_len = query_start_loc[seq + 1] - query_start_loc[seq]
+  position = seq_lens[seq] - q_len + (token - query_start_loc[seq])
+  k = gather_pages(k_cache.astype(jnp.float32), block_tables)[seq]  # [T, Hkv, L, D]
+  v = gather_pages(v_cache.astype(jnp.float32), block_tables)[seq]
+  mask = (jnp.arange(k.shape[2])[None, :] <= position[:, None]) & valid[:, None]
+  q = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, -1, head_size)
+  return _attend(q, k, v, mask, scale).reshape(num_tokens, num_q_heads, head_size)

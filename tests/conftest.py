@@ -1,0 +1,156 @@
+"""Session fixtures shared by the whole suite: the real SmolLM2 checkpoint and tiny random Llamas.
+
+    def test_something(smollm2_dir, make_tiny_llama_dir):
+        folder = make_tiny_llama_dir(num_key_value_heads=1, head_dim=80, rope_scaling="llama3")
+
+Heavy imports (torch, transformers) happen inside the fixtures, so collecting tests stays cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pathlib
+from typing import Any
+
+import pytest
+
+SMOLLM2_VOCAB_SIZE = 49152
+
+# Shortcuts for make_tiny_llama_dir(rope_scaling=...). The llama3 context must stay below
+# max_position_embeddings (transformers warns otherwise).
+ROPE_SCALING_PRESETS: dict[str, dict[str, Any]] = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def paged_jax_cache_dir(tmp_path_factory) -> pathlib.Path:
+    """A GGUF conversion cache private to this test session (CI machines start empty)."""
+    return tmp_path_factory.mktemp("paged_jax_cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(paged_jax_cache_dir) -> pathlib.Path:
+    """The embedded SmolLM2-135M-Instruct GGUF converted to a Hugging Face folder (about 5 s, once)."""
+    from paged_jax.weights import resolve_model
+
+    return resolve_model(None, cache_dir=paged_jax_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_files(tmp_path_factory) -> pathlib.Path:
+    """SmolLM2's tokenizer files alone (built from the GGUF metadata, no weight conversion)."""
+    from paged_jax.checkpoint.gguf_convert import gguf_tokenizer, read_gguf
+    from paged_jax.weights import default_gguf_path
+
+    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
+    _, metadata = read_gguf(default_gguf_path())
+    gguf_tokenizer(metadata).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama_dir(tmp_path_factory, request):
+    """A factory of tiny random Llama checkpoint folders, each built once per session per argument set.
+
+    make_tiny_llama_dir(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2,  # MHA: kv == heads, MQA: kv == 1
+        head_dim=None,                    # None: hidden_size // heads; may be anything, e.g. 80
+        intermediate_size=96, num_hidden_layers=2,
+        vocab_size=None,                  # None: 256, or SmolLM2's 49152 when tokenizer=True
+        tie_word_embeddings=False,
+        rope_scaling=None,                # None, "linear", "llama3" (ROPE_SCALING_PRESETS) or a dict
+        rope_theta=10000.0, max_position_embeddings=512, rms_norm_eps=1e-5,
+        initializer_range=0.02,           # std of the random linear/embedding weights
+        dtype="float32",                  # or "bfloat16" / "float16": the dtype saved
+        max_shard_size=None,              # e.g. "100KB": sharded files + model.safetensors.index.json
+        tokenizer=False,                  # save SmolLM2's tokenizer too (needs vocab_size >= 49152)
+        seed=0,
+    ) -> pathlib.Path
+
+    Weights come from LlamaForCausalLM(config) under torch.manual_seed(seed); the RMSNorm weights are
+    drawn around 1 (std 0.1) instead of all ones, so tests see them.
+    """
+    made: dict[str, pathlib.Path] = {}
+
+    def make(
+        *,
+        hidden_size: int = 64,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int | None = None,
+        intermediate_size: int = 96,
+        num_hidden_layers: int = 2,
+        vocab_size: int | None = None,
+        tie_word_embeddings: bool = False,
+        rope_scaling: str | dict | None = None,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 512,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        dtype: str = "float32",
+        max_shard_size: str | int | None = None,
+        tokenizer: bool = False,
+        seed: int = 0,
+    ) -> pathlib.Path:
+        arguments = {name: value for name, value in locals().items() if name in _ARGUMENTS}
+        key = json.dumps(arguments, sort_keys=True)
+        if key in made:
+            return made[key]
+
+        import torch
+        import transformers
+
+        if vocab_size is None:
+            vocab_size = SMOLLM2_VOCAB_SIZE if tokenizer else 256
+        if tokenizer and vocab_size < SMOLLM2_VOCAB_SIZE:
+            raise ValueError(f"tokenizer=True needs vocab_size >= {SMOLLM2_VOCAB_SIZE}, got {vocab_size}")
+        if isinstance(rope_scaling, str):
+            rope_scaling = ROPE_SCALING_PRESETS[rope_scaling]
+        config = transformers.LlamaConfig(
+            hidden_size=hidden_size,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            head_dim=head_dim if head_dim is not None else hidden_size // num_attention_heads,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            vocab_size=vocab_size,
+            tie_word_embeddings=tie_word_embeddings,
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            rope_theta=rope_theta,
+            max_position_embeddings=max_position_embeddings,
+            rms_norm_eps=rms_norm_eps,
+            initializer_range=initializer_range,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+        config.architectures = ["LlamaForCausalLM"]
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    parameter.normal_(1.0, 0.1)
+        model = model.to(getattr(torch, dtype))
+        folder = tmp_path_factory.mktemp("tiny_llama")
+        save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        model.save_pretrained(folder, **save_kwargs)
+        if tokenizer:
+            tokenizer_files = request.getfixturevalue("smollm2_tokenizer_files")
+            for file in tokenizer_files.iterdir():
+                (folder / file.name).write_bytes(file.read_bytes())
+        (folder / "tiny_llama_arguments.json").write_text(json.dumps(arguments, indent=2) + "\n")
+        made[key] = folder
+        return folder
+
+    _ARGUMENTS = set(inspect.signature(make).parameters)
+    return make

@@ -1,0 +1,120 @@
+"""Shared helpers of the kernel tests: random paged caches and a float64 NumPy reference.
+
+The NumPy reference walks each sequence's block table token by token, independently of the
+jnp references in pallas_kernels/reference.py (which gather whole pages).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HEADS = [(40, 40), (64, 8), (32, 8), (9, 3), (16, 1)]
+HEAD_SIZES = [64, 80, 96, 128, 256]
+BLOCK_SIZES = [8, 16, 32]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def case_id(value) -> str:
+  """Readable pytest ids: heads (9, 3) -> 'q9kv3', dtypes by name."""
+  if isinstance(value, tuple):
+    return f"q{value[0]}kv{value[1]}"
+  if isinstance(value, int):
+    return str(value)
+  return jnp.dtype(value).name
+
+
+def tolerance(dtype) -> dict:
+  # bf16: the kernel feeds bf16 probabilities to the PV product (2^-8 relative rounding).
+  return dict(atol=1e-3, rtol=1e-3) if dtype == jnp.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@dataclasses.dataclass
+class PagedCase:
+  k_cache: jax.Array      # [Hkv, N, B, D]
+  v_cache: jax.Array
+  block_tables: np.ndarray  # [S, MB] int32
+  seq_lens: np.ndarray      # [S] int32
+
+
+def seq_lengths(rng, num_seqs: int, max_len: int, block_size: int) -> np.ndarray:
+  """Random in [1, max] with one at max, one at 1, and some on exact block boundaries."""
+  lens = rng.integers(1, max_len + 1, size=num_seqs)
+  lens[0] = max_len
+  if num_seqs > 1:
+    lens[1] = 1
+  for i in range(2, num_seqs, 3):
+    lens[i] = block_size * rng.integers(1, max_len // block_size + 1)
+  return lens.astype(np.int32)
+
+
+def make_case(rng, *, num_kv_heads: int, head_size: int, block_size: int, dtype,
+              seq_lens: np.ndarray, spare_blocks: int = 3) -> PagedCase:
+  """Caches full of random data (never zeros), tables of randomly permuted blocks >= 1."""
+  blocks_needed = -(-seq_lens // block_size)
+  max_blocks = int(max(blocks_needed.max(), 1))
+  num_blocks = 1 + int(blocks_needed.sum()) + spare_blocks
+  physical = rng.permutation(np.arange(1, num_blocks))
+  tables = np.zeros((len(seq_lens), max_blocks), np.int32)
+  used = 0
+  for s, n in enumerate(blocks_needed):
+    tables[s, :n] = physical[used:used + n]
+    used += n
+  shape = (num_kv_heads, num_blocks, block_size, head_size)
+  k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
+  v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
+  return PagedCase(k, v, tables, np.asarray(seq_lens, np.int32))
+
+
+def random_q(rng, num_tokens: int, num_q_heads: int, head_size: int, dtype) -> jax.Array:
+  return jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, head_size), np.float32), dtype)
+
+
+def _attend_np(q, keys, values, scale):
+  """q [Hq, D]; keys, values [L, Hkv, D] -> [Hq, D] (float64); query head h uses KV head
+  h // (Hq // Hkv)."""
+  num_kv_heads = keys.shape[1]
+  qg = q.reshape(num_kv_heads, -1, q.shape[-1])              # [Hkv, G, D]
+  logits = np.einsum("hgd,lhd->hgl", qg, keys) * scale
+  w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  w /= w.sum(axis=-1, keepdims=True)
+  return np.einsum("hgl,lhd->hgd", w, values).reshape(q.shape)
+
+
+def _context_np(case: PagedCase, s: int, length: int):
+  """Keys and values of positions 0..length-1 of sequence s: [length, Hkv, D] (float64)."""
+  k = np.asarray(case.k_cache.astype(jnp.float32), np.float64)
+  v = np.asarray(case.v_cache.astype(jnp.float32), np.float64)
+  block_size = k.shape[2]
+  pos = np.arange(length)
+  blocks = case.block_tables[s, pos // block_size]
+  return k[:, blocks, pos % block_size].transpose(1, 0, 2), v[:, blocks, pos % block_size].transpose(1, 0, 2)
+
+
+def decode_reference_np(q, case: PagedCase, scale: float) -> np.ndarray:
+  q = np.asarray(q.astype(jnp.float32), np.float64)
+  out = np.zeros_like(q)
+  for s, length in enumerate(case.seq_lens):
+    if length:
+      out[s] = _attend_np(q[s], *_context_np(case, s, int(length)), scale)
+  return out
+
+
+def ragged_reference_np(q, case: PagedCase, query_start_loc: np.ndarray, scale: float):
+  q = np.asarray(q.astype(jnp.float32), np.float64)
+  out = np.zeros_like(q)
+  for s, length in enumerate(case.seq_lens):
+    start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+    if end == start:
+      continue
+    keys, values = _context_np(case, s, int(length))
+    for i, token in enumerate(range(start, end)):
+      position = int(length) - (end - start) + i
+      out[token] = _attend_np(q[token], keys[:position + 1], values[:position + 1], scale)
+  return out
+
+
+def as_f64(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)

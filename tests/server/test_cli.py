@@ -1,0 +1,45 @@
+"""The command line: engine options generated from EngineConfig, and `generate`."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from paged_jax import cli
+from paged_jax.config import EngineConfig
+
+
+def test_every_engine_option_is_a_flag():
+    parser = cli.build_parser()
+    args = parser.parse_args(["serve", "--model", "m", "--dtype", "bfloat16", "--block-size",
+                              "32", "--num-kv-blocks", "100", "--kv-cache-memory-bytes", "2G",
+                              "--max-model-len", "512", "--max-num-seqs", "8",
+                              "--max-num-batched-tokens", "1024", "--precompile",
+                              "--attention-backend", "xla", "--seed", "3",
+                              "--tensor-parallel-size", "2", "--cache-dir", "/tmp/c"])
+    config = cli.engine_config(args)
+    assert config == EngineConfig(model="m", dtype="bfloat16", block_size=32, num_kv_blocks=100,
+                                  kv_cache_memory_bytes=2 << 30, max_model_len=512,
+                                  max_num_seqs=8, max_num_batched_tokens=1024, precompile=True,
+                                  attention_backend="xla", seed=3, tensor_parallel_size=2,
+                                  cache_dir="/tmp/c")
+    defaults = cli.engine_config(parser.parse_args(["serve"]))
+    assert defaults == EngineConfig()
+    assert (args.host, args.port) == ("127.0.0.1", 8000)
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions}
+    assert {f.name for f in dataclasses.fields(EngineConfig)} <= flags
+
+
+def test_invalid_engine_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--block-size", "7"])
+    assert info.value.code == 2
+    assert "block_size" in capsys.readouterr().err
+
+
+def test_generate_prints_llm_output(tiny_chat_model_dir, capsys):
+    cli.main(["generate", "--model", str(tiny_chat_model_dir), "--prompt", "Hello",
+              "--max-tokens", "4", "--max-model-len", "64", "--num-kv-blocks", "8",
+              "--max-num-seqs", "1"])
+    printed = capsys.readouterr().out
+    assert printed.strip()

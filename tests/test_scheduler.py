@@ -1,0 +1,220 @@
+"""Scheduler: unit tests and a randomized state machine, driven like LLMEngine.step without a
+model (each scheduled request gets one fake token and finishes at max_total_tokens)."""
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from paged_jax.kv_cache_manager import KVCacheManager, cdiv
+from paged_jax.request import Request, Status
+from paged_jax.sampling_params import SamplingParams
+from paged_jax.scheduler import ScheduledBatch, Scheduler
+
+_ids = itertools.count()
+
+
+def make_request(prompt_len: int, output_len: int) -> Request:
+    return Request(f"r{next(_ids)}", [1] * prompt_len, SamplingParams(max_tokens=output_len),
+                   prompt_len + output_len, seed=0)
+
+
+def engine_step(sched: Scheduler) -> ScheduledBatch | None:
+    """What LLMEngine.step does to the host state around the model call."""
+    batch = sched.schedule()
+    if batch is None:
+        return None
+    for req in batch.requests:
+        req.num_computed_tokens = req.num_tokens  # before the sampled token is appended
+        req.output_token_ids.append(7)
+        if req.num_tokens >= req.max_total_tokens:
+            sched.finish(req)
+    return batch
+
+
+def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=64, **kw) -> Scheduler:
+    return Scheduler(KVCacheManager(num_blocks, block_size), max_num_seqs, budget, **kw)
+
+
+def test_prefill_admits_fcfs_within_seqs_and_token_budget():
+    sched = make_scheduler(max_num_seqs=2, budget=20)
+    reqs = [make_request(8, 4), make_request(8, 4), make_request(8, 4)]
+    for r in reqs:
+        sched.add(r)
+    batch = sched.schedule()
+    assert batch.kind == "prefill" and batch.requests == tuple(reqs[:2])
+    assert batch.num_new_tokens == (8, 8) and batch.num_tokens == 16
+    assert all(r.status is Status.RUNNING for r in reqs[:2]) and list(sched.waiting) == reqs[2:]
+
+    sched = make_scheduler(max_num_seqs=8, budget=20)
+    for r in [make_request(8, 4), make_request(8, 4), make_request(8, 4)]:
+        sched.add(r)
+    assert len(sched.schedule().requests) == 2  # a third prompt would pass the 20-token budget
+
+
+def test_prefill_before_decode_and_one_slot_per_decode():
+    sched = make_scheduler(block_size=4)
+    a = make_request(3, 5)
+    sched.add(a)
+    assert engine_step(sched).kind == "prefill"
+    assert a.num_computed_tokens == 3 and a.num_tokens == 4
+    assert len(sched.kv.block_table(a.request_id)) == 1
+    b = make_request(2, 2)
+    sched.add(b)
+    assert engine_step(sched).requests == (b,)  # a waiting prompt goes first
+    batch = engine_step(sched)
+    assert batch.kind == "decode" and batch.requests == (a, b) and batch.num_new_tokens == (1, 1)
+    assert len(sched.kv.block_table(a.request_id)) == 1  # a's 4th token fits its first block
+
+
+def test_preempts_newest_and_recomputes_it_from_the_head_of_the_queue():
+    sched = make_scheduler(num_blocks=4, block_size=2)  # 3 usable blocks
+    old, new, late = make_request(2, 4), make_request(2, 4), make_request(1, 1)
+    sched.add(old)
+    sched.add(new)
+    engine_step(sched)  # both prefilled: one block each, 3 tokens each
+    sched.add(late)
+    engine_step(sched)  # late (1 block) fills the pool and finishes at once
+    assert late.finished and sched.kv.pool.num_free == 1
+    batch = engine_step(sched)  # old takes the free block; new cannot grow and is preempted
+    assert batch.requests == (old,) and batch.preempted == (new,)
+    assert list(sched.waiting) == [new] and new.num_computed_tokens == 0
+    assert new.status is Status.WAITING and new.num_preemptions == 1
+    assert sched.kv.block_table(new.request_id) == []
+    assert sched.num_preemptions == 1
+    assert sched.schedule().kind == "decode"  # new needs 2 blocks, 1 is free: old goes on
+    sched.finish(old)
+    prefill = sched.schedule()  # recomputed from prompt + its output so far
+    assert prefill.kind == "prefill" and prefill.num_new_tokens == (new.num_tokens,)
+
+
+def test_a_request_larger_than_the_cache_preempts_itself_and_stalls():
+    # Why LLMEngine._validate rejects requests that need more blocks than the cache has.
+    sched = make_scheduler(num_blocks=2, block_size=2)  # one usable block
+    req = make_request(2, 3)
+    sched.add(req)
+    engine_step(sched)
+    batch = sched.schedule()
+    assert batch.requests == () and batch.preempted == (req,)
+    assert sched.schedule() is None and sched.has_unfinished()
+
+
+def test_finish_frees_blocks_wherever_the_request_is():
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_request(5, 5), make_request(5, 5)
+    sched.add(a)
+    sched.add(b)
+    engine_step(sched)
+    sched.finish(b)  # aborted while waiting
+    sched.finish(a)  # aborted while running
+    assert not sched.has_unfinished() and a.finished and b.finished
+    assert sched.kv.pool.num_free == sched.kv.pool.num_usable
+
+
+def test_reservation_holds_blocks_at_admission():
+    sched = make_scheduler(block_size=4, reservation=lambda req: req.max_total_tokens)
+    req = make_request(3, 10)
+    sched.add(req)
+    sched.schedule()
+    assert len(sched.kv.block_table(req.request_id)) == cdiv(13, 4)
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
+                max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64))
+    def setup(self, block_size, num_blocks, max_num_seqs, budget):
+        self.sched = make_scheduler(num_blocks, block_size, max_num_seqs, budget)
+        # Longest request that can always run alone, and be recomputed after a preemption.
+        self.max_len = min(budget, (num_blocks - 1) * block_size)
+        self.added: list[Request] = []
+
+    @precondition(lambda self: self.max_len >= 2)
+    @rule(data=st.data())
+    def add(self, data):
+        total = data.draw(st.integers(2, self.max_len))
+        prompt = data.draw(st.integers(1, total - 1))
+        req = make_request(prompt, total - prompt)
+        self.sched.add(req)
+        self.added.append(req)
+
+    @precondition(lambda self: self.sched.has_unfinished())
+    @rule(data=st.data())
+    def abort(self, data):
+        live = [r for r in self.added if not r.finished]
+        self.sched.finish(data.draw(st.sampled_from(live)))
+
+    @rule()
+    def step(self):
+        self.checked_step()
+
+    def checked_step(self) -> None:
+        sched, kv = self.sched, self.sched.kv
+        old_running, old_waiting = list(sched.running), list(sched.waiting)
+        batch = sched.schedule()
+        if batch is None:
+            assert not old_running and not old_waiting, "requests waiting but nothing scheduled"
+            return
+        assert len(sched.running) <= sched.max_num_seqs
+        if batch.kind == "prefill":
+            k = len(batch.requests)
+            assert batch.requests == tuple(old_waiting[:k])  # FCFS
+            assert batch.num_tokens <= sched.max_num_batched_tokens
+            assert batch.num_new_tokens == tuple(r.num_tokens for r in batch.requests)
+            assert sched.running == old_running + list(batch.requests)
+            if sched.waiting and len(sched.running) < sched.max_num_seqs:
+                nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
+                assert (batch.num_tokens + nxt.num_tokens > sched.max_num_batched_tokens
+                        or kv.blocks_needed(nxt.request_id, nxt.num_tokens) > kv.pool.num_free)
+        else:
+            assert batch.num_new_tokens == (1,) * len(batch.requests)
+            # The oldest keep running; the newest are preempted, newest first.
+            assert old_running == list(batch.requests) + list(reversed(batch.preempted))
+            assert list(sched.waiting) == list(reversed(batch.preempted)) + old_waiting
+            for r in batch.preempted:
+                assert r.status is Status.WAITING and r.num_computed_tokens == 0
+                assert kv.block_table(r.request_id) == []
+        for r in batch.requests:
+            assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_tokens
+        for req in batch.requests:  # as LLMEngine.step
+            req.num_computed_tokens = req.num_tokens
+            req.output_token_ids.append(7)
+            if req.num_tokens >= req.max_total_tokens:
+                sched.finish(req)
+
+    @invariant()
+    def nothing_lost_nothing_leaked(self):
+        sched, kv = self.sched, self.sched.kv
+        assert len(sched.running) <= sched.max_num_seqs
+        waiting, running = list(sched.waiting), sched.running
+        assert len(set(map(id, waiting + running))) == len(waiting) + len(running)
+        for r in self.added:
+            places = (r in waiting) + (r in running) + r.finished
+            assert places == 1, f"{r.request_id} is in {places} places"
+        tables = [kv.block_table(r.request_id) for r in running]
+        blocks = [b for t in tables for b in t]
+        assert len(blocks) == len(set(blocks)) and 0 not in blocks  # no block in two tables
+        assert kv.pool.num_used == len(blocks)  # waiting and finished requests hold nothing
+        assert kv.pool.num_free + kv.pool.num_used == kv.pool.num_usable
+        for r in running:
+            assert r.status is Status.RUNNING
+            assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_computed_tokens
+        for r in waiting:
+            assert r.status is Status.WAITING and r.num_computed_tokens == 0
+
+    def teardown(self):
+        if not hasattr(self, "sched"):
+            return
+        bound = 4 * sum(r.max_total_tokens for r in self.added) + 10
+        for _ in range(bound):
+            if not self.sched.has_unfinished():
+                break
+            self.checked_step()
+            self.nothing_lost_nothing_leaked()
+        assert all(r.finished for r in self.added), "a request never finished"
+        assert self.sched.kv.pool.num_free == self.sched.kv.pool.num_usable
+
+
+TestSchedulerMachine = SchedulerMachine.TestCase
+TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
