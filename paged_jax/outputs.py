@@ -49,15 +49,19 @@ class OutputBuilder:
         return False
 
     def decode(self, req: Request) -> str:
+        if self.tokenizer is None:  # a token-ids-only engine (no tokenizer files)
+            return ""
         return self.tokenizer.decode(req.output_token_ids,
                                      skip_special_tokens=req.params.skip_special_tokens)
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
 
     def _logprobs(self, n: int, token: int, row) -> dict[int, Logprob]:
         out = {}
         for rank, (tid, lp) in enumerate(zip(row["top_ids"][:n], row["top_logprobs"][:n]), 1):
-            out[int(tid)] = Logprob(float(lp), rank, self.tokenizer.decode([int(tid)]))
-        out[token] = Logprob(float(row["logprob"]), int(row["rank"]),
-                             self.tokenizer.decode([token]))
+            out[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid)))
+        out[token] = Logprob(float(row["logprob"]), int(row["rank"]), self._token_text(token))
         return out
 
     def completion(self, index: int, req: Request) -> CompletionOutput:
