@@ -298,6 +298,7 @@ def main(argv):
             process.wait(timeout=30)
     report(summary)
     if FLAGS.out:
+        pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(FLAGS.out).write_text(json.dumps(summary, indent=2) + "\n")
         print("wrote", FLAGS.out)
 

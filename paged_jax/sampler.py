@@ -83,19 +83,28 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int) -> dict[s
 
 def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    logits = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, logits, si,
+    penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
+    greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, penalized, si,
                           greedy_tokens)
-    chosen = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    rank = 1 + jnp.sum(raw_logprobs > chosen[:, None], axis=-1).astype(jnp.int32)
+    # Logprobs cost three more passes over [S, V]: only when some request asked for them.
+    chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
+                                                 logits, tokens)
+    return SampleResult(tokens, chosen, rank, top_ids, top_lp)
+
+
+def _logprobs(logits, tokens):
+    raw = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    rank = 1 + jnp.sum(raw > chosen[:, None], axis=-1).astype(jnp.int32)
+    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+    return chosen, rank, top_lp, top_ids.astype(jnp.int32)
+
+
+def _no_logprobs(logits, tokens):
     s = logits.shape[0]
-    top_lp, top_ids = jax.lax.cond(
-        si.flags[2], lambda lp: tuple(jax.lax.top_k(lp, MAX_LOGPROBS)),
-        lambda lp: (jnp.zeros((s, MAX_LOGPROBS), lp.dtype),
-                    jnp.zeros((s, MAX_LOGPROBS), jnp.int32)), raw_logprobs)
-    return SampleResult(tokens, chosen, rank, top_ids.astype(jnp.int32), top_lp)
+    return (jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
+            jnp.zeros((s, MAX_LOGPROBS), jnp.float32), jnp.zeros((s, MAX_LOGPROBS), jnp.int32))
 
 
 def _sample_random(logits, si: SamplingInputs, greedy_tokens):
