@@ -4,6 +4,11 @@
                     [--served-model-name NAME] [engine options]
     paged-jax generate --prompt "..." [--max-tokens N] [--temperature T] [--chat]
                     [engine options]
+    paged-jax convert --output DIR [engine options]   # Orbax checkpoint, restored per shard
+
+Multi-host (docs/ARCHITECTURE.md, "Tensor parallelism"): run the same command on every host
+with --tensor-parallel-size <all devices> --coordinator-address HOST0:PORT --num-processes N
+--process-id I; process 0 prints or serves HTTP, the others compute.
 
 Engine options are EngineConfig's fields in kebab case (--max-num-seqs 16), generated from the
 dataclass so the two never drift apart. `python -m paged_jax ...` is the same command.
@@ -70,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     add_engine_options(gen)
+
+    conv = commands.add_parser("convert", help="save the model's converted parameters as an "
+                               "Orbax checkpoint folder (loaded shard by shard by --model DIR)")
+    conv.add_argument("--output", required=True, help="the checkpoint folder to write")
+    add_engine_options(conv)
     return parser
 
 
@@ -79,14 +89,24 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
     from paged_jax.engine import LLMEngine
     from paged_jax.server import create_app
 
+    from paged_jax import multihost
+
     engine = LLMEngine(config)
+    if engine.multihost and not multihost.is_leader():
+        engine.follow()  # mirror process 0's steps until its server stops
+        return
+    engine.lead()  # multi-host: publish every step's adds and aborts to the other processes
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key)
-    # Streams still open at shutdown would otherwise keep the process up.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+    try:
+        # Streams still open at shutdown would otherwise keep the process up.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop_followers()
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> None:
+    from paged_jax import multihost
     from paged_jax.llm import LLM
     from paged_jax.sampling_params import SamplingParams
 
@@ -97,7 +117,28 @@ def generate(args: argparse.Namespace, config: EngineConfig) -> None:
         outputs = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)
     else:
         outputs = llm.generate(args.prompt, params, use_tqdm=False)
-    print(outputs[0].outputs[0].text)
+    if not llm.llm_engine.multihost or multihost.is_leader():  # every process generated it
+        print(outputs[0].outputs[0].text)
+
+
+def convert(args: argparse.Namespace, config: EngineConfig) -> None:
+    import jax
+
+    from paged_jax import multihost, sharding
+    from paged_jax.checkpoint.sharded import save_checkpoint
+    from paged_jax.models.loader import load_model
+
+    distributed = multihost.initialize_distributed(
+        config.coordinator_address, config.num_processes, config.process_id)
+    tp = config.tensor_parallel_size
+    mesh = sharding.make_mesh(tp) if tp > 1 or distributed else None
+    dtype = config.dtype if config.dtype != "auto" else (
+        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
+                       with_tokenizer=False, mesh=mesh)
+    folder = save_checkpoint(model, args.output)
+    if multihost.is_leader():
+        print(folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    {"serve": serve, "generate": generate}[args.command](args, config)
+    {"serve": serve, "generate": generate, "convert": convert}[args.command](args, config)
 
 
 if __name__ == "__main__":

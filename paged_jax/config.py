@@ -21,8 +21,14 @@ class EngineConfig:
     precompile: bool = False
     attention_backend: str = "auto"
     seed: int = 0
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)
     cache_dir: str | None = None  # where converted checkpoints are kept
+    # Multi-host (jax.distributed.initialize): "host:port" of process 0, the process count and
+    # this process's index. None of them: JAX's own detection (Slurm, Open MPI,
+    # JAX_COORDINATOR_ADDRESS) if the environment describes a cluster, else one process.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -40,6 +46,12 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size}")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and not (
+                0 <= self.process_id < (self.num_processes or self.process_id + 1)):
+            raise ValueError(f"process_id {self.process_id} is outside [0, num_processes "
+                             f"{self.num_processes})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if (self.max_num_batched_tokens is not None and self.max_model_len is not None

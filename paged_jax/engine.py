@@ -13,7 +13,7 @@ from typing import Iterable
 
 import jax
 
-from paged_jax import kv_cache, sampler, step_inputs
+from paged_jax import kv_cache, multihost, sampler, sharding, step_inputs
 from paged_jax.config import EngineConfig
 from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
 from paged_jax.model_runner import ModelRunner
@@ -37,9 +37,19 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None):
+        # Before any JAX computation: joins the other processes of a multi-host run.
+        self.multihost = multihost.initialize_distributed(
+            config.coordinator_address, config.num_processes, config.process_id)
         on_cpu = jax.default_backend() == "cpu"
         dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-        self.model = model or load_model(config.model, dtype=dtype, cache_dir=config.cache_dir)
+        tp = config.tensor_parallel_size
+        self.mesh = sharding.make_mesh(tp) if tp > 1 or self.multihost else None
+        if model is None:
+            model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
+                               mesh=self.mesh)
+        elif self.mesh is not None:
+            model = sharding.shard_model(model, self.mesh)
+        self.model = model
         mcfg = self.model.config
         self.backend = (config.attention_backend if config.attention_backend != "auto"
                         else ("xla" if on_cpu else "pallas"))
@@ -55,27 +65,32 @@ class LLMEngine:
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
                              f"max_model_len {self.max_model_len}")
+        # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
         num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
-            mcfg, config.block_size, config.kv_cache_memory_bytes)
+            mcfg, config.block_size, config.kv_cache_memory_bytes * tp)
         self.config = config
         self.tokenizer = self.model.tokenizer
         self.kv = KVCacheManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size)
+        cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         self.runner = ModelRunner(self.model.graphdef, self.model.params,
-                                  kv_cache.allocate(mcfg, num_blocks, config.block_size),
-                                  self.backend, self.max_model_len)
+                                  kv_cache.allocate(mcfg, num_blocks, config.block_size,
+                                                    cache_sharding),
+                                  self.backend, self.max_model_len, self.mesh)
+        self._channel = None  # multi-host serving: process 0's per-step command broadcast
+        self._published: list = []
         self.outputs = OutputBuilder(self.tokenizer)
         self.stats = EngineStats()
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
-        log.info("engine: %d KV blocks of %d tokens (%.1f MiB), backend %s, max_model_len %d",
-                 num_blocks, config.block_size,
-                 num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / 2**20,
-                 self.backend, self.max_model_len)
+        log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
+                 "max_model_len %d, tensor_parallel_size %d", num_blocks, config.block_size,
+                 num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / tp / 2**20,
+                 self.backend, self.max_model_len, tp)
         if config.precompile:
             start = time.perf_counter()
             self.runner.precompile(self.buckets, self._needs_prefill_tables)
@@ -111,6 +126,8 @@ class LLMEngine:
             self._requests[req.request_id] = req
             self._group_of[req.request_id] = request_id
             self.scheduler.add(req)
+        if self._channel is not None:
+            self._published.append(("add", request_id, prompt, params, arrival))
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -142,7 +159,10 @@ class LLMEngine:
                              f"the KV cache holds {self.kv.pool.num_usable} blocks")
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
-        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+        request_ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        if self._channel is not None:
+            self._published.append(("abort", request_ids))
+        for rid in request_ids:
             for req in self._groups.pop(rid, []):
                 if not req.finished:
                     self.scheduler.finish(req)
@@ -159,6 +179,9 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._channel is not None:  # multi-host serving: the followers mirror this step
+            self._channel.publish(self._published)
+            self._published = []
         batch = self.scheduler.schedule()
         if batch is None or not batch.requests:
             return []
@@ -201,6 +224,35 @@ class LLMEngine:
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
         self._group_of.pop(req.request_id, None)
+
+    # ---- multi-host serving ---------------------------------------------------------------
+
+    def lead(self) -> None:
+        """Process 0 of a multi-host server: from now on every step first publishes the adds
+        and aborts applied since the previous one, for the followers to mirror."""
+        if self.multihost and multihost.is_leader():
+            self._channel = multihost.CommandChannel()
+
+    def follow(self) -> None:
+        """The other processes of a multi-host server: mirror process 0's commands and steps
+        until it calls stop_followers()."""
+        channel = multihost.CommandChannel()
+        while True:
+            commands = channel.receive()
+            if commands == multihost.STOP:
+                return
+            for command in commands:
+                if command[0] == "add":
+                    _, rid, prompt, params, arrival = command
+                    self.add_request(rid, prompt, params, arrival)
+                else:
+                    self.abort_request(command[1])
+            self.step()
+
+    def stop_followers(self) -> None:
+        if self._channel is not None:
+            self._channel.publish(multihost.STOP)
+            self._channel = None
 
     def kv_usage(self) -> KVUsage:
         held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}

@@ -6,6 +6,7 @@ ladders. The KV caches are donated: pages are updated in place, never copied.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -13,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from paged_jax.attention import AttentionMetadata
 from paged_jax.models.forward import forward
@@ -34,13 +36,24 @@ def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
 
 
 class ModelRunner:
-    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int):
+    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int, mesh=None):
+        """mesh: a tensor-parallel mesh (paged_jax/sharding.py). The step then pins its
+        shardings: parameters and caches as they lie, step and sampling inputs and the sampled
+        results replicated; attention runs under shard_map (traced under jax.set_mesh)."""
         self.params = params
         self.kv_caches = kv_caches
         self.backend = backend
         self.history_len = history_len
+        self.mesh = mesh
+        shardings = {}
+        if mesh is not None:
+            replicated = NamedSharding(mesh, PartitionSpec())
+            kv = jax.tree.map(lambda x: x.sharding, kv_caches)
+            shardings = dict(in_shardings=(jax.tree.map(lambda x: x.sharding, params), kv,
+                                           replicated, replicated),
+                             out_shardings=(replicated, kv))
         self._jits = {mode: jax.jit(functools.partial(_step, graphdef, mode, backend),
-                                    donate_argnums=(1,))
+                                    donate_argnums=(1,), **shardings)
                       for mode in ("prefill", "decode", "mixed")}
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
@@ -53,9 +66,10 @@ class ModelRunner:
         if key not in self._compiled:
             mode, t, s, mb = key
             start = time.perf_counter()
-            self._compiled[key] = self._jits[mode].lower(
-                self.params, self.kv_caches, _array_specs(t, s, mb),
-                _sampling_specs(s, self.history_len)).compile()
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                self._compiled[key] = self._jits[mode].lower(
+                    self.params, self.kv_caches, _array_specs(t, s, mb),
+                    _sampling_specs(s, self.history_len)).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
             log.info("compiled step %s in %.2fs (%d variants)", key, took, len(self._compiled))

@@ -14,6 +14,7 @@ from flax import nnx
 from paged_jax.attention import AttentionMetadata, attention
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.rope import apply_rope, inv_freq
+from paged_jax.sharding import attention_per_kv_head
 
 
 def _param(shape, names, dtype):
@@ -59,8 +60,10 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim), positions, freq)
         k = apply_rope(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, freq)
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        out, kv_cache = attention(q, k, v, kv_cache, md, scale=cfg.head_dim ** -0.5,
-                                  sliding_window=cfg.sliding_window)
+        # Under a tensor-parallel mesh each device attends its own KV heads (shard_map).
+        out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,
+                                              scale=cfg.head_dim ** -0.5,
+                                              sliding_window=cfg.sliding_window)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
 
 

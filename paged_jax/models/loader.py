@@ -32,12 +32,25 @@ class LoadedModel:
 
 
 def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str | None = None,
-               with_tokenizer: bool = True) -> LoadedModel:
+               with_tokenizer: bool = True, mesh=None) -> LoadedModel:
+    """mesh: a tensor-parallel mesh (paged_jax/sharding.py): every parameter goes straight to
+    its shards. A folder written by checkpoint.sharded.save_checkpoint is restored with Orbax,
+    shard by shard; any other folder is read from its safetensors."""
+    from paged_jax.checkpoint import sharded
+
     start = time.perf_counter()
     folder = weights.resolve_model(model, cache_dir=cache_dir)
     hf_config = weights.load_hf_config(folder)
     cfg = ModelConfig.from_hf(hf_config, dtype=dtype)
-    graphdef, params = load_params(cfg, weights.read_safetensors(folder))
+    kv_repeat = 1
+    if mesh is not None:
+        from paged_jax import sharding
+
+        cfg, kv_repeat = sharding.tp_model_config(cfg, sharding.tp_size(mesh))
+    if sharded.is_checkpoint(folder):
+        graphdef, params = sharded.restore_params(folder, cfg, mesh, kv_repeat)
+    else:
+        graphdef, params = load_params(cfg, weights.read_safetensors(folder), mesh, kv_repeat)
     tokenizer = load_tokenizer(folder) if with_tokenizer else None
     log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
              time.perf_counter() - start, dtype)

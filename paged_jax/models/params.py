@@ -9,6 +9,7 @@ from flax import nnx
 
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.llama import abstract_model
+from paged_jax import sharding
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -25,27 +26,47 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     return f"model.{stem}.{leaf}", False
 
 
-def load_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]):
-    """Returns (graphdef, params) with every parameter taken from `tensors` in cfg.dtype."""
+def load_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], mesh=None,
+                kv_repeat: int = 1):
+    """Returns (graphdef, params) with every parameter taken from `tensors` in cfg.dtype.
+
+    mesh: place each parameter straight onto its shards (paged_jax/sharding.py), so no device
+    ever holds a whole copy of the model; cfg is then the tensor-parallel config
+    (sharding.tp_model_config) and kv_repeat how many times each checkpoint KV head repeats."""
     graphdef, state = nnx.split(abstract_model(cfg))
     pure = nnx.to_pure_dict(state)
-    _fill(pure, (), tensors, jnp.dtype(cfg.dtype))
+    place = None if mesh is None else _placer(cfg, state, mesh)
+    _fill(pure, (), tensors, jnp.dtype(cfg.dtype), cfg.head_dim, kv_repeat, place)
     nnx.replace_by_pure_dict(state, pure)
     return graphdef, state
 
 
-def _fill(tree: dict, prefix: tuple, tensors, dtype):
+def _placer(cfg: ModelConfig, state, mesh):
+    """(path, host value) -> the parameter on its shards of `mesh`."""
+    rules = sharding.rules_for(cfg, sharding.tp_size(mesh))
+    names = sharding.logical_names(state)
+
+    def place(path, value):
+        spec = sharding.spec(names[path], rules)
+        return sharding.put(value, sharding.NamedSharding(mesh, spec), cfg.dtype)
+
+    return place
+
+
+def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place):
     for key, node in tree.items():
         path = prefix + (key,)
         if isinstance(node, dict):
-            _fill(node, path, tensors, dtype)
+            _fill(node, path, tensors, dtype, head_dim, kv_repeat, place)
             continue
         name, transposed = hf_name(path)
         if name not in tensors:
             raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
         value = np.asarray(tensors[name])
         value = value.T if transposed else value
+        if kv_repeat > 1 and sharding.is_kv_projection(path):
+            value = sharding.repeat_kv_heads(value, kv_repeat, head_dim)
         if value.shape != tuple(node.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(np.asarray(tensors[name]).shape)}, "
                              f"expected {tuple(reversed(node.shape)) if transposed else node.shape}")
-        tree[key] = jnp.asarray(value, dtype=dtype)
+        tree[key] = jnp.asarray(value, dtype=dtype) if place is None else place(path, value)
