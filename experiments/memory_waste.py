@@ -27,14 +27,13 @@ The default capacity, 15728 slots, is OPT-13B's KV on a 40 GB A100 as in paper F
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import pathlib
 
 import numpy as np
 from absl import app, flags
 
+from experiments.workload import DATASETS, draw_trace  # noqa: F401 (draw_trace: re-exported)
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
 from paged_jax.reservation import ContiguousKV, next_pow2, orca_max, orca_oracle, orca_pow2
@@ -55,10 +54,6 @@ flags.DEFINE_string("out_dir", "/tmp/memory_waste", "results.json and memory_was
 
 CATEGORIES = ("token_states", "reservation", "internal_fragmentation", "external_fragmentation")
 POLICIES = ("orca_max", "orca_pow2", "orca_oracle", "paged")
-# (mean prompt, mean output, log-normal sigma of both). The means are the paper's (Fig. 11);
-# sigma = 1.0 gives ShareGPT's long tail (std about 1.3x the mean), Alpaca's lengths are
-# tighter (0.8). The log-normal's mu is solved so that the means hold *after* filtering.
-DATASETS = {"sharegpt": (161.31, 337.99, 1.0), "alpaca": (19.31, 58.45, 0.8)}
 # Paper Fig. 2 (ShareGPT, OPT-13B, A100): shares of KV memory. The paper files vLLM's 3.7%
 # waste under "external fragmentation & other"; here it is the last blocks' empty tails.
 PAPER = {
@@ -77,49 +72,6 @@ PAPER_BATCH = {
     "sharegpt": {"orca_max": 7.00, "orca_pow2": 9.81, "orca_oracle": 13.62, "paged": 30.42},
     "alpaca": {"orca_max": 7.00, "orca_pow2": 43.24, "orca_oracle": 72.75, "paged": 132.44},
 }
-MIN_LEN = 4  # vLLM's ShareGPT filter drops prompts or outputs shorter than this
-
-
-# ---- trace ----------------------------------------------------------------------------------
-
-def _keep(p: np.ndarray, o: np.ndarray, max_model_len: int) -> np.ndarray:
-    """vLLM's ShareGPT filter (prompt <= 1024, total <= 2048), scaled to max_model_len."""
-    return (p >= MIN_LEN) & (o >= MIN_LEN) & (p <= max_model_len // 2) & (p + o <= max_model_len)
-
-
-def _lengths(z: np.ndarray, mu: float, sigma: float) -> np.ndarray:
-    return np.maximum(1, np.round(np.exp(mu + sigma * z))).astype(np.int64)
-
-
-@functools.lru_cache(maxsize=None)
-def _solve_mus(dataset: str, max_model_len: int) -> tuple[float, float]:
-    """mu of each log-normal such that the filtered means are the paper's (fixed-point)."""
-    mean_p, mean_o, sigma = DATASETS[dataset]
-    z = np.random.default_rng(12345).standard_normal((2, 100_000))
-    mu_p, mu_o = math.log(mean_p) - sigma**2 / 2, math.log(mean_o) - sigma**2 / 2
-    for _ in range(10):  # converges to 4 digits in about 6
-        p, o = _lengths(z[0], mu_p, sigma), _lengths(z[1], mu_o, sigma)
-        keep = _keep(p, o, max_model_len)
-        mu_p += math.log(mean_p / p[keep].mean())
-        mu_o += math.log(mean_o / o[keep].mean())
-    return mu_p, mu_o
-
-
-def draw_trace(dataset: str, num_requests: int, seed: int,
-               max_model_len: int = 2048) -> list[tuple[int, int]]:
-    """(prompt length, output length) pairs, seeded, drawn until num_requests pass the filter."""
-    mu_p, mu_o = _solve_mus(dataset, max_model_len)
-    sigma = DATASETS[dataset][2]
-    rng = np.random.default_rng(seed)
-    out: list[tuple[int, int]] = []
-    while len(out) < num_requests:
-        p = _lengths(rng.standard_normal(num_requests), mu_p, sigma)
-        o = _lengths(rng.standard_normal(num_requests), mu_o, sigma)
-        keep = _keep(p, o, max_model_len)
-        out.extend(zip(p[keep].tolist(), o[keep].tolist()))
-    return out[:num_requests]
-
-
 def make_requests(trace: list[tuple[int, int]]) -> list[Request]:
     return [Request(f"r{i}", [0] * p, SamplingParams(max_tokens=o, ignore_eos=True), p + o, 0)
             for i, (p, o) in enumerate(trace)]

@@ -33,6 +33,12 @@ flags.DEFINE_integer("num_kv_blocks", None, "paged-jax: KV blocks (default: from
 flags.DEFINE_integer("hf_batch_size", 16, "transformers: static batch size")
 flags.DEFINE_bool("hf", True, "run the transformers baseline (needs torch)")
 flags.DEFINE_bool("chat", True, "first print answers to a few chat prompts")
+flags.DEFINE_bool("hf_cb", True, "run transformers' continuous batching (transformers >= 5)")
+flags.DEFINE_integer("hf_cb_max_batch_tokens", 256, "transformers CB: tokens per step")
+flags.DEFINE_integer("hf_cb_num_blocks", 0, "transformers CB: KV pages (0: enough for the "
+                     "workload's longest request times 64)")
+flags.DEFINE_bool("llama_cpp", True, "run llama.cpp (llama-cpp-python) on the GGUF file")
+flags.DEFINE_integer("llama_cpp_seqs", 16, "llama.cpp: sequences decoded together (n_seq_max)")
 flags.DEFINE_string("out", "results/throughput/results.json", "where to write results")
 
 CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for staying focused.",
@@ -105,6 +111,181 @@ def run_hf(folder: str, work, batch_size: int) -> dict:
                 requests_per_s=len(work) / seconds, batch_size=batch_size)
 
 
+def run_hf_continuous(folder: str, work, max_batch_tokens: int = 256,
+                      num_blocks: int = 0) -> dict:
+    """transformers' own continuous batching (ContinuousBatchingManager, transformers >= 5),
+    one add_request per item with its own max_new_tokens, EOS disabled, greedy. CPU settings
+    from PEERS.md: the KV size set by hand, no CUDA graphs, sdpa attention."""
+    import torch
+    import transformers
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    page = 256  # tokens per KV page (transformers' default; 16-64 were no faster here)
+    longest = max(len(w.prompt_token_ids) + w.output_len for w in work)
+    num_blocks = num_blocks or 64 * -(-longest // page)
+    gen = transformers.GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
+                                        max_new_tokens=max(w.output_len for w in work))
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=num_blocks,
+                                  max_batch_tokens=max_batch_tokens, use_cuda_graph=False)
+    results = {}
+    with torch.inference_mode(), model.continuous_batching_context_manager(
+            generation_config=gen, continuous_batching_config=cb, block=True, timeout=30,
+            warmup=False) as manager:
+        start = time.perf_counter()
+        for i, w in enumerate(work):
+            manager.add_request(list(w.prompt_token_ids), request_id=f"w{i}",
+                                max_new_tokens=w.output_len)
+        while len(results) < len(work):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"transformers CB: {result.request_id}: {result.error}")
+                results[result.request_id] = result
+            elif result is None and not manager.is_running():
+                raise RuntimeError("transformers CB: the generation thread stopped")
+        seconds = time.perf_counter() - start
+    tokens = sum(len(r.generated_tokens) for r in results.values())
+    assert tokens == sum(w.output_len for w in work), tokens
+    return dict(seconds=seconds, output_tokens=tokens, output_tokens_per_s=tokens / seconds,
+                requests_per_s=len(work) / seconds, max_batch_tokens=max_batch_tokens,
+                num_blocks=num_blocks, page_size=page)
+
+
+def run_llama_cpp(gguf: str, work, n_seq_max: int = 16) -> dict:
+    """llama.cpp through llama-cpp-python's low-level API, continuous batching by hand: up to
+    n_seq_max sequences share one unified KV buffer; every llama_decode call carries one token
+    for each running sequence plus the prompts of newly admitted ones; greedy on the logits.
+    use_extra_bufts=False: the AMX weight repacking segfaults on this Q4_1 file (PEERS.md)."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    quiet = lc.llama_log_callback(lambda level, text, user_data: None)
+    run_llama_cpp.log_callback = quiet  # llama.cpp keeps calling it: keep it alive
+    lc.llama_log_set(quiet, ctypes.c_void_p())
+    lc.llama_backend_init()
+    mparams = lc.llama_model_default_params()
+    mparams.use_extra_bufts = False
+    model = lc.llama_model_load_from_file(str(gguf).encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    longest = max(len(w.prompt_token_ids) + w.output_len for w in work)
+    n_batch = max(512, n_seq_max + max(len(w.prompt_token_ids) for w in work))
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx = n_seq_max * longest
+    cparams.n_batch = cparams.n_ubatch = n_batch
+    cparams.n_seq_max = n_seq_max
+    cparams.kv_unified = True
+    cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 2
+    ctx = lc.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context")
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+    memory = lc.llama_get_memory(ctx)
+    batch = lc.llama_batch_init(n_batch, 0, 1)
+    queue = list(enumerate(work))[::-1]
+    free_seqs = list(range(n_seq_max))[::-1]
+    running: dict[int, list] = {}  # seq id -> [work index, next position, last token, generated]
+    tokens = 0
+    try:
+        start = time.perf_counter()
+        while queue or running:
+            n, rows = 0, []  # rows: (batch index, seq id) whose logits are read
+
+            def put(token, pos, seq, want_logits):
+                nonlocal n
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+                batch.seq_id[n][0], batch.logits[n] = seq, int(want_logits)
+                if want_logits:
+                    rows.append((n, seq))
+                n += 1
+
+            for seq, (_, pos, last, _) in running.items():
+                put(last, pos, seq, True)
+            while queue and free_seqs and n + len(queue[-1][1].prompt_token_ids) <= n_batch:
+                i, w = queue.pop()
+                seq = free_seqs.pop()
+                ids = w.prompt_token_ids
+                for p, t in enumerate(ids):
+                    put(t, p, seq, p == len(ids) - 1)
+                running[seq] = [i, len(ids) - 1, None, 0]
+            batch.n_tokens = n
+            if lc.llama_decode(ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed (KV cache full?)")
+            for row, seq in rows:
+                logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, row), (n_vocab,))
+                state = running[seq]
+                state[1] += 1
+                state[2] = int(logits.argmax())
+                state[3] += 1
+                tokens += 1
+                if state[3] == work[state[0]].output_len:
+                    lc.llama_memory_seq_rm(memory, seq, -1, -1)
+                    del running[seq]
+                    free_seqs.append(seq)
+        seconds = time.perf_counter() - start
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    assert tokens == sum(w.output_len for w in work), tokens
+    return dict(seconds=seconds, output_tokens=tokens, output_tokens_per_s=tokens / seconds,
+                requests_per_s=len(work) / seconds, n_seq_max=n_seq_max, gguf=str(gguf))
+
+
+def run_peers(results: dict, llm: LLM, work) -> None:
+    """The optional peers, each skipped with a message when it cannot run here."""
+    paged = results["paged_jax"]["output_tokens_per_s"]
+    if FLAGS.hf_cb:
+        try:
+            from transformers.generation.configuration_utils import (  # noqa: F401
+                ContinuousBatchingConfig)
+        except ImportError as e:
+            print(f"transformers continuous batching: skipped ({e}; needs transformers >= 5 "
+                  f"and torch)")
+        else:
+            cb = run_hf_continuous(llm.llm_engine.model.path, work,
+                                   FLAGS.hf_cb_max_batch_tokens, FLAGS.hf_cb_num_blocks)
+            results["transformers_continuous"] = cb
+            results["ratio_vs_transformers_continuous"] = paged / cb["output_tokens_per_s"]
+            print(f"transformers CB: {cb['output_tokens_per_s']:7.1f} output tokens/s  "
+                  f"{cb['requests_per_s']:.3f} req/s  (ContinuousBatchingManager, "
+                  f"max_batch_tokens {cb['max_batch_tokens']})")
+            print(f"ratio paged-jax / transformers continuous batching: "
+                  f"{results['ratio_vs_transformers_continuous']:.2f}x")
+    if FLAGS.llama_cpp:
+        gguf = llama_cpp_model(FLAGS.model)
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: skipped (llama-cpp-python is not installed; `pip install "
+                  "llama-cpp-python` compiles llama.cpp, about 4 minutes on 2 cores)")
+        else:
+            if gguf is None:
+                print(f"llama.cpp: skipped (needs a .gguf model, got {FLAGS.model})")
+                return
+            lcpp = run_llama_cpp(gguf, work, FLAGS.llama_cpp_seqs)
+            results["llama_cpp"] = lcpp
+            results["ratio_vs_llama_cpp"] = paged / lcpp["output_tokens_per_s"]
+            print(f"llama.cpp:       {lcpp['output_tokens_per_s']:7.1f} output tokens/s  "
+                  f"{lcpp['requests_per_s']:.3f} req/s  ({pathlib.Path(gguf).name}, "
+                  f"{lcpp['n_seq_max']} sequences per batch)")
+            print(f"ratio paged-jax / llama.cpp: {results['ratio_vs_llama_cpp']:.2f}x "
+                  f"(llama.cpp runs the quantized file; paged-jax float32)")
+
+
+def llama_cpp_model(model: str | None) -> str | None:
+    """The GGUF file llama.cpp runs: the given one, or the embedded SmolLM2's."""
+    if model is None:
+        from paged_jax.weights import default_gguf_path
+        return str(default_gguf_path())
+    return model if str(model).endswith(".gguf") else None
+
+
 def main(argv):
     del argv
     llm = LLM(FLAGS.model, max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
@@ -135,6 +316,7 @@ def main(argv):
               f"{hf['requests_per_s']:.3f} req/s  (static batches of {FLAGS.hf_batch_size})")
         print(f"ratio paged-jax / transformers static: {ratio:.2f}x  (target >= 3x on this CPU; "
               f"vLLM launch post: 14-24x HF on GPUs)")
+    run_peers(results, llm, work)
     out = pathlib.Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
