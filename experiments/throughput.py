@@ -158,7 +158,9 @@ def run_llama_cpp(gguf: str, work, n_seq_max: int = 16) -> dict:
     """llama.cpp through llama-cpp-python's low-level API, continuous batching by hand: up to
     n_seq_max sequences share one unified KV buffer; every llama_decode call carries one token
     for each running sequence plus the prompts of newly admitted ones; greedy on the logits.
-    use_extra_bufts=False: the AMX weight repacking segfaults on this Q4_1 file (PEERS.md)."""
+    use_extra_bufts=False: the AMX weight repacking segfaults on this Q4_1 file (PEERS.md).
+    Measure on idle cores: ggml's spinning thread pool slows down many times over when other
+    processes share them (one 8-sequence decode step took 0.1 to 3 s here under load)."""
     import ctypes
 
     import llama_cpp as lc
