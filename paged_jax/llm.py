@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+import jax
 from tqdm.auto import tqdm
 
 from paged_jax.config import EngineConfig
@@ -57,7 +58,9 @@ class LLM:
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine, wanted, done = self.llm_engine, set(ids), {}
-        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm)
+        # In a multi-host run every process generates; only process 0 shows progress.
+        bar = tqdm(total=len(ids), desc="Processed prompts",
+                   disable=not use_tqdm or jax.process_index() != 0)
         try:
             while len(done) < len(ids) and engine.has_unfinished_requests():
                 for out in engine.step():
