@@ -50,11 +50,20 @@ def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir):
     # Lengths around block boundaries (block size 16) and a one-token prompt.
     prompts = [{"prompt_token_ids": p["prompt_token_ids"][:n]} for p, n in
                zip(random_prompts(7, 0, 60, 61), (1, 15, 16, 17, 31, 33, 50))]
-    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    tables_scattered = any(b != a + 1 for a, b in zip(range(1, 9), sorted(engine.kv.pool._free)))
-    assert tables_scattered
-    for prompt, got in zip(prompts, token_ids(outs)):
-        assert got == dense(llm, prompt, 20)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    done, tables = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+        for req in engine.scheduler.running:
+            tables[req.request_id] = list(engine.kv.block_table(req.request_id))
+    # The tables really are scattered: multi-block tables whose blocks are not consecutive.
+    multi = [t for t in tables.values() if len(t) > 1]
+    assert multi and all(any(b != a + 1 for a, b in zip(t, t[1:])) for t in multi)
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].finished
+        assert done[str(i)].outputs[0].token_ids == dense(llm, prompt, 20)
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable
 
 
