@@ -13,7 +13,12 @@ import jax.numpy as jnp
 
 BACKENDS = ("xla", "pallas")
 DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
-# "prefill": every sequence's context is exactly its new tokens (nothing cached before);
+# Decode rows are attended in groups of this many, each group's loop stopping at its own
+# longest sequence; the engine sorts decode rows by length, so little of a group is padding.
+DECODE_ROW_GROUP = 8
+PREFILL_TILE = 32  # query and key tile of the XLA prefill loop (CPU-tuned: 32 < 64 < 128 here)
+# "prefill": every sequence's context is exactly its new tokens (nothing cached before),
+#   except the first num_decodes rows, which are decodes (one token over a cached context);
 # "decode": one new token per sequence; "mixed": anything else (cached prefix + new tokens).
 MODES = ("prefill", "decode", "mixed")
 
@@ -26,6 +31,8 @@ class AttentionMetadata:
     seq_lens: jax.Array  # [S] int32
     block_tables: jax.Array  # [S, MB] int32
     logits_indices: jax.Array  # [S] int32 (or [T] for a dense all-token run)
+    # int32 scalar: leading rows (and tokens) of a prefill step that are decodes; None: none.
+    num_decodes: jax.Array | None = None
     mode: str = dataclasses.field(default="prefill", metadata=dict(static=True))
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
@@ -52,7 +59,11 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
     if md.backend == "pallas":
         out = _pallas(q, k_cache, v_cache, md, scale)
     elif md.mode == "prefill":
-        out = _prefill_xla(q, k, v, md, scale, sliding_window)
+        out = _prefill_tiled(q, k, v, md, scale, sliding_window)
+        if md.num_decodes is not None:
+            # Skipped at run time when no row decodes: even loops of zero trips cost here.
+            out = jax.lax.cond(md.num_decodes > 0, _with_decode_rows, lambda out, *_: out,
+                               out, q, k_cache, v_cache, md, scale, sliding_window)
     elif md.mode == "decode":
         out = _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
     else:
@@ -74,7 +85,10 @@ def _masked_softmax(scores, mask):
 
 
 def _prefill_xla(q, k, v, md, scale, sliding_window):
-    """Causal attention among the step's own tokens, sequences kept apart by a segment mask."""
+    """Causal attention among the step's own tokens, sequences kept apart by a segment mask.
+
+    Flat over the step (cost grows with the square of its tokens): the dense run's attention
+    and the reference for _prefill_tiled, which the engine uses."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     seg = _token_seq_ids(md, t)
@@ -89,6 +103,76 @@ def _prefill_xla(q, k, v, md, scale, sliding_window):
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
+def _prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE):
+    """_prefill_xla's result at a cost that grows with each sequence's own length.
+
+    The step's tokens are cut into tiles; a query tile visits only the key tiles from the one
+    holding its first sequence's start up to itself (a loop with a data-dependent start), with
+    an online softmax. Tiles of padding only are skipped and give zeros.
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    c = min(tile, t)
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+    s = md.seq_lens.shape[0]
+    seg = _token_seq_ids(md, n * c)  # padding tokens get id s
+    # Key tile where each query tile's first sequence starts; a tile of padding starts past
+    # itself, so its loop runs zero times.
+    first = seg[::c]
+    lo = jnp.where(first < s, md.query_start_loc[jnp.minimum(first, s - 1)] // c,
+                   jnp.arange(n) + 1)
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, (jnp.arange(n) * c - sliding_window + 1) // c)
+    qt = (q.astype(jnp.float32) * scale).reshape(n, c, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    kt = k.astype(jnp.float32).reshape(n, c, hkv, d).transpose(0, 2, 1, 3)  # [n, Hkv, c, D]
+    vt = v.astype(jnp.float32).reshape(n, c, hkv, d).transpose(0, 2, 1, 3)
+    segt = seg.reshape(n, c)
+
+    def query_tile(_, i):
+        qi, qseg = qt[i], segt[i]  # [Hkv, G, c, D], [c]
+        qpos = i * c + jnp.arange(c)
+
+        def key_tile(j, carry):
+            peak, total, acc = carry
+            kpos = j * c + jnp.arange(c)
+            mask = (qseg[:, None] == segt[j][None, :]) & (kpos[None, :] <= qpos[:, None])
+            if sliding_window is not None:
+                mask &= qpos[:, None] - kpos[None, :] < sliding_window
+            scores = jnp.where(mask, jnp.einsum("hgqd,hkd->hgqk", qi, kt[j]), -jnp.inf)
+            new_peak = jnp.maximum(peak, scores.max(-1))
+            p = jnp.exp(scores - new_peak[..., None])
+            rescale = jnp.exp(peak - new_peak)
+            acc = acc * rescale[..., None] + jnp.einsum("hgqk,hkd->hgqd", p, vt[j])
+            return new_peak, total * rescale + p.sum(-1), acc
+
+        init = (jnp.full((hkv, g, c), -1e30, jnp.float32), jnp.zeros((hkv, g, c), jnp.float32),
+                jnp.zeros((hkv, g, c, d), jnp.float32))
+        _, total, acc = jax.lax.fori_loop(lo[i], i + 1, key_tile, init)
+        return None, acc / jnp.maximum(total, 1e-30)[..., None]
+
+    _, out = jax.lax.scan(query_tile, None, jnp.arange(n))  # [n, Hkv, G, c, D]
+    out = out.transpose(0, 3, 1, 2, 4).reshape(n * c, hq, d)[:t]
+    return out.astype(q.dtype)
+
+
+def _with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
+    """A prefill step whose first num_decodes rows are decodes: those rows' tokens (the first
+    num_decodes tokens) attend over their pages instead. Rows past num_decodes get length 0,
+    so their groups of the decode loop run no iteration."""
+    t, s = q.shape[0], md.seq_lens.shape[0]
+    rows = jnp.arange(s)
+    dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
+    dec = _decode_xla(q[:s], k_cache, v_cache,
+                      dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
+                      scale, sliding_window)
+    dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
+    return jnp.where((jnp.arange(t) < md.num_decodes)[:, None, None], dec, out)
+
+
 def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     """cache [Hkv, N, B, D], block_tables [S, MB] -> [Hkv, S, MB * B, D] (no transpose: each
     extra pass over the gathered context costs as much as the gather on the CPU)."""
@@ -98,39 +182,55 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
 
 
 def _decode_xla(q, k_cache, v_cache, md, scale, sliding_window):
-    """One query per sequence: q [S, Hq, D] (T == S in decode steps).
+    """One query per sequence: q [S, Hq, D] (T == S in decode steps), in row groups."""
+    s = q.shape[0]
+    parts = []
+    for lo in range(0, s, DECODE_ROW_GROUP):
+        rows = slice(lo, lo + DECODE_ROW_GROUP)
+        parts.append(_decode_rows(q[rows], k_cache, v_cache, md.seq_lens[rows],
+                                  md.block_tables[rows], scale, sliding_window))
+    return jnp.concatenate(parts)
+
+
+def _decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window):
+    """Decode attention of some rows: q [S, Hq, D], seq_lens [S], block_tables [S, MB].
 
     Walks the block table a few columns at a time with an online softmax, so only
     [Hkv, S, P * B, D] of K and V is gathered per iteration instead of the whole padded
-    context; padded table entries all point at block 0, which stays in the CPU's caches.
+    context. The loop stops at the longest of these rows (a data-dependent trip count), so
+    a wide table costs nothing past it: one table width serves every decode step.
+    Padded entries of shorter sequences point at block 0, which stays in the CPU's caches.
     """
     s, hq, d = q.shape
     hkv, _, b, _ = k_cache.shape
     g = hq // hkv
-    mb = md.block_tables.shape[1]
+    mb = block_tables.shape[1]
     pages = math.gcd(mb, DECODE_PAGES_PER_STEP)
-    tables = md.block_tables.reshape(s, mb // pages, pages)
+    tables = block_tables.reshape(s, mb // pages, pages)
     qg = q.reshape(s, hkv, g, d).transpose(1, 0, 2, 3).astype(jnp.float32) * scale  # [Hkv,S,G,D]
-    lo = (md.seq_lens - sliding_window if sliding_window is not None
-          else jnp.zeros_like(md.seq_lens))
+    lo = (seq_lens - sliding_window if sliding_window is not None
+          else jnp.zeros_like(seq_lens))
 
-    def column(carry, j):
+    def column(j, carry):
         peak, total, acc = carry
-        k = k_cache[:, tables[:, j]].reshape(hkv, s, pages * b, d).astype(jnp.float32)
-        v = v_cache[:, tables[:, j]].reshape(hkv, s, pages * b, d).astype(jnp.float32)
+        cols = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [S, P]
+        k = k_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
+        v = v_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
         pos = j * pages * b + jnp.arange(pages * b)
-        valid = (pos[None, :] < md.seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
+        valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
         scores = jnp.where(valid[None, :, None], jnp.einsum("hsgd,hsbd->hsgb", qg, k), -jnp.inf)
         new_peak = jnp.maximum(peak, scores.max(-1))
         p = jnp.exp(scores - new_peak[..., None])
         rescale = jnp.exp(peak - new_peak)
         acc = acc * rescale[..., None] + jnp.einsum("hsgb,hsbd->hsgd", p, v)
-        return (new_peak, total * rescale + p.sum(-1), acc), None
+        return new_peak, total * rescale + p.sum(-1), acc
 
     # The running max starts finite so fully masked columns give exp(-inf - m) = 0, not NaN.
     init = (jnp.full((hkv, s, g), -1e30, jnp.float32), jnp.zeros((hkv, s, g), jnp.float32),
             jnp.zeros((hkv, s, g, d), jnp.float32))
-    (_, total, acc), _ = jax.lax.scan(column, init, jnp.arange(mb // pages))
+    first = 0 if sliding_window is None else jnp.maximum(jnp.min(lo), 0) // (pages * b)
+    stop = jnp.minimum(-(-jnp.max(seq_lens) // (pages * b)), mb // pages)
+    _, total, acc = jax.lax.fori_loop(first, stop, column, init)
     out = acc / jnp.maximum(total, 1e-30)[..., None]  # padded rows (seq_len 0) give zeros
     return out.transpose(1, 0, 2, 3).reshape(s, hq, d).astype(q.dtype)
 

@@ -19,6 +19,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int | None = None  # None: max_model_len
     precompile: bool = False
+    # Decodes and new prompts in one step (decode-first, as vLLM V1 batches); False: every
+    # step is all prefill or all decode, prefill first (vLLM V0 and the paper).
+    mixed_batches: bool = True
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)

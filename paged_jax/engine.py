@@ -71,9 +71,11 @@ class LLMEngine:
         self.config = config
         self.tokenizer = self.model.tokenizer
         self.kv = KVCacheManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
+                                   mixed=config.mixed_batches)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
-                                                self.max_model_len, config.block_size)
+                                                self.max_model_len, config.block_size,
+                                                table_ladder=self.backend == "pallas")
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         self.runner = ModelRunner(self.model.graphdef, self.model.params,
                                   kv_cache.allocate(mcfg, num_blocks, config.block_size,
@@ -93,13 +95,9 @@ class LLMEngine:
                  self.backend, self.max_model_len, tp)
         if config.precompile:
             start = time.perf_counter()
-            self.runner.precompile(self.buckets, self._needs_prefill_tables)
+            self.runner.precompile(self.buckets)
             log.info("precompiled %d step variants in %.1fs", self.runner.num_compiled,
                      time.perf_counter() - start)
-
-    @property
-    def _needs_prefill_tables(self) -> bool:
-        return self.backend == "pallas"
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -185,14 +183,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None or not batch.requests:
             return []
+        # Decoding rows longest first: the XLA decode attention walks the rows in groups,
+        # each up to its own longest row, so sorted rows leave little of a group idle.
+        n_dec = len(batch.requests) if batch.kind == "decode" else batch.num_decodes
+        if n_dec > 1:
+            decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_tokens)
+            batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
-        inputs = step_inputs.build(batch, self.kv, self.buckets, self._needs_prefill_tables)
+        inputs = step_inputs.build(batch, self.kv, self.buckets)
         rows = len(inputs.seq_lens)
         sampling = sampler.build_inputs(list(batch.requests), rows, self.max_model_len)
         result = self.runner.run(inputs, sampling)
         self.stats.num_steps += 1
         if batch.kind == "prefill":
-            self.stats.prompt_tokens += sum(batch.num_new_tokens)
+            self.stats.prompt_tokens += sum(batch.num_new_tokens[batch.num_decodes:])
         for i, req in enumerate(batch.requests):
             req.num_computed_tokens = req.num_tokens
             if req.first_scheduled_time is None:

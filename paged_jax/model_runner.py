@@ -24,12 +24,13 @@ from paged_jax.step_inputs import Buckets, StepInputs
 log = logging.getLogger(__name__)
 
 _STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-                "block_tables", "logits_indices")
+                "block_tables", "logits_indices", "num_decodes")
 
 
 def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
     md = AttentionMetadata(arrays["slot_mapping"], arrays["query_start_loc"], arrays["seq_lens"],
-                           arrays["block_tables"], arrays["logits_indices"], mode, backend)
+                           arrays["block_tables"], arrays["logits_indices"],
+                           arrays["num_decodes"] if mode == "prefill" else None, mode, backend)
     logits, kv_caches = forward(graphdef, params, arrays["input_ids"], arrays["positions"],
                                 kv_caches, md)
     return sample(logits, sampling), kv_caches
@@ -75,8 +76,8 @@ class ModelRunner:
             log.info("compiled step %s in %.2fs (%d variants)", key, took, len(self._compiled))
         return self._compiled[key]
 
-    def precompile(self, buckets: Buckets, needs_prefill_tables: bool) -> None:
-        for key in buckets.all_shapes(needs_prefill_tables):
+    def precompile(self, buckets: Buckets) -> None:
+        for key in buckets.all_shapes():
             self._executable(key)
 
     def run(self, inputs: StepInputs, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,7 +92,7 @@ class ModelRunner:
 def _array_specs(t: int, s: int, mb: int) -> dict:
     i32 = jnp.int32
     shapes = dict(input_ids=(t,), positions=(t,), slot_mapping=(t,), query_start_loc=(s + 1,),
-                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(s,))
+                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(s,), num_decodes=())
     return {k: jax.ShapeDtypeStruct(v, i32) for k, v in shapes.items()}
 
 

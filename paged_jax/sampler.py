@@ -84,13 +84,27 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int) -> dict[s
 def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
     penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
-    greedy_tokens = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
+    greedy_tokens = argmax_rows(penalized)
     tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, penalized, si,
                           greedy_tokens)
     # Logprobs cost three more passes over [S, V]: only when some request asked for them.
     chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
                                                  logits, tokens)
     return SampleResult(tokens, chosen, rank, top_ids, top_lp)
+
+
+def argmax_rows(x: jax.Array, chunk: int = 128) -> jax.Array:
+    """jnp.argmax(x, -1) (first maximum wins) of [S, V], by the maximum of each chunk of the
+    vocabulary and then an argmax inside the winning chunk: XLA's CPU argmax over 49k columns
+    took 7 ms at 64 rows here, this 0.2 ms."""
+    s, v = x.shape
+    pad = -v % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+    chunks = x.reshape(s, -1, chunk)
+    best = jnp.argmax(chunks.max(-1), axis=-1)  # the first chunk holding the maximum
+    inside = jnp.take_along_axis(chunks, best[:, None, None], axis=1)[:, 0]
+    return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
 def _logprobs(logits, tokens):

@@ -1,9 +1,15 @@
 """Iteration-level (continuous) batching with preemption by recompute.
 
-Every step is either a prefill of newly admitted requests (FCFS, while sequences, the token
-budget and KV blocks allow) or one decode token for every running request. When a decode
-step cannot find a block, the newest running request is preempted: its blocks are freed and
-it goes back to the head of the queue, to be recomputed from its prompt and output so far.
+Two policies. Prefill-first (vLLM V0 and the paper): every step is either a prefill of newly
+admitted requests (FCFS, while sequences, the token budget and KV blocks allow) or one decode
+token for every running request. Mixed (decode-first, as vLLM V1 batches): every running
+request decodes, and whole prompts that fit the rest of the token budget join the same step;
+a waiting prompt that fits the budget only alone gets a prefill-first step, so a long prompt
+never waits for the running requests to drain.
+
+When a decode cannot find a block, the newest running request is preempted: its blocks are
+freed and it goes back to the head of the queue, to be recomputed from its prompt and output
+so far. A step that preempted admits nothing, so a victim is not readmitted at once.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ class ScheduledBatch:
     requests: tuple[Request, ...]
     num_new_tokens: tuple[int, ...]
     preempted: tuple[Request, ...] = ()
+    num_decodes: int = 0  # a prefill step's leading requests that decode (mixed policy)
 
     @property
     def num_tokens(self) -> int:
@@ -34,8 +41,10 @@ def paged_reservation(req: Request) -> int:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 reservation: Callable[[Request], int] = paged_reservation):
+                 reservation: Callable[[Request], int] = paged_reservation,
+                 mixed: bool = False):
         self.kv = kv
+        self.mixed = mixed
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.reservation = reservation
@@ -50,14 +59,37 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        if not self.mixed:
+            return self._schedule_prefill() or self._schedule_decode()
+        head = self.waiting[0] if self.waiting else None
+        if (head is not None and self.running and len(self.running) < self.max_num_seqs
+                and len(self.running) + head.num_tokens > self.max_num_batched_tokens):
+            # The head prompt fits the budget only without the decodes: prefill first.
+            return self._schedule_prefill() or self._schedule_decode()
+        decode = self._schedule_decode()
+        if decode is not None and decode.preempted:
+            return decode
+        decodes = decode.requests if decode is not None else ()
+        prompts = self._admit(self.max_num_batched_tokens - len(decodes))
+        if not prompts:
+            return decode
+        return ScheduledBatch("prefill", decodes + prompts,
+                              (1,) * len(decodes) + tuple(r.num_tokens for r in prompts),
+                              num_decodes=len(decodes))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        batch = self._admit(self.max_num_batched_tokens)
+        if not batch:
+            return None
+        return ScheduledBatch("prefill", batch, tuple(r.num_tokens for r in batch))
+
+    def _admit(self, budget: int) -> tuple[Request, ...]:
+        """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow."""
         batch: list[Request] = []
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             req = self.waiting[0]
-            if tokens + req.num_tokens > self.max_num_batched_tokens:
+            if tokens + req.num_tokens > budget:
                 break
             if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req))):
                 break
@@ -65,11 +97,8 @@ class Scheduler:
             req.status = Status.RUNNING
             batch.append(req)
             tokens += req.num_tokens
-        if not batch:
-            return None
         self.running.extend(batch)
-        return ScheduledBatch("prefill", tuple(batch),
-                              tuple(r.num_tokens - r.num_computed_tokens for r in batch))
+        return tuple(batch)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         scheduled: list[Request] = []

@@ -10,11 +10,14 @@ from paged_jax.kv_cache_manager import KVCacheManager, cdiv
 from paged_jax.scheduler import ScheduledBatch
 
 
-def ladder(lo: int, hi: int) -> tuple[int, ...]:
-    """Powers of two from lo up to hi, always ending exactly at hi."""
+def ladder(lo: int, hi: int, fine_from: int | None = None) -> tuple[int, ...]:
+    """Powers of two from lo up to hi, always ending exactly at hi; from fine_from on, the
+    midpoints too (24, 48, 96, ...), so a batch is padded by at most a third, not double."""
     out, v = [], lo
     while v < hi:
         out.append(v)
+        if fine_from is not None and v >= fine_from and v + v // 2 < hi:
+            out.append(v + v // 2)
         v *= 2
     return tuple(out) + (hi,)
 
@@ -30,22 +33,28 @@ def pick(buckets: tuple[int, ...], n: int) -> int:
 class Buckets:
     seqs: tuple[int, ...]  # padded sequence counts (decode batch sizes)
     tokens: tuple[int, ...]  # padded token counts of prefill steps
-    blocks: tuple[int, ...]  # padded block-table widths of decode steps
+    blocks: tuple[int, ...]  # padded block-table widths
 
     @classmethod
-    def make(cls, max_num_seqs, max_num_batched_tokens, max_model_len, block_size):
+    def make(cls, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
+             table_ladder: bool = True):
+        """table_ladder=False: every step takes the full table width. For the XLA decode
+        path, whose loop stops at the batch's longest sequence, a wider table costs nothing,
+        and one width means a third as many compiled variants."""
         max_blocks = cdiv(max_model_len, block_size)
         # Batches of one are padded to two: XLA's CPU code for a leading dimension of 1 (matrix
-        # times vector) ran a decode step 10x slower than for two rows here.
-        return cls(seqs=ladder(min(2, max_num_seqs), max_num_seqs),
+        # times vector) ran a decode step 10x slower than for two rows here. Decode batches
+        # cost in proportion to their padded rows, hence the midpoints from 16 rows on.
+        return cls(seqs=ladder(min(2, max_num_seqs), max_num_seqs, fine_from=16),
                    tokens=ladder(min(16, max_num_batched_tokens), max_num_batched_tokens),
-                   blocks=ladder(min(8, max_blocks), max_blocks))
+                   blocks=(ladder(min(8, max_blocks), max_blocks) if table_ladder
+                           else (max_blocks,)))
 
-    def all_shapes(self, needs_prefill_tables: bool):
+    def all_shapes(self):
         """Every (mode, T, S, MB) the runner can see: precompile iterates over this."""
         for t in self.tokens:
             s = pick(self.seqs, min(t, self.seqs[-1]))
-            for mb in (self.blocks if needs_prefill_tables else (1,)):
+            for mb in self.blocks:
                 yield ("prefill", t, s, mb)
         for s in self.seqs:
             for mb in self.blocks:
@@ -62,6 +71,7 @@ class StepInputs:
     seq_lens: np.ndarray  # [S]
     block_tables: np.ndarray  # [S, MB]
     logits_indices: np.ndarray  # [S]
+    num_decodes: np.ndarray  # int32 scalar: leading rows of a prefill step that are decodes
     num_seqs: int  # real sequences; rows past it are padding
 
     @property
@@ -69,8 +79,7 @@ class StepInputs:
         return (self.mode, len(self.input_ids), len(self.seq_lens), self.block_tables.shape[1])
 
 
-def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
-          needs_prefill_tables: bool) -> StepInputs:
+def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepInputs:
     reqs, n = batch.requests, len(batch.requests)
     if batch.kind == "decode":
         s_pad = t_pad = pick(buckets.seqs, n)
@@ -85,14 +94,11 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         slots.extend(kv.slots(req.request_id, start, end))
         qsl.append(qsl[-1] + new)
         lens.append(end)
-    tables_needed = batch.kind == "decode" or needs_prefill_tables
-    mb = pick(buckets.blocks, max(len(kv.block_table(r.request_id)) for r in reqs)) \
-        if tables_needed else 1
+    mb = pick(buckets.blocks, max(len(kv.block_table(r.request_id)) for r in reqs))
     tables = np.zeros((s_pad, mb), np.int32)
-    if tables_needed:
-        for i, req in enumerate(reqs):
-            table = kv.block_table(req.request_id)
-            tables[i, :len(table)] = table
+    for i, req in enumerate(reqs):
+        table = kv.block_table(req.request_id)
+        tables[i, :len(table)] = table
     return StepInputs(
         mode=batch.kind,
         input_ids=_pad(ids, t_pad),
@@ -103,6 +109,7 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         seq_lens=_pad(lens, s_pad),
         block_tables=tables,
         logits_indices=_pad([q - 1 for q in qsl[1:]], s_pad),
+        num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
         num_seqs=n)
 
 

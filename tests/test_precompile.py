@@ -13,7 +13,7 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
               max_num_batched_tokens=128, precompile=True)
     runner = llm.llm_engine.runner
     variants = runner.num_compiled
-    assert variants == len(list(llm.llm_engine.buckets.all_shapes(False)))
+    assert variants == len(list(llm.llm_engine.buckets.all_shapes()))
     compiles = []
 
     def listener(event, duration, **kwargs):

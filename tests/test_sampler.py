@@ -1,9 +1,11 @@
 """The device sampler against numpy: penalties exactly, filters by the set of tokens drawn."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from paged_jax.request import Request
+from paged_jax import sampler
 from paged_jax.sampler import SamplingInputs, build_inputs, sample
 from paged_jax.sampling_params import SamplingParams
 
@@ -119,3 +121,15 @@ def test_logprobs_and_rank_of_the_chosen_token():
         assert abs(float(res.logprob[i]) - ref[i, tok]) < 1e-5
         assert int(res.rank[i]) == 1 + int(np.sum(ref[i] > ref[i, tok]))
         np.testing.assert_array_equal(np.asarray(res.top_ids[i, :5]), np.argsort(-ref[i])[:5])
+
+
+def test_argmax_rows_is_numpys_argmax_with_ties_and_odd_vocabularies():
+    rng = np.random.default_rng(7)
+    for vocab in (49152, 1000, 129, 5):
+        x = rng.standard_normal((9, vocab)).astype(np.float32)
+        x[1, :] = 0.5  # all tied: the first column wins
+        x[2, [3, vocab - 1]] = 10.0  # tie across chunks: the earlier one wins
+        x[3] = -np.inf
+        x[3, vocab - 1] = -1e30
+        np.testing.assert_array_equal(np.asarray(sampler.argmax_rows(jnp.asarray(x))),
+                                      x.argmax(-1))
