@@ -1,0 +1,245 @@
+"""Paged decode attention for Hopper through Pallas' Mosaic GPU lowering (TMA + wgmma).
+
+The same contract as paged_attention.paged_attention (the Triton-lowered kernel), for 16-bit
+caches and head sizes of 64, 128 or 256, where Hopper's asynchronous copies and warpgroup
+matrix instructions apply. Grid (sequence, KV head, split), one warpgroup per program:
+
+  - the query heads of the KV group, padded to ROWS = 64 rows (wgmma's M), wait in SMEM;
+  - each step covers `tokens_per_step` (64) keys: its pages of K and V are copied by TMA
+    from where they lie in the cache, one copy and one barrier per page, into a ring of
+    `num_slots` SMEM buffers, so the copies of the next steps overlap this step's math;
+  - scores = wgmma(q, K^T) and out += wgmma(p, V), float32 accumulators, with an online
+    softmax in base 2 between them; each page is read once per KV head and shared by the
+    whole group;
+  - splits write unnormalised (out, max, sum) that paged_attention.merge_splits combines.
+
+Runs on the CPU in Mosaic GPU's interpret mode (InterpretGPUParams), which checks the
+semantics (copies, barriers, wgmma) but not whether Mosaic can lower the layouts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import backend, tuning
+from pallas_kernels.paged_attention import MASK_VALUE, merge_splits, validate_cache_args
+
+LOG2E = math.log2(math.e)
+ROWS = 64  # wgmma's M: a KV group's query heads padded to this many rows
+HEAD_SIZES = (64, 128, 256)
+DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeConfig:
+  tokens_per_step: int = 64  # keys per step: wgmma's N for q K^T, a multiple of 64
+  num_slots: int = 3  # SMEM buffers in the TMA ring (steps in flight)
+  k_splits: int | None = None  # None: split until the SMs are covered (tuning.resolve_decode)
+
+  def __post_init__(self):
+    if self.tokens_per_step % 64 or self.tokens_per_step < 64:
+      raise ValueError(f"tokens_per_step must be a multiple of 64, got {self.tokens_per_step}")
+    if self.num_slots < 2:
+      raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
+    if self.k_splits is not None and self.k_splits < 1:
+      raise ValueError(f"k_splits must be >= 1, got {self.k_splits}")
+
+
+def supports(q: jax.Array, k_cache: jax.Array) -> str | None:
+  """None if this kernel takes these arguments, else the reason it does not."""
+  if q.dtype not in DTYPES:
+    return f"dtype {q.dtype} (wgmma here takes bfloat16 or float16)"
+  if k_cache.shape[3] not in HEAD_SIZES:
+    return f"head size {k_cache.shape[3]} (TMA tiles take {HEAD_SIZES})"
+  if k_cache.shape[2] < 8:
+    return f"block size {k_cache.shape[2]} (a page must fill 8-row SMEM tiles)"
+  if q.shape[1] // k_cache.shape[0] > ROWS:
+    return f"{q.shape[1] // k_cache.shape[0]} query heads per KV head (at most {ROWS})"
+  return None
+
+
+# ---------------------------------------------------------------- kernel (on refs)
+
+def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
+                   o_ref, m_ref, l_ref,  # outputs (GMEM)
+                   q_smem, k_smem, v_smem, p_smem, o_smem, ml_smem,  # scratch (SMEM)
+                   q_bar, k_bars, v_bars,
+                   *, scale, block_size, tokens_per_step, num_slots, steps_per_split,
+                   interpret):
+  # tables_ref [S, MBp] int32, MBp a multiple of the pages per step; lens_ref [S] int32
+  # q_ref [S, Hkv, ROWS, D]: each group's query heads, zero-padded to ROWS rows
+  # k_ref, v_ref [Hkv, N, B, D] (the engine's cache, read in place)
+  # o_ref [K, S, Hkv, ROWS, D] f32 unnormalised; m_ref, l_ref [K, S, Hkv, ROWS] f32 (base 2)
+  # q_smem [ROWS, D]; k_smem, v_smem [num_slots, tokens_per_step, D];
+  # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, D] f32
+  # ml_smem [2, ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pages barriers
+  seq, head, split = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("k")
+  # Register layouts are hints to Mosaic's compiler; the interpreter has no rule for them.
+  layout = (lambda x, _: x) if interpret else plgpu.layout_cast
+  iota = (functools.partial(lax.broadcasted_iota, jnp.int32) if interpret else
+          functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA))
+  pages = tokens_per_step // block_size
+  seq_len = lens_ref[seq]
+  first = split * steps_per_split
+  num_steps = jnp.clip(pl.cdiv(seq_len, tokens_per_step) - first, 0, steps_per_split)
+
+  def fetch(step, slot):
+    """TMA copies of one step's pages of K and V into `slot`, one barrier per page."""
+    for p in range(pages):
+      page = tables_ref[seq, (first + step) * pages + p]
+      rows = pl.ds(p * block_size, block_size)
+      plgpu.copy_gmem_to_smem(k_ref.at[head, page], k_smem.at[slot, rows],
+                              k_bars.at[slot * pages + p])
+      plgpu.copy_gmem_to_smem(v_ref.at[head, page], v_smem.at[slot, rows],
+                              v_bars.at[slot * pages + p])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[seq, head], q_smem, q_bar.at[0])
+  for slot in range(num_slots):  # prologue: fill the ring
+    pl.when(slot < num_steps)(functools.partial(fetch, slot, slot))
+  plgpu.barrier_wait(q_bar.at[0])
+
+  def step_body(step, carry):
+    acc, m_prev, l_prev = carry
+    slot = lax.rem(step, num_slots)
+    for p in range(pages):
+      plgpu.barrier_wait(k_bars.at[slot * pages + p])
+
+    def scores(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+      return acc_ref[...]
+    s = pl.run_scoped(scores, plgpu.ACC((ROWS, tokens_per_step), jnp.float32))
+    s = s * (scale * LOG2E)
+    key = (first + step) * tokens_per_step + iota((ROWS, tokens_per_step), 1)
+    s = jnp.where(key < seq_len, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    alpha = jnp.exp2(m_prev - m_next)
+    p16 = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
+    l_next = l_prev * alpha + p16.sum(axis=1)
+    for p in range(pages):
+      plgpu.barrier_wait(v_bars.at[slot * pages + p])
+
+    # p goes through SMEM: wgmma can take it from registers, the interpreter cannot.
+    p_smem[...] = p16.astype(p_smem.dtype)
+    plgpu.commit_smem()
+
+    def values(acc_ref):
+      plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+      return acc_ref[...]
+    # A fresh accumulator (run_state, accumulating in place, has no interpreter rule yet).
+    pv = pl.run_scoped(values, plgpu.ACC((ROWS, acc.shape[1]), jnp.float32))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
+    # Both matmuls have read this slot: refill it with the step num_slots ahead.
+    pl.when(step + num_slots < num_steps)(
+        functools.partial(fetch, step + num_slots, slot))
+    return acc, m_next, l_next
+
+  head_size = q_smem.shape[1]
+  acc = layout(jnp.zeros((ROWS, head_size), jnp.float32), plgpu.Layout.WGMMA)
+  m = layout(jnp.full((ROWS,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  l = layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  acc, m, l = lax.fori_loop(0, num_steps, step_body, (acc, m, l))
+
+  o_smem[...] = acc
+  ml_smem[0] = m
+  ml_smem[1] = l
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, seq, head])
+  plgpu.copy_smem_to_gmem(ml_smem.at[0], m_ref.at[split, seq, head])
+  plgpu.copy_smem_to_gmem(ml_smem.at[1], l_ref.at[split, seq, head])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _smem_transforms(dtype) -> tuple:
+  # 128-byte swizzled tiles of (8 rows, 128 bytes), the layout wgmma and TMA agree on.
+  elems = 128 // jnp.dtype(dtype).itemsize
+  return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(128))
+
+
+def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config, interpret):
+  num_seqs, num_kv_heads, _, head_size = q4.shape
+  block_size = k_cache.shape[2]
+  step = max(config.tokens_per_step, block_size)  # a step holds whole pages
+  pages = step // block_size
+  max_steps = pl.cdiv(block_tables.shape[1] * block_size, step)
+  splits = min(config.k_splits, max_steps)
+  steps_per_split = pl.cdiv(max_steps, splits)
+  # Table columns for every step of every split, the extra ones pointing at block 0.
+  width = splits * steps_per_split * pages
+  tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
+  transforms = _smem_transforms(q4.dtype)
+  kernel = functools.partial(_decode_kernel, scale=scale, block_size=block_size,
+                             tokens_per_step=step, num_slots=config.num_slots,
+                             steps_per_split=steps_per_split, interpret=interpret)
+  f32 = jnp.float32
+  out_type = (jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS, head_size), f32),
+              jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS), f32),
+              jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS), f32))
+  scratch = (
+      plgpu.SMEM((ROWS, head_size), q4.dtype, transforms=transforms),
+      plgpu.SMEM((config.num_slots, step, head_size), q4.dtype, transforms=transforms),
+      plgpu.SMEM((config.num_slots, step, head_size), q4.dtype, transforms=transforms),
+      plgpu.SMEM((ROWS, step), q4.dtype, transforms=transforms),
+      plgpu.SMEM((ROWS, head_size), f32),
+      plgpu.SMEM((2, ROWS), f32),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=config.num_slots * pages),
+      plgpu.Barrier(num_barriers=config.num_slots * pages),
+  )
+  q_rows = jnp.pad(q4, ((0, 0), (0, 0), (0, ROWS - q4.shape[2]), (0, 0)))
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(num_seqs, num_kv_heads, splits), grid_names=("s", "h", "k"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=plgpu_interpret_params() if interpret else None,
+  )(tables, seq_lens, q_rows, k_cache, v_cache)
+
+
+def plgpu_interpret_params():
+  """Mosaic GPU's interpreter (jax >= 0.10.2): simulates SMEM, TMA, barriers, wgmma."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams()
+
+
+# ---------------------------------------------------------------- public function
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                         block_tables: jax.Array, seq_lens: jax.Array, *, scale: float,
+                         config: MosaicDecodeConfig | None = None,
+                         interpret: bool | None = None) -> jax.Array:
+  """Decode attention over the paged KV cache, as paged_attention.paged_attention.
+
+  q [S, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB] int32; seq_lens [S]
+  int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D] in q's dtype.
+  Raises ValueError naming the mismatch, or what this kernel does not take (see supports).
+  """
+  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  if q.shape[0] != block_tables.shape[0]:
+    raise ValueError(f"q sequences {q.shape[0]} != block_tables rows {block_tables.shape[0]}")
+  reason = supports(q, k_cache)
+  if reason is not None:
+    raise ValueError(f"paged_attention_mgpu does not take {reason}")
+  config = config or MosaicDecodeConfig()
+  num_seqs, num_q_heads, head_size = q.shape
+  num_kv_heads, _, block_size, _ = k_cache.shape
+  if config.tokens_per_step % block_size and block_size % config.tokens_per_step:
+    raise ValueError(f"tokens_per_step {config.tokens_per_step} and the block size "
+                     f"{block_size} must divide one another")
+  if config.k_splits is None:
+    splits = tuning.resolve_decode(
+        None, num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_blocks=block_tables.shape[1],
+        block_size=block_size, head_size=head_size).k_splits
+    config = dataclasses.replace(config, k_splits=splits)
+  q4 = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_size)
+  o, m, l = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                         config=config, interpret=backend.use_interpret(interpret))
+  group = num_q_heads // num_kv_heads
+  out = merge_splits(o[..., :group, :], m[..., :group], l[..., :group])
+  return out.reshape(q.shape).astype(q.dtype)

@@ -1,0 +1,91 @@
+"""paged_attention_mgpu (Mosaic GPU: TMA + wgmma) against the NumPy reference.
+
+On the CPU it runs in Mosaic GPU's interpret mode (jax's InterpretGPUParams), which simulates
+SMEM, the TMA copies, barriers and wgmma; on a Hopper GPU it is compiled.
+"""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernel_testing as kt
+import mgpu_interpret
+from pallas_kernels import paged_attention_mgpu as mgpu
+
+if jax.default_backend() != "gpu":
+  mgpu_interpret.install()  # transposed wgmma operands (q K^T) for the interpreter
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() == "gpu"
+    and "H100" not in jax.devices()[0].device_kind and "H200" not in jax.devices()[0].device_kind,
+    reason="compiled Mosaic GPU kernels need a Hopper GPU; the CPU runs them interpreted")
+
+
+def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=None, seed=0):
+  rng = np.random.default_rng(seed)
+  num_q_heads, num_kv_heads = heads
+  lens = kt.seq_lengths(rng, num_seqs, max_len, block_size)
+  case = kt.make_case(rng, num_kv_heads=num_kv_heads, head_size=head_size,
+                      block_size=block_size, dtype=dtype, seq_lens=lens)
+  q = kt.random_q(rng, num_seqs, num_q_heads, head_size, dtype)
+  scale = head_size ** -0.5
+  out = mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache,
+                                  jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
+                                  scale=scale, config=config)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(kt.as_f64(out), kt.decode_reference_np(q, case, scale),
+                             **kt.tolerance(dtype))
+
+
+# CI subset: several pages per step, a page per step, a ring refilled many times, GQA/MQA.
+@pytest.mark.parametrize("heads,head_size,block_size,dtype", [
+    ((9, 3), 64, 16, jnp.bfloat16),
+    ((16, 1), 128, 8, jnp.float16),
+    ((8, 8), 64, 64, jnp.bfloat16),
+], ids=kt.case_id)
+def test_mgpu_decode_small(heads, head_size, block_size, dtype):
+  _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=5 * 64 + 3,
+         config=mgpu.MosaicDecodeConfig(num_slots=2, k_splits=1))
+
+
+def test_mgpu_decode_split_k_with_empty_splits():
+  # Sequences of 1..2 steps split three ways: the empty splits must not disturb the merge.
+  _check((8, 2), 64, 16, jnp.bfloat16, num_seqs=3, max_len=100,
+         config=mgpu.MosaicDecodeConfig(k_splits=3))
+
+
+def test_mgpu_decode_padded_rows_are_zero():
+  rng = np.random.default_rng(1)
+  case = kt.make_case(rng, num_kv_heads=1, head_size=64, block_size=16, dtype=jnp.bfloat16,
+                      seq_lens=np.array([70, 0], np.int32))
+  q = kt.random_q(rng, 2, 4, 64, jnp.bfloat16)
+  out = mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache,
+                                  jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
+                                  scale=0.125, config=mgpu.MosaicDecodeConfig(k_splits=1))
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  np.testing.assert_array_equal(np.asarray(out[1:], np.float32), 0)
+
+
+@pytest.mark.parametrize("dtype,head_size,heads,message", [
+    (jnp.float32, 64, (4, 4), "dtype float32"),
+    (jnp.bfloat16, 80, (4, 4), "head size 80"),
+    (jnp.bfloat16, 64, (128, 1), "128 query heads per KV head"),
+])
+def test_mgpu_refuses_what_it_does_not_take(dtype, head_size, heads, message):
+  rng = np.random.default_rng(2)
+  case = kt.make_case(rng, num_kv_heads=heads[1], head_size=head_size, block_size=16,
+                      dtype=dtype, seq_lens=np.array([5], np.int32))
+  q = kt.random_q(rng, 1, heads[0], head_size, dtype)
+  with pytest.raises(ValueError, match=message):
+    mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+                              jnp.asarray(case.seq_lens), scale=0.125)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("heads,head_size,block_size,dtype", list(itertools.product(
+    kt.HEADS, [h for h in kt.HEAD_SIZES if h in mgpu.HEAD_SIZES], kt.BLOCK_SIZES,
+    [jnp.bfloat16])), ids=kt.case_id)
+def test_mgpu_decode_full(heads, head_size, block_size, dtype):
+  _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=4 * 64 + 1)
