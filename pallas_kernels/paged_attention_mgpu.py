@@ -69,7 +69,7 @@ def supports(q: jax.Array, k_cache: jax.Array) -> str | None:
 
 def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
                    o_ref, m_ref, l_ref,  # outputs (GMEM)
-                   q_smem, k_smem, v_smem, p_smem, o_smem, ml_smem,  # scratch (SMEM)
+                   q_smem, k_smem, v_smem, p_smem, o_smem, m_smem, l_smem,  # scratch
                    q_bar, k_bars, v_bars,
                    *, scale, block_size, tokens_per_step, num_slots, steps_per_split,
                    interpret):
@@ -79,7 +79,7 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   # o_ref [K, S, Hkv, ROWS, D] f32 unnormalised; m_ref, l_ref [K, S, Hkv, ROWS] f32 (base 2)
   # q_smem [ROWS, D]; k_smem, v_smem [num_slots, tokens_per_step, D];
   # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, D] f32
-  # ml_smem [2, ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pages barriers
+  # m_smem, l_smem [ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pages barriers
   seq, head, split = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("k")
   # Register layouts are hints to Mosaic's compiler; the interpreter has no rule for them.
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast
@@ -147,12 +147,12 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   acc, m, l = lax.fori_loop(0, num_steps, step_body, (acc, m, l))
 
   o_smem[...] = acc
-  ml_smem[0] = m
-  ml_smem[1] = l
+  m_smem[...] = m
+  l_smem[...] = l
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, seq, head])
-  plgpu.copy_smem_to_gmem(ml_smem.at[0], m_ref.at[split, seq, head])
-  plgpu.copy_smem_to_gmem(ml_smem.at[1], l_ref.at[split, seq, head])
+  plgpu.copy_smem_to_gmem(m_smem, m_ref.at[split, seq, head])
+  plgpu.copy_smem_to_gmem(l_smem, l_ref.at[split, seq, head])
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -187,7 +187,8 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
       plgpu.SMEM((config.num_slots, step, head_size), q4.dtype, transforms=transforms),
       plgpu.SMEM((ROWS, step), q4.dtype, transforms=transforms),
       plgpu.SMEM((ROWS, head_size), f32),
-      plgpu.SMEM((2, ROWS), f32),
+      plgpu.SMEM((ROWS,), f32),
+      plgpu.SMEM((ROWS,), f32),
       plgpu.Barrier(num_barriers=1),
       plgpu.Barrier(num_barriers=config.num_slots * pages),
       plgpu.Barrier(num_barriers=config.num_slots * pages),

@@ -67,6 +67,38 @@ def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir):
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable
 
 
+@pytest.mark.parametrize("mixed", [True, False])
+def test_requests_arriving_while_others_decode_equal_dense(tiny_dir, mixed):
+    llm = make_llm(tiny_dir, max_num_batched_tokens=128, mixed_batches=mixed)
+    engine = llm.llm_engine
+    engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)
+    kinds, schedule = [], engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        if batch is not None:
+            kinds.append((batch.kind, batch.num_decodes))
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    prompts = random_prompts(9, 11, 5, 50)
+    done = {}
+    for i, prompt in enumerate(prompts):  # one arrival every other step
+        engine.add_request(str(i), prompt, GREEDY)
+        for _ in range(2):
+            for out in engine.step():
+                done[out.request_id] = out
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].outputs[0].token_ids == dense(llm, prompt, 20)
+    mixed_steps = [k for k in kinds if k[0] == "prefill" and k[1] > 0]
+    assert bool(mixed_steps) == mixed  # prompts joined decoding steps only when mixing
+    assert engine.stats.prompt_tokens == sum(len(p["prompt_token_ids"]) for p in prompts)
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
 def test_output_alone_equals_output_in_a_batch_of_33(llm):
     target = random_prompts(1, 1)[0]
     alone = token_ids(llm.generate([target], GREEDY, use_tqdm=False))[0]

@@ -121,11 +121,59 @@ def test_reservation_holds_blocks_at_admission():
     assert len(sched.kv.block_table(req.request_id)) == cdiv(13, 4)
 
 
+def test_mixed_step_decodes_the_running_and_admits_prompts_in_the_rest_of_the_budget():
+    sched = make_scheduler(budget=20, mixed=True)
+    a, b = make_request(6, 9), make_request(5, 9)
+    sched.add(a)
+    sched.add(b)
+    assert engine_step(sched).requests == (a, b)  # nothing runs yet: a plain prefill
+    c, d, e = make_request(8, 4), make_request(11, 4), make_request(3, 4)
+    for r in (c, d, e):
+        sched.add(r)
+    batch = engine_step(sched)
+    # a and b decode (2 tokens); c fits the 18 left, d would not (2 + 8 + 11 > 20), and e,
+    # which would, waits behind it (FCFS).
+    assert batch.kind == "prefill" and batch.num_decodes == 2
+    assert batch.requests == (a, b, c) and batch.num_new_tokens == (1, 1, 8)
+    assert list(sched.waiting) == [d, e]
+    batch = engine_step(sched)
+    assert batch.requests == (a, b, c, d, e) and batch.num_new_tokens == (1, 1, 1, 11, 3)
+    assert batch.num_decodes == 3
+
+
+def test_mixed_gives_a_long_prompt_a_prefill_only_step():
+    sched = make_scheduler(budget=20, mixed=True)
+    a = make_request(4, 9)
+    sched.add(a)
+    engine_step(sched)
+    long = make_request(20, 1)  # fits the budget alone, not beside a's decode token
+    sched.add(long)
+    batch = engine_step(sched)
+    assert batch.kind == "prefill" and batch.requests == (long,) and batch.num_decodes == 0
+    assert engine_step(sched).requests == (a,)  # long finished at its first token
+
+
+def test_mixed_step_that_preempts_admits_nothing():
+    sched = make_scheduler(num_blocks=4, block_size=2, budget=16, mixed=True)  # 3 usable
+    a, b = make_request(2, 5), make_request(2, 5)
+    sched.add(a)
+    sched.add(b)
+    engine_step(sched)  # a and b hold one full block each
+    c = make_request(1, 1)
+    sched.add(c)
+    batch = sched.schedule()  # a takes the last block, b is preempted: c must wait
+    assert batch.kind == "decode" and batch.requests == (a,) and batch.preempted == (b,)
+    assert list(sched.waiting) == [b, c]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
+    MIXED = False
+
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
                 max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64))
     def setup(self, block_size, num_blocks, max_num_seqs, budget):
-        self.sched = make_scheduler(num_blocks, block_size, max_num_seqs, budget)
+        self.sched = make_scheduler(num_blocks, block_size, max_num_seqs, budget,
+                                    mixed=self.MIXED)
         # Longest request that can always run alone, and be recomputed after a preemption.
         self.max_len = min(budget, (num_blocks - 1) * block_size)
         self.added: list[Request] = []
@@ -158,11 +206,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         assert len(sched.running) <= sched.max_num_seqs
         if batch.kind == "prefill":
-            k = len(batch.requests)
-            assert batch.requests == tuple(old_waiting[:k])  # FCFS
+            d = batch.num_decodes
+            assert self.MIXED or d == 0
+            decodes, prompts = batch.requests[:d], batch.requests[d:]
+            assert d in (0, len(old_running)) and decodes == tuple(old_running[:d])
+            assert prompts and not batch.preempted  # a step that preempts admits nothing
+            assert prompts == tuple(old_waiting[:len(prompts)])  # FCFS
             assert batch.num_tokens <= sched.max_num_batched_tokens
-            assert batch.num_new_tokens == tuple(r.num_tokens for r in batch.requests)
-            assert sched.running == old_running + list(batch.requests)
+            assert batch.num_new_tokens == (1,) * d + tuple(r.num_tokens for r in prompts)
+            assert sched.running == old_running + list(prompts)
             if sched.waiting and len(sched.running) < sched.max_num_seqs:
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
                 assert (batch.num_tokens + nxt.num_tokens > sched.max_num_batched_tokens
@@ -218,3 +270,12 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+class MixedSchedulerMachine(SchedulerMachine):
+    MIXED = True
+
+
+TestMixedSchedulerMachine = MixedSchedulerMachine.TestCase
+TestMixedSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40,
+                                              deadline=None)

@@ -1,11 +1,15 @@
 """The engine's XLA attention paths (paged_jax/attention.py) against the float64 numpy
-reference the kernels are tested with: decode over scattered pages, and mixed batches."""
+reference the kernels are tested with: decode over scattered pages, tiled prefill, prefill
+steps with decode rows, and mixed batches."""
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernel_testing as kt
-from paged_jax.attention import AttentionMetadata, _decode_xla, _mixed_xla
+from paged_jax.attention import (AttentionMetadata, _decode_xla, _mixed_xla, _prefill_tiled,
+                                 _prefill_xla, attention)
 
 
 def metadata(case, query_start_loc, mode):
@@ -44,3 +48,62 @@ def test_mixed_xla_matches_numpy():
     n = int(qsl[-1])
     np.testing.assert_allclose(kt.as_f64(got)[:n], ref[:n], atol=2e-5, rtol=2e-5)
     assert np.all(np.isfinite(np.asarray(got)))
+
+
+def _new_tokens_from_cache(case, qsl, t_pad):
+    """K, V [T, Hkv, D] and slots of each row's last query tokens, read from the cache (so
+    writing them back changes nothing and the reference sees the same keys)."""
+    b = case.k_cache.shape[2]
+    slots = []
+    for i, (lo, hi) in enumerate(zip(qsl[:-1], qsl[1:])):
+        end = int(case.seq_lens[i])
+        for pos in range(end - (hi - lo), end):
+            slots.append(int(case.block_tables[i, pos // b]) * b + pos % b)
+    slots = np.array(slots + [0] * (t_pad - len(slots)), np.int32)
+    flat = lambda c: np.asarray(c, np.float32).reshape(c.shape[0], -1, c.shape[3])  # noqa: E731
+    k = jnp.asarray(flat(case.k_cache)[:, slots].transpose(1, 0, 2))
+    v = jnp.asarray(flat(case.v_cache)[:, slots].transpose(1, 0, 2))
+    return k, v, slots
+
+
+@pytest.mark.parametrize("tile, window", [(32, None), (8, None), (16, 7)])
+def test_tiled_prefill_matches_flat_prefill(tile, window):
+    rng = np.random.default_rng(3)
+    lens = np.array([45, 1, 17, 64, 3, 0, 0], np.int32)  # spans tiles, tiny, padded rows
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    t = int(qsl[-1]) + 11  # padding tokens, and a length that is no multiple of the tile
+    q = kt.random_q(rng, t, 6, 64, jnp.float32)
+    k = kt.random_q(rng, t, 2, 64, jnp.float32)
+    v = kt.random_q(rng, t, 2, 64, jnp.float32)
+    md = AttentionMetadata(jnp.zeros((t,), jnp.int32), jnp.asarray(qsl), jnp.asarray(lens),
+                           jnp.zeros((len(lens), 1), jnp.int32), jnp.zeros((1,), jnp.int32))
+    want = np.asarray(_prefill_xla(q, k, v, md, 0.125, window))
+    got = np.asarray(_prefill_tiled(q, k, v, md, 0.125, window, tile))
+    n = int(qsl[-1])
+    np.testing.assert_allclose(got[:n], want[:n], atol=2e-6, rtol=2e-6)
+    assert np.all(np.isfinite(got))
+
+
+def test_prefill_step_with_leading_decode_rows_matches_numpy():
+    rng = np.random.default_rng(4)
+    block_size = 8
+    # Rows 0-2 decode over cached context (one new token each), rows 3-5 are fresh prompts.
+    lens = np.array([40, 9, 1, 21, 5, 12, 0], np.int32)
+    qlens = np.array([1, 1, 1, 21, 5, 12, 0])
+    qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+    case = kt.make_case(rng, num_kv_heads=3, head_size=64, block_size=block_size,
+                        dtype=jnp.float32, seq_lens=lens)
+    t = int(qsl[-1]) + 5
+    q = kt.random_q(rng, t, 9, 64, jnp.float32)
+    k, v, slots = _new_tokens_from_cache(case, qsl, t)
+    md = AttentionMetadata(jnp.asarray(slots), jnp.asarray(qsl), jnp.asarray(case.seq_lens),
+                           jnp.asarray(case.block_tables), jnp.zeros((7,), jnp.int32),
+                           jnp.asarray(3, jnp.int32), "prefill", "xla")
+    got, _ = attention(q, k, v, (case.k_cache, case.v_cache), md, scale=0.125)
+    ref = kt.ragged_reference_np(q, case, qsl, 0.125)
+    n = int(qsl[-1])
+    np.testing.assert_allclose(kt.as_f64(got)[:n], ref[:n], atol=2e-5, rtol=2e-5)
+    # Without the decode rows flagged, their outputs would be their own token's value only.
+    md0 = dataclasses.replace(md, num_decodes=jnp.asarray(0, jnp.int32))
+    wrong, _ = attention(q, k, v, (case.k_cache, case.v_cache), md0, scale=0.125)
+    assert not np.allclose(kt.as_f64(wrong)[:3], ref[:3], atol=1e-3)
