@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
+from pallas_kernels.paged_attention_mgpu import paged_attention_mgpu
 from pallas_kernels import backend
 from pallas_kernels.reference import gather_pages
 
@@ -124,6 +125,9 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int):
   impls["ours_contiguous"] = (functools.partial(paged_attention, scale=scale), "contiguous")
   impls["ours_ragged"] = (lambda q, k, v, t, l: ragged_paged_attention(
       q, k, v, t, l, jnp.arange(q.shape[0] + 1, dtype=jnp.int32), scale=scale), "paged")
+  if any(card in jax.devices()[0].device_kind for card in ("H100", "H200")):
+    # The Mosaic GPU (TMA + wgmma) variant; failures to lower are reported per point.
+    impls["ours_mosaic"] = (functools.partial(paged_attention_mgpu, scale=scale), "paged")
   try:  # JAX's shipped Pallas (Triton) kernels; deprecated on JAX main.
     from jax.experimental.pallas.ops.gpu import decode_attention, paged_attention as jax_paged
     splits = max(k for k in (1, 2, 4, 8, 16) if max_blocks % k == 0)
