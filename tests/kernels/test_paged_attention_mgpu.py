@@ -12,7 +12,8 @@ import pytest
 
 import kernel_testing as kt
 import mgpu_interpret
-from pallas_kernels import paged_attention_mgpu as mgpu
+from pallas_kernels.paged_attention_mgpu import (HEAD_SIZES, MosaicDecodeConfig,
+                                                 paged_attention_mgpu)
 
 if jax.default_backend() != "gpu":
   mgpu_interpret.install()  # transposed wgmma operands (q K^T) for the interpreter
@@ -31,7 +32,7 @@ def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=Non
                       block_size=block_size, dtype=dtype, seq_lens=lens)
   q = kt.random_q(rng, num_seqs, num_q_heads, head_size, dtype)
   scale = head_size ** -0.5
-  out = mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache,
+  out = paged_attention_mgpu(q, case.k_cache, case.v_cache,
                                   jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
                                   scale=scale, config=config)
   assert out.shape == q.shape and out.dtype == q.dtype
@@ -47,13 +48,13 @@ def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=Non
 ], ids=kt.case_id)
 def test_mgpu_decode_small(heads, head_size, block_size, dtype):
   _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=5 * 64 + 3,
-         config=mgpu.MosaicDecodeConfig(num_slots=2, k_splits=1))
+         config=MosaicDecodeConfig(num_slots=2, k_splits=1))
 
 
 def test_mgpu_decode_split_k_with_empty_splits():
   # Sequences of 1..2 steps split three ways: the empty splits must not disturb the merge.
   _check((8, 2), 64, 16, jnp.bfloat16, num_seqs=3, max_len=100,
-         config=mgpu.MosaicDecodeConfig(k_splits=3))
+         config=MosaicDecodeConfig(k_splits=3))
 
 
 def test_mgpu_decode_padded_rows_are_zero():
@@ -61,9 +62,9 @@ def test_mgpu_decode_padded_rows_are_zero():
   case = kt.make_case(rng, num_kv_heads=1, head_size=64, block_size=16, dtype=jnp.bfloat16,
                       seq_lens=np.array([70, 0], np.int32))
   q = kt.random_q(rng, 2, 4, 64, jnp.bfloat16)
-  out = mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache,
+  out = paged_attention_mgpu(q, case.k_cache, case.v_cache,
                                   jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
-                                  scale=0.125, config=mgpu.MosaicDecodeConfig(k_splits=1))
+                                  scale=0.125, config=MosaicDecodeConfig(k_splits=1))
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
   np.testing.assert_array_equal(np.asarray(out[1:], np.float32), 0)
 
@@ -79,13 +80,13 @@ def test_mgpu_refuses_what_it_does_not_take(dtype, head_size, heads, message):
                       dtype=dtype, seq_lens=np.array([5], np.int32))
   q = kt.random_q(rng, 1, heads[0], head_size, dtype)
   with pytest.raises(ValueError, match=message):
-    mgpu.paged_attention_mgpu(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+    paged_attention_mgpu(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
                               jnp.asarray(case.seq_lens), scale=0.125)
 
 
 @pytest.mark.full
 @pytest.mark.parametrize("heads,head_size,block_size,dtype", list(itertools.product(
-    kt.HEADS, [h for h in kt.HEAD_SIZES if h in mgpu.HEAD_SIZES], kt.BLOCK_SIZES,
+    kt.HEADS, [h for h in kt.HEAD_SIZES if h in HEAD_SIZES], kt.BLOCK_SIZES,
     [jnp.bfloat16])), ids=kt.case_id)
 def test_mgpu_decode_full(heads, head_size, block_size, dtype):
   _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=4 * 64 + 1)
