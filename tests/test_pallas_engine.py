@@ -33,5 +33,17 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
                               attention_backend=backend)
         engine = LLMEngine(config, model=model)
         engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)  # scattered
+        decodes_in_prefill, schedule = [], engine.scheduler.schedule
+
+        def recording_schedule(schedule=schedule, seen=decodes_in_prefill):
+            batch = schedule()
+            if batch is not None and batch.kind == "prefill":
+                seen.append(batch.num_decodes)
+            return batch
+
+        engine.scheduler.schedule = recording_schedule
         outs[backend] = run(engine, prompts, 12)
+        # The 30-token prompt misses the first step's 64-token budget and joins the others'
+        # first decode step: the kernels see a mixed step too.
+        assert decodes_in_prefill == [0, 4]
     assert outs["pallas"] == outs["xla"]
