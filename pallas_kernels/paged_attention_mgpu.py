@@ -5,16 +5,19 @@ caches and head sizes of 64, 128 or 256, where Hopper's asynchronous copies and 
 matrix instructions apply. Grid (sequence, KV head, split), one warpgroup per program:
 
   - the query heads of the KV group, padded to ROWS = 64 rows (wgmma's M), wait in SMEM;
-  - each step covers `tokens_per_step` (64) keys: its pages of K and V are copied by TMA
-    from where they lie in the cache, one copy and one barrier per page, into a ring of
-    `num_slots` SMEM buffers, so the copies of the next steps overlap this step's math;
+  - each step covers `tokens_per_step` (64) keys: its pages of K and V (or the slice of one
+    page, for pages of 128 tokens) are copied by TMA from where they lie in the cache, one
+    copy and one barrier per piece, into a ring of `num_slots` SMEM buffers (fewer if shared
+    memory is short), so the copies of the next steps overlap this step's math;
   - scores = wgmma(q, K^T) and out += wgmma(p, V), float32 accumulators, with an online
     softmax in base 2 between them; each page is read once per KV head and shared by the
     whole group;
   - splits write unnormalised (out, max, sum) that paged_attention.merge_splits combines.
 
 Runs on the CPU in Mosaic GPU's interpret mode (InterpretGPUParams), which checks the
-semantics (copies, barriers, wgmma) but not whether Mosaic can lower the layouts.
+semantics (copies, barriers, wgmma); the compiled path also lowers to Mosaic GPU for CUDA on
+a machine without a GPU (register layouts, shared-memory budget), so only PTX generation and
+running it need one.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from pallas_kernels.paged_attention import MASK_VALUE, merge_splits, validate_ca
 
 LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma's M: a KV group's query heads padded to this many rows
+OUT_COLS = 128  # the float32 output leaves through SMEM this many columns at a time
+MAX_SMEM_BYTES = 232448  # shared memory a block may use on H100 / H200 (227 KiB)
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -50,6 +55,22 @@ class MosaicDecodeConfig:
       raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
     if self.k_splits is not None and self.k_splits < 1:
       raise ValueError(f"k_splits must be >= 1, got {self.k_splits}")
+
+
+def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype) -> int:
+  """Shared memory of one program: q, the K/V ring, p, an output chunk, m and l."""
+  item = jnp.dtype(dtype).itemsize
+  return (ROWS * head_size * item + 2 * num_slots * tokens_per_step * head_size * item
+          + ROWS * tokens_per_step * item + ROWS * min(head_size, OUT_COLS) * 4 + 2 * ROWS * 4
+          + 8 * (1 + 2 * num_slots * tokens_per_step))  # barriers, at most one per token
+
+
+def fitting_slots(head_size: int, tokens_per_step: int, num_slots: int, dtype) -> int:
+  """The deepest ring, up to num_slots, that fits in shared memory (0 if not even 2 do)."""
+  while num_slots >= 2 and smem_bytes(head_size, tokens_per_step, num_slots,
+                                      dtype) > MAX_SMEM_BYTES:
+    num_slots -= 1
+  return num_slots if num_slots >= 2 else 0
 
 
 def supports(q: jax.Array, k_cache: jax.Array) -> str | None:
@@ -73,32 +94,35 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
                    q_bar, k_bars, v_bars,
                    *, scale, block_size, tokens_per_step, num_slots, steps_per_split,
                    interpret):
-  # tables_ref [S, MBp] int32, MBp a multiple of the pages per step; lens_ref [S] int32
+  # tables_ref [S, MBp] int32, MBp covering every step of every split; lens_ref [S] int32
   # q_ref [S, Hkv, ROWS, D]: each group's query heads, zero-padded to ROWS rows
   # k_ref, v_ref [Hkv, N, B, D] (the engine's cache, read in place)
   # o_ref [K, S, Hkv, ROWS, D] f32 unnormalised; m_ref, l_ref [K, S, Hkv, ROWS] f32 (base 2)
   # q_smem [ROWS, D]; k_smem, v_smem [num_slots, tokens_per_step, D];
-  # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, D] f32
-  # m_smem, l_smem [ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pages barriers
+  # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, OUT_COLS] f32
+  # m_smem, l_smem [ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pieces barriers
   seq, head, split = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("k")
+  # A step holds `pieces` whole pages, or (pages longer than a step) a slice of one page.
   # Register layouts are hints to Mosaic's compiler; the interpreter has no rule for them.
   layout = (lambda x, _: x) if interpret else plgpu.layout_cast
   iota = (functools.partial(lax.broadcasted_iota, jnp.int32) if interpret else
           functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA))
-  pages = tokens_per_step // block_size
+  pieces = max(1, tokens_per_step // block_size)
+  piece = min(block_size, tokens_per_step)
   seq_len = lens_ref[seq]
   first = split * steps_per_split
   num_steps = jnp.clip(pl.cdiv(seq_len, tokens_per_step) - first, 0, steps_per_split)
 
   def fetch(step, slot):
-    """TMA copies of one step's pages of K and V into `slot`, one barrier per page."""
-    for p in range(pages):
-      page = tables_ref[seq, (first + step) * pages + p]
-      rows = pl.ds(p * block_size, block_size)
-      plgpu.copy_gmem_to_smem(k_ref.at[head, page], k_smem.at[slot, rows],
-                              k_bars.at[slot * pages + p])
-      plgpu.copy_gmem_to_smem(v_ref.at[head, page], v_smem.at[slot, rows],
-                              v_bars.at[slot * pages + p])
+    """TMA copies of one step's keys and values into `slot`, one barrier per piece."""
+    start = (first + step) * tokens_per_step
+    for p in range(pieces):
+      token = start + p * piece
+      page = tables_ref[seq, token // block_size]
+      src = (head, page, pl.ds(token % block_size, piece))
+      dst = (slot, pl.ds(p * piece, piece))
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[dst], k_bars.at[slot * pieces + p])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[dst], v_bars.at[slot * pieces + p])
 
   plgpu.copy_gmem_to_smem(q_ref.at[seq, head], q_smem, q_bar.at[0])
   for slot in range(num_slots):  # prologue: fill the ring
@@ -108,8 +132,8 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   def step_body(step, carry):
     acc, m_prev, l_prev = carry
     slot = lax.rem(step, num_slots)
-    for p in range(pages):
-      plgpu.barrier_wait(k_bars.at[slot * pages + p])
+    for p in range(pieces):
+      plgpu.barrier_wait(k_bars.at[slot * pieces + p])
 
     def scores(acc_ref):
       plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -122,8 +146,8 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
     alpha = jnp.exp2(m_prev - m_next)
     p16 = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
     l_next = l_prev * alpha + p16.sum(axis=1)
-    for p in range(pages):
-      plgpu.barrier_wait(v_bars.at[slot * pages + p])
+    for p in range(pieces):
+      plgpu.barrier_wait(v_bars.at[slot * pieces + p])
 
     # p goes through SMEM: wgmma can take it from registers, the interpreter cannot.
     p_smem[...] = p16.astype(p_smem.dtype)
@@ -146,14 +170,17 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   l = layout(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
   acc, m, l = lax.fori_loop(0, num_steps, step_body, (acc, m, l))
 
-  o_smem[...] = acc
   m_smem[...] = m
   l_smem[...] = l
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, seq, head])
-  plgpu.copy_smem_to_gmem(m_smem, m_ref.at[split, seq, head])
-  plgpu.copy_smem_to_gmem(l_smem, l_ref.at[split, seq, head])
-  plgpu.wait_smem_to_gmem(0)
+  cols = o_smem.shape[1]
+  for c in range(0, head_size, cols):  # a 256-wide float32 tile would not fit beside the ring
+    o_smem[...] = acc[:, c:c + cols]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, seq, head, :, pl.ds(c, cols)])
+    if c == 0:
+      plgpu.copy_smem_to_gmem(m_smem, m_ref.at[split, seq, head])
+      plgpu.copy_smem_to_gmem(l_smem, l_ref.at[split, seq, head])
+    plgpu.wait_smem_to_gmem(0)  # o_smem is rewritten by the next chunk
 
 
 def _smem_transforms(dtype) -> tuple:
@@ -165,17 +192,18 @@ def _smem_transforms(dtype) -> tuple:
 def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config, interpret):
   num_seqs, num_kv_heads, _, head_size = q4.shape
   block_size = k_cache.shape[2]
-  step = max(config.tokens_per_step, block_size)  # a step holds whole pages
-  pages = step // block_size
+  step = config.tokens_per_step
+  pieces = max(1, step // block_size)
   max_steps = pl.cdiv(block_tables.shape[1] * block_size, step)
   splits = min(config.k_splits, max_steps)
   steps_per_split = pl.cdiv(max_steps, splits)
   # Table columns for every step of every split, the extra ones pointing at block 0.
-  width = splits * steps_per_split * pages
+  width = max(pl.cdiv(splits * steps_per_split * step, block_size), block_tables.shape[1])
   tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
   transforms = _smem_transforms(q4.dtype)
+  slots = fitting_slots(head_size, step, config.num_slots, q4.dtype)
   kernel = functools.partial(_decode_kernel, scale=scale, block_size=block_size,
-                             tokens_per_step=step, num_slots=config.num_slots,
+                             tokens_per_step=step, num_slots=slots,
                              steps_per_split=steps_per_split, interpret=interpret)
   f32 = jnp.float32
   out_type = (jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS, head_size), f32),
@@ -183,15 +211,15 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
               jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS), f32))
   scratch = (
       plgpu.SMEM((ROWS, head_size), q4.dtype, transforms=transforms),
-      plgpu.SMEM((config.num_slots, step, head_size), q4.dtype, transforms=transforms),
-      plgpu.SMEM((config.num_slots, step, head_size), q4.dtype, transforms=transforms),
+      plgpu.SMEM((slots, step, head_size), q4.dtype, transforms=transforms),
+      plgpu.SMEM((slots, step, head_size), q4.dtype, transforms=transforms),
       plgpu.SMEM((ROWS, step), q4.dtype, transforms=transforms),
-      plgpu.SMEM((ROWS, head_size), f32),
+      plgpu.SMEM((ROWS, min(head_size, OUT_COLS)), f32),
       plgpu.SMEM((ROWS,), f32),
       plgpu.SMEM((ROWS,), f32),
       plgpu.Barrier(num_barriers=1),
-      plgpu.Barrier(num_barriers=config.num_slots * pages),
-      plgpu.Barrier(num_barriers=config.num_slots * pages),
+      plgpu.Barrier(num_barriers=slots * pieces),
+      plgpu.Barrier(num_barriers=slots * pieces),
   )
   q_rows = jnp.pad(q4, ((0, 0), (0, 0), (0, ROWS - q4.shape[2]), (0, 0)))
   return plgpu.kernel(
@@ -233,6 +261,9 @@ def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if config.tokens_per_step % block_size and block_size % config.tokens_per_step:
     raise ValueError(f"tokens_per_step {config.tokens_per_step} and the block size "
                      f"{block_size} must divide one another")
+  if not fitting_slots(head_size, config.tokens_per_step, 2, q.dtype):
+    raise ValueError(f"tokens_per_step {config.tokens_per_step} at head size {head_size}: "
+                     f"two steps of K and V exceed {MAX_SMEM_BYTES} bytes of shared memory")
   if config.k_splits is None:
     splits = tuning.resolve_decode(
         None, num_seqs=num_seqs, num_kv_heads=num_kv_heads, max_blocks=block_tables.shape[1],

@@ -45,6 +45,7 @@ def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=Non
     ((9, 3), 64, 16, jnp.bfloat16),
     ((16, 1), 128, 8, jnp.float16),
     ((8, 8), 64, 64, jnp.bfloat16),
+    ((8, 2), 256, 128, jnp.bfloat16),  # pages longer than a step: copied a slice at a time
 ], ids=kt.case_id)
 def test_mgpu_decode_small(heads, head_size, block_size, dtype):
   _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=5 * 64 + 3,
@@ -90,3 +91,35 @@ def test_mgpu_refuses_what_it_does_not_take(dtype, head_size, heads, message):
     [jnp.bfloat16])), ids=kt.case_id)
 def test_mgpu_decode_full(heads, head_size, block_size, dtype):
   _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=4 * 64 + 1)
+
+
+@pytest.mark.parametrize("head_size,block_size,dtype,splits", [
+    (128, 16, jnp.bfloat16, 2), (64, 8, jnp.float16, 1), (256, 64, jnp.bfloat16, 3)])
+def test_mgpu_kernel_lowers_to_mosaic_gpu_for_cuda(head_size, block_size, dtype, splits):
+  """The compiled path (layout casts, WGMMA-layout reductions, TMA, barriers) goes through
+  Mosaic GPU's lowering for CUDA, which runs here without a GPU; only PTX generation and the
+  run itself need one."""
+  rng = np.random.default_rng(5)
+  case = kt.make_case(rng, num_kv_heads=2, head_size=head_size, block_size=block_size,
+                      dtype=dtype, seq_lens=np.array([300, 70, 0], np.int32))
+  q = kt.random_q(rng, 3, 16, head_size, dtype)
+  traced = paged_attention_mgpu.trace(
+      q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+      jnp.asarray(case.seq_lens), scale=head_size ** -0.5,
+      config=MosaicDecodeConfig(k_splits=splits), interpret=False)
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("heads,head_size,block_size,dtype", list(itertools.product(
+    kt.HEADS, HEAD_SIZES, [8, 16, 32, 64, 128], [jnp.bfloat16, jnp.float16])), ids=kt.case_id)
+def test_mgpu_kernel_lowers_full(heads, head_size, block_size, dtype):
+  rng = np.random.default_rng(6)
+  case = kt.make_case(rng, num_kv_heads=heads[1], head_size=head_size, block_size=block_size,
+                      dtype=dtype, seq_lens=np.array([2 * block_size + 65, 1], np.int32))
+  q = kt.random_q(rng, 2, heads[0], head_size, dtype)
+  traced = paged_attention_mgpu.trace(
+      q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+      jnp.asarray(case.seq_lens), scale=head_size ** -0.5, interpret=False)
+  assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
