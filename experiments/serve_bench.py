@@ -37,6 +37,9 @@ import httpx
 import numpy as np
 from absl import app, flags
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from workload import DATASETS, lognormal_lengths  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base_url", "http://127.0.0.1:8000", "server to benchmark")
 flags.DEFINE_string("model", None, "served model name (default: the server's first model); "
@@ -45,7 +48,7 @@ flags.DEFINE_string("api_key", None, "bearer token, if the server wants one")
 flags.DEFINE_integer("num_requests", 64, "requests to send")
 flags.DEFINE_float("request_rate", float("inf"), "Poisson arrival rate, requests/s (inf: all at once)")
 flags.DEFINE_integer("max_concurrency", 0, "cap on requests in flight (0: none)")
-flags.DEFINE_enum("dataset", "sharegpt", ["sharegpt", "alpaca"], "whose length distribution")
+flags.DEFINE_enum("dataset", "sharegpt", list(DATASETS), "whose length distribution")
 flags.DEFINE_float("length_scale", 0.25, "multiplies the dataset's mean lengths (1 = paper)")
 flags.DEFINE_float("length_sigma", 0.8, "sigma of the log-normal length distributions")
 flags.DEFINE_integer("min_len", 4, "shortest input and output (vLLM's ShareGPT filter: 4)")
@@ -61,7 +64,6 @@ flags.DEFINE_string("out", "", "write results as JSON here")
 flags.DEFINE_bool("launch_server", False, "start `python -m paged_jax serve` for the run")
 flags.DEFINE_string("server_args", "", "extra arguments for the launched server")
 
-DATASETS = {"sharegpt": (161.31, 337.99), "alpaca": (19.31, 58.45)}  # paper Fig. 11 means
 
 
 @dataclasses.dataclass
@@ -80,17 +82,12 @@ class Result:
 
 
 def draw_lengths(rng: np.random.Generator, n: int, max_model_len: int):
-    mean_in, mean_out = (m * FLAGS.length_scale for m in DATASETS[FLAGS.dataset])
-    sigma = FLAGS.length_sigma
-
-    def lognormal(mean):  # E[X] = exp(mu + sigma^2 / 2) = mean
-        return rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, n)
-
-    lo = FLAGS.min_len
-    inputs = np.clip(np.rint(lognormal(mean_in)), lo, min(FLAGS.max_input_len,
-                                                          max_model_len - lo)).astype(int)
-    outputs = np.clip(np.rint(lognormal(mean_out)), lo, None).astype(int)
-    outputs = np.minimum(outputs, max_model_len - inputs)
+    mean_in, mean_out = (m * FLAGS.length_scale for m in DATASETS[FLAGS.dataset][:2])
+    lo, sigma = FLAGS.min_len, FLAGS.length_sigma
+    inputs = lognormal_lengths(rng, mean_in, sigma, n, lo,
+                               min(FLAGS.max_input_len, max_model_len - lo))
+    outputs = np.minimum(lognormal_lengths(rng, mean_out, sigma, n, lo, None),
+                         max_model_len - inputs)
     return inputs.tolist(), outputs.tolist()
 
 
@@ -226,7 +223,7 @@ def summarize(results: list[Result], duration: float) -> dict:
 
 
 def report(s: dict) -> None:
-    mean_in, mean_out = DATASETS[FLAGS.dataset]
+    mean_in, mean_out = DATASETS[FLAGS.dataset][:2]
     print(f"{'=' * 18} Serving Benchmark Result {'=' * 18}")
     rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
             ("Benchmark duration (s)", s["duration_s"]),

@@ -259,9 +259,10 @@ def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window):
 
 def _pallas(q, k_cache, v_cache, md, scale):
     # Imported lazily: the kernels pull in Pallas/Triton lowering that the XLA path never needs.
-    from pallas_kernels import paged_attention, ragged_paged_attention
+    from pallas_kernels import ragged_paged_attention
+    from pallas_kernels.dispatch import paged_decode
 
     if md.mode == "decode":
-        return paged_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale=scale)
+        return paged_decode(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale=scale)
     return ragged_paged_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens,
                                   md.query_start_loc, scale=scale)

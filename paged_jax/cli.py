@@ -102,6 +102,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     access_log=not args.no_access_log, timeout_graceful_shutdown=5)
     finally:
+        # The engine thread tells the followers as it stops; this covers a server whose
+        # engine thread never started (a no-op otherwise).
         engine.stop_followers()
 
 

@@ -58,9 +58,8 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mcfg.max_position_embeddings}")
-        # Default: one whole prompt per step at most. The XLA prefill attention is flat over
-        # the step's tokens (cost grows with the square of the step), so on the CPU a smaller
-        # step is faster; the Pallas ragged kernel has no such cost.
+        # Default: one max_model_len of tokens per step. On the CPU a 2048-token budget ran
+        # the throughput workload no faster (docs/RESULTS.md) and needs larger step buckets.
         self.max_num_batched_tokens = config.max_num_batched_tokens or self.max_model_len
         if self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "

@@ -14,10 +14,10 @@ from jax.experimental.pallas import triton as pl_triton
 
 TRITON = "triton"
 MOSAIC_GPU = "mosaic_gpu"
-INTERPRET = "interpret"
 
-# The compiled backend of paged_attention / ragged_paged_attention. Switch to MOSAIC_GPU
-# here once the Triton lowering is removed from JAX.
+# The lowering of the engine's decode kernel (dispatch.paged_decode). MOSAIC_GPU sends the
+# decode steps it supports to paged_attention_mgpu; switch once that kernel has been measured
+# on a GPU, or when the Triton lowering leaves JAX (the ragged kernel is Triton-only so far).
 COMPILED_BACKEND = TRITON
 
 
@@ -30,10 +30,6 @@ def use_interpret(interpret: bool | None) -> bool:
   if interpret is None:
     return not on_gpu()
   return bool(interpret)
-
-
-def backend_name(interpret: bool | None) -> str:
-  return INTERPRET if use_interpret(interpret) else COMPILED_BACKEND
 
 
 def triton_params(num_warps: int, num_stages: int) -> pl_triton.CompilerParams:

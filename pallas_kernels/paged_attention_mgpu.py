@@ -32,9 +32,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import backend, tuning
-from pallas_kernels.paged_attention import MASK_VALUE, merge_splits, validate_cache_args
+from pallas_kernels.paged_attention import (LOG2E, MASK_VALUE, merge_splits,
+                                            validate_cache_args)
 
-LOG2E = math.log2(math.e)
 ROWS = 64  # wgmma's M: a KV group's query heads padded to this many rows
 OUT_COLS = 128  # the float32 output leaves through SMEM this many columns at a time
 MAX_SMEM_BYTES = 232448  # shared memory a block may use on H100 / H200 (227 KiB)

@@ -100,6 +100,8 @@ class EngineLoop:
                                     accepted[-1]))
             handle.request_ids.append(rid)
             handle._unfinished.add(rid)
+        if not self.healthy:  # the thread stopped after the check above: nobody will answer
+            self._fail_pending_commands()
         try:
             # One engine iteration takes the whole batch; the first refusal fails it all.
             for result in await asyncio.gather(*accepted, return_exceptions=True):
@@ -135,7 +137,11 @@ class EngineLoop:
             for deliver in list(self._deliver.values()):
                 deliver(EngineDeadError(f"the engine failed: {type(err).__name__}: {err}"))
             self._deliver.clear()
+        finally:
+            # Adds queued behind the stop (or the failure) are refused, not left waiting, and
+            # a multi-host leader tells its followers from this thread, between steps.
             self._fail_pending_commands()
+            self.engine.stop_followers()
 
     def _fail_pending_commands(self) -> None:
         while True:

@@ -60,8 +60,7 @@ class OpenAIServing:
                               param="messages") from err
         self._check_context(len(ids), params.max_tokens, "messages")
         return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
-                                 _ChatFormat(self.model_name, body.top_logprobs or 0
-                                             if body.logprobs else None))
+                                 _ChatFormat(self.model_name, logprobs))
 
     # ---- shared ----------------------------------------------------------------------------
 
@@ -259,9 +258,9 @@ class _ChatFormat(_Format):
             return dict(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
 
         return p.ChatLogprobs(content=[
-            p.ChatLogprob(**entry(e[t]), top_logprobs=[
-                p.TopLogprob(**entry(lp)) for tid, lp in _top(e, self.top, t)
-                if lp.rank <= self.top])
+            p.ChatLogprob(**entry(e[t]), top_logprobs=[  # the chosen token only by rank
+                p.TopLogprob(**entry(lp))
+                for _, lp in sorted(e.items(), key=lambda x: x[1].rank) if lp.rank <= self.top])
             for t, e in zip(ids, lps)])
 
     def response(self, request_id, choices: list[tuple[int, CompletionOutput]], usage):

@@ -118,3 +118,21 @@ def ragged_reference_np(q, case: PagedCase, query_start_loc: np.ndarray, scale: 
 
 def as_f64(x) -> np.ndarray:
   return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+
+
+def check_decode(attend, heads, head_size, block_size, dtype, *, num_seqs, max_len,
+                 seed=0, **kwargs):
+  """Runs a decode kernel `attend(q, k_cache, v_cache, tables, lens, scale=, **kwargs)` on a
+  random paged case and compares it with decode_reference_np."""
+  rng = np.random.default_rng(seed)
+  num_q_heads, num_kv_heads = heads
+  lens = seq_lengths(rng, num_seqs, max_len, block_size)
+  case = make_case(rng, num_kv_heads=num_kv_heads, head_size=head_size,
+                   block_size=block_size, dtype=dtype, seq_lens=lens)
+  q = random_q(rng, num_seqs, num_q_heads, head_size, dtype)
+  scale = head_size ** -0.5
+  out = attend(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+               jnp.asarray(case.seq_lens), scale=scale, **kwargs)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(as_f64(out), decode_reference_np(q, case, scale),
+                             **tolerance(dtype))

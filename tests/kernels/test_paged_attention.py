@@ -12,21 +12,6 @@ import kernel_testing as kt
 from pallas_kernels import DecodeConfig, paged_attention
 
 
-def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=None, seed=0):
-  rng = np.random.default_rng(seed)
-  num_q_heads, num_kv_heads = heads
-  lens = kt.seq_lengths(rng, num_seqs, max_len, block_size)
-  case = kt.make_case(rng, num_kv_heads=num_kv_heads, head_size=head_size,
-                      block_size=block_size, dtype=dtype, seq_lens=lens)
-  q = kt.random_q(rng, num_seqs, num_q_heads, head_size, dtype)
-  scale = head_size ** -0.5
-  out = paged_attention(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
-                        jnp.asarray(case.seq_lens), scale=scale, config=config)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  expected = kt.decode_reference_np(q, case, scale)
-  np.testing.assert_allclose(kt.as_f64(out), expected, **kt.tolerance(dtype))
-
-
 # The default (CI, CPU-interpreter) subset: tiny shapes, every odd corner at least once.
 @pytest.mark.parametrize("heads,head_size,block_size,dtype", [
     ((9, 3), 80, 8, jnp.float32),     # GQA ratio 3 (padded to 16 rows), head size padded to 128
@@ -34,14 +19,15 @@ def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=Non
     ((4, 4), 96, 32, jnp.float32),    # MHA, head size 96
 ], ids=kt.case_id)
 def test_decode_small(heads, head_size, block_size, dtype):
-  _check(heads, head_size, block_size, dtype, num_seqs=4, max_len=3 * block_size + 5)
+  kt.check_decode(paged_attention, heads, head_size, block_size, dtype, num_seqs=4,
+                  max_len=3 * block_size + 5)
 
 
 @pytest.mark.parametrize("k_splits", [1, 3])
 def test_decode_split_k(k_splits):
   # Splits that end up empty for short sequences must not disturb the merge.
-  _check((8, 2), 64, 8, jnp.float32, num_seqs=3, max_len=61,
-         config=DecodeConfig(k_splits=k_splits, pages_per_compute_block=2))
+  kt.check_decode(paged_attention, (8, 2), 64, 8, jnp.float32, num_seqs=3, max_len=61,
+                  config=DecodeConfig(k_splits=k_splits, pages_per_compute_block=2))
 
 
 def test_decode_padded_rows_are_zero():
@@ -59,4 +45,5 @@ def test_decode_padded_rows_are_zero():
 @pytest.mark.parametrize("heads,head_size,block_size,dtype", list(itertools.product(
     kt.HEADS, kt.HEAD_SIZES, kt.BLOCK_SIZES, kt.DTYPES)), ids=kt.case_id)
 def test_decode_full(heads, head_size, block_size, dtype):
-  _check(heads, head_size, block_size, dtype, num_seqs=7, max_len=300, seed=head_size)
+  kt.check_decode(paged_attention, heads, head_size, block_size, dtype, num_seqs=7,
+                  max_len=300, seed=head_size)

@@ -24,22 +24,6 @@ pytestmark = pytest.mark.skipif(
     reason="compiled Mosaic GPU kernels need a Hopper GPU; the CPU runs them interpreted")
 
 
-def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=None, seed=0):
-  rng = np.random.default_rng(seed)
-  num_q_heads, num_kv_heads = heads
-  lens = kt.seq_lengths(rng, num_seqs, max_len, block_size)
-  case = kt.make_case(rng, num_kv_heads=num_kv_heads, head_size=head_size,
-                      block_size=block_size, dtype=dtype, seq_lens=lens)
-  q = kt.random_q(rng, num_seqs, num_q_heads, head_size, dtype)
-  scale = head_size ** -0.5
-  out = paged_attention_mgpu(q, case.k_cache, case.v_cache,
-                                  jnp.asarray(case.block_tables), jnp.asarray(case.seq_lens),
-                                  scale=scale, config=config)
-  assert out.shape == q.shape and out.dtype == q.dtype
-  np.testing.assert_allclose(kt.as_f64(out), kt.decode_reference_np(q, case, scale),
-                             **kt.tolerance(dtype))
-
-
 # CI subset: several pages per step, a page per step, a ring refilled many times, GQA/MQA.
 @pytest.mark.parametrize("heads,head_size,block_size,dtype", [
     ((9, 3), 64, 16, jnp.bfloat16),
@@ -48,14 +32,14 @@ def _check(heads, head_size, block_size, dtype, *, num_seqs, max_len, config=Non
     ((8, 2), 256, 128, jnp.bfloat16),  # pages longer than a step: copied a slice at a time
 ], ids=kt.case_id)
 def test_mgpu_decode_small(heads, head_size, block_size, dtype):
-  _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=5 * 64 + 3,
-         config=MosaicDecodeConfig(num_slots=2, k_splits=1))
+  kt.check_decode(paged_attention_mgpu, heads, head_size, block_size, dtype, num_seqs=3,
+                  max_len=5 * 64 + 3, config=MosaicDecodeConfig(num_slots=2, k_splits=1))
 
 
 def test_mgpu_decode_split_k_with_empty_splits():
-  # Sequences of 1..2 steps split three ways: the empty splits must not disturb the merge.
-  _check((8, 2), 64, 16, jnp.bfloat16, num_seqs=3, max_len=100,
-         config=MosaicDecodeConfig(k_splits=3))
+  # Three 64-token steps split three ways: two splits are empty for the 1-token sequence.
+  kt.check_decode(paged_attention_mgpu, (8, 2), 64, 16, jnp.bfloat16, num_seqs=3,
+                  max_len=150, config=MosaicDecodeConfig(k_splits=3))
 
 
 def test_mgpu_decode_padded_rows_are_zero():
@@ -90,7 +74,8 @@ def test_mgpu_refuses_what_it_does_not_take(dtype, head_size, heads, message):
     kt.HEADS, [h for h in kt.HEAD_SIZES if h in HEAD_SIZES], kt.BLOCK_SIZES,
     [jnp.bfloat16])), ids=kt.case_id)
 def test_mgpu_decode_full(heads, head_size, block_size, dtype):
-  _check(heads, head_size, block_size, dtype, num_seqs=3, max_len=4 * 64 + 1)
+  kt.check_decode(paged_attention_mgpu, heads, head_size, block_size, dtype, num_seqs=3,
+                  max_len=4 * 64 + 1)
 
 
 @pytest.mark.parametrize("head_size,block_size,dtype,splits", [
@@ -123,3 +108,21 @@ def test_mgpu_kernel_lowers_full(heads, head_size, block_size, dtype):
       q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
       jnp.asarray(case.seq_lens), scale=head_size ** -0.5, interpret=False)
   assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("switch,dtype,head_size,expect_mosaic", [
+    ("mosaic_gpu", jnp.bfloat16, 64, True),    # the switch sends supported steps to Mosaic
+    ("mosaic_gpu", jnp.float32, 64, False),    # ... and the rest to the Triton kernel
+    ("triton", jnp.bfloat16, 64, False),
+])
+def test_backend_switch_picks_the_decode_kernel(monkeypatch, switch, dtype, head_size,
+                                                expect_mosaic):
+  from pallas_kernels import backend, dispatch
+  calls = []
+  real = dispatch.paged_attention_mgpu
+  monkeypatch.setattr(backend, "COMPILED_BACKEND", switch)
+  monkeypatch.setattr(dispatch, "paged_attention_mgpu",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  kt.check_decode(dispatch.paged_decode, (8, 2), head_size, 16, dtype, num_seqs=3,
+                  max_len=90)
+  assert bool(calls) == expect_mosaic
