@@ -11,7 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "pallas")
+# "cpu": the XLA paths, with decode attention in the C++ kernel of paged_jax/cpu_kernels.
+BACKENDS = ("xla", "pallas", "cpu")
 DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
 # Decode rows are attended in groups of this many, each group's loop stopping at its own
 # longest sequence; the engine sorts decode rows by length, so little of a group is padding.
@@ -65,7 +66,7 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
             out = jax.lax.cond(md.num_decodes > 0, _with_decode_rows, lambda out, *_: out,
                                out, q, k_cache, v_cache, md, scale, sliding_window)
     elif md.mode == "decode":
-        out = _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
+        out = _decode(q, k_cache, v_cache, md, scale, sliding_window)
     else:
         out = _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window)
     return out, (k_cache, v_cache)
@@ -166,7 +167,7 @@ def _with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
     t, s = q.shape[0], md.seq_lens.shape[0]
     rows = jnp.arange(s)
     dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
-    dec = _decode_xla(q[:s], k_cache, v_cache,
+    dec = _decode(q[:s], k_cache, v_cache,
                       dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
                       scale, sliding_window)
     dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
@@ -179,6 +180,15 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     hkv, _, b, d = cache.shape
     s, mb = block_tables.shape
     return cache[:, block_tables].reshape(hkv, s, mb * b, d)
+
+
+def _decode(q, k_cache, v_cache, md, scale, sliding_window):
+    if md.backend == "cpu":
+        from paged_jax import cpu_kernels  # lazily: builds the kernel on first use
+
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, md.seq_lens, md.block_tables,
+                                        scale=scale, sliding_window=sliding_window)
+    return _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
 
 
 def _decode_xla(q, k_cache, v_cache, md, scale, sliding_window):

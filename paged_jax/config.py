@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-ATTENTION_BACKENDS = ("auto", "xla", "pallas")
+# "auto": "pallas" on accelerators; on the CPU "cpu" (XLA plus the C++ decode kernel) where
+# it can run (float32, one device, a C++ compiler), else "xla".
+ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 

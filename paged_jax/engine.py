@@ -51,8 +51,7 @@ class LLMEngine:
             model = sharding.shard_model(model, self.mesh)
         self.model = model
         mcfg = self.model.config
-        self.backend = (config.attention_backend if config.attention_backend != "auto"
-                        else ("xla" if on_cpu else "pallas"))
+        self.backend = _pick_backend(config.attention_backend, on_cpu, dtype, self.mesh)
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings,
                                                          DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > mcfg.max_position_embeddings:
@@ -261,3 +260,25 @@ class LLMEngine:
         held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
         return self.kv.usage(held)
 
+
+def _pick_backend(requested: str, on_cpu: bool, dtype: str, mesh) -> str:
+    """The attention backend "auto" stands for, or the requested one if it can run."""
+    if requested not in ("auto", "cpu"):
+        return requested
+    if not on_cpu:
+        if requested == "cpu":
+            raise ValueError(f"attention_backend 'cpu' needs the CPU platform, not "
+                             f"{jax.default_backend()!r}")
+        return "pallas"
+    from paged_jax import cpu_kernels
+
+    # The kernel is float32 and one device's: XLA cannot split an FFI call over a mesh.
+    reason = (f"it takes float32, not {dtype}" if dtype != "float32"
+              else "it runs on one device, not a mesh" if mesh is not None
+              else cpu_kernels.unavailable_reason())
+    if reason is None:
+        return "cpu"
+    if requested == "cpu":
+        raise ValueError(f"attention_backend 'cpu' cannot run here: {reason}")
+    log.info("attention backend xla: the CPU kernel is unavailable (%s)", reason)
+    return "xla"

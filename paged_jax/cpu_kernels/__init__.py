@@ -1,0 +1,119 @@
+"""Decode paged attention for the CPU: a C++ kernel (paged_decode.cc) called through the XLA FFI.
+
+XLA's CPU gather copies pages at a few GB/s on one thread, so the XLA decode path spent most
+of a decode step gathering K and V (docs/RESULTS.md). The kernel reads each page where it lies
+and spreads the (sequence, KV head) pairs over XLA's intra-op threads. It is compiled on first
+use with the machine's C++ compiler for the machine's CPU and kept in a cache directory; where
+no compiler is found the engine stays on the XLA path (`unavailable_reason` says why).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).with_name("paged_decode.cc")
+TARGET = "paged_jax_cpu_paged_decode_f32"
+# -ffast-math lets the dot products and exp vectorize (libmvec); the kernel keeps no
+# infinities or NaNs. It is given to the compile step only: linking a shared library with
+# it would add crtfastmath, which flushes denormals for the whole process.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-fPIC",
+                 "-w")
+
+
+def cache_dir() -> pathlib.Path:
+    root = os.environ.get("PAGED_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "paged_jax")
+    return pathlib.Path(root) / "cpu_kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native builds for this CPU: a cache shared between machines keys on it.
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> ctypes.CDLL | str:
+    """The compiled library, registered with XLA; or a string saying why there is none."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r})"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS).encode(),
+                                     jax.__version__.encode(), cxx.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    lib_path = cache_dir() / f"paged_decode-{key}.so"
+    if not lib_path.exists():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            obj, lib = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
+            for cmd in ([cxx, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(SOURCE),
+                         "-o", obj],
+                        [cxx, "-shared", obj, "-o", lib, "-lm"]):
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    return f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}"
+            os.replace(lib, lib_path)  # atomic: concurrent builders never see half a file
+    lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PagedDecodeF32), platform="cpu")
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernel can run here; otherwise why not."""
+    if jax.default_backend() != "cpu":
+        return f"it runs on the CPU platform, not {jax.default_backend()!r}"
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else None
+
+
+def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens: jax.Array,
+                 block_tables: jax.Array, *, scale: float,
+                 sliding_window: int | None = None) -> jax.Array:
+    """Decode attention over the paged cache, one query token per sequence.
+
+    q [S, Hq, D] float32; k_cache, v_cache [Hkv, N, B, D] float32; seq_lens [S] int32 (0: a
+    padded row, whose output is zeros); block_tables [S, MB] int32. Returns [S, Hq, D].
+    With sliding_window, each row attends to its last sliding_window positions.
+    """
+    if q.ndim != 3 or k_cache.ndim != 4:
+        raise ValueError(f"q must be [S, Hq, D] and k_cache [Hkv, N, B, D], got shapes "
+                         f"{q.shape} and {k_cache.shape}")
+    s, hq, d = q.shape
+    hkv, _, _, dk = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    if dk != d or hq % hkv:
+        raise ValueError(f"q heads {hq} x size {d} do not fit the cache's {hkv} KV heads x "
+                         f"size {dk}")
+    if hq // hkv > 64:
+        raise ValueError(f"{hq // hkv} query heads per KV head; the kernel takes at most 64")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != jnp.float32:
+            raise ValueError(f"{name} must be float32 for the CPU kernel, got {x.dtype}")
+    if seq_lens.shape != (s,) or block_tables.ndim != 2 or block_tables.shape[0] != s:
+        raise ValueError(f"seq_lens {seq_lens.shape} and block_tables {block_tables.shape} "
+                         f"must have {s} rows")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {reason}")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, seq_lens.astype(jnp.int32),
+                block_tables.astype(jnp.int32), scale=np.float32(scale),
+                window=np.int64(sliding_window or 0))

@@ -1,0 +1,77 @@
+"""The C++ CPU decode kernel (paged_jax/cpu_kernels) against the float64 numpy reference, on
+random permuted block tables with random unused blocks, and its refusals."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernel_testing as kt
+from paged_jax import cpu_kernels
+
+if cpu_kernels.unavailable_reason() is not None:  # a CPU machine without a C++ compiler
+    pytest.fail(f"the CPU kernel cannot be built: {cpu_kernels.unavailable_reason()}",
+                pytrace=False)
+
+
+def attend(q, k_cache, v_cache, tables, lens, *, scale, sliding_window=None):
+    return jax.jit(cpu_kernels.paged_decode, static_argnames=("scale", "sliding_window"))(
+        q, k_cache, v_cache, lens, tables, scale=scale, sliding_window=sliding_window)
+
+
+@pytest.mark.parametrize("heads, head_size, block_size", [
+    ((9, 3), 64, 16), ((32, 8), 128, 8), ((16, 1), 80, 32), ((40, 40), 96, 16),
+    ((64, 8), 256, 8), ((9, 3), 112, 32)], ids=kt.case_id)
+def test_decode_matches_numpy(heads, head_size, block_size):
+    kt.check_decode(attend, heads, head_size, block_size, jnp.float32, num_seqs=6,
+                    max_len=6 * block_size + 5)
+
+
+def test_padded_rows_give_zeros_and_sliding_window_matches_numpy():
+    rng = np.random.default_rng(3)
+    lens = np.array([37, 0, 5, 16, 0], np.int32)
+    case = kt.make_case(rng, num_kv_heads=3, head_size=64, block_size=8, dtype=jnp.float32,
+                        seq_lens=lens)
+    q = kt.random_q(rng, len(lens), 9, 64, jnp.float32)
+    window = 11
+    got = np.asarray(attend(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+                            jnp.asarray(lens), scale=0.125, sliding_window=window))
+    q64 = np.asarray(q, np.float64)
+    for s, length in enumerate(lens):
+        if length == 0:
+            assert np.all(got[s] == 0)
+            continue
+        keys, values = kt._context_np(case, s, int(length))
+        ref = kt._attend_np(q64[s], keys[-window:], values[-window:], 0.125)
+        np.testing.assert_allclose(got[s], ref, atol=2e-5, rtol=2e-5)
+    # The window changes the answer of rows longer than it.
+    full = np.asarray(attend(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+                             jnp.asarray(lens), scale=0.125))
+    assert not np.allclose(full[0], got[0], atol=1e-3)
+    np.testing.assert_array_equal(full[2], got[2])
+
+
+def test_refusals_name_the_mismatch():
+    rng = np.random.default_rng(4)
+    lens = np.array([9, 3], np.int32)
+    case = kt.make_case(rng, num_kv_heads=2, head_size=64, block_size=8, dtype=jnp.float32,
+                        seq_lens=lens)
+    tables, jlens = jnp.asarray(case.block_tables), jnp.asarray(lens)
+    q = kt.random_q(rng, 2, 4, 64, jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_kernels.paged_decode(q.astype(jnp.bfloat16), case.k_cache, case.v_cache, jlens,
+                                 tables, scale=0.1)
+    with pytest.raises(ValueError, match="3 x size 64 do not fit the cache's 2 KV heads"):
+        cpu_kernels.paged_decode(q[:, :3], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
+    with pytest.raises(ValueError, match="must have 2 rows"):
+        cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens[:1], tables, scale=0.1)
+    with pytest.raises(ValueError, match="sliding_window must be >= 1, got 0"):
+        cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens, tables, scale=0.1,
+                                 sliding_window=0)
+    # Lengths past the table and pages outside the pool are refused at run time, not read.
+    with pytest.raises(Exception, match="exceeds its table"):
+        cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jnp.asarray([9, 99]), tables,
+                                 scale=0.1).block_until_ready()
+    bad = tables.at[0, 0].set(case.k_cache.shape[1])
+    with pytest.raises(Exception, match="out of range"):
+        cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens, bad,
+                                 scale=0.1).block_until_ready()
