@@ -6,6 +6,7 @@ engine's reference; the Pallas kernels (pallas_kernels/) read pages where they l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -63,8 +64,11 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
         out = _prefill_tiled(q, k, v, md, scale, sliding_window)
         if md.num_decodes is not None:
             # Skipped at run time when no row decodes: even loops of zero trips cost here.
-            out = jax.lax.cond(md.num_decodes > 0, _with_decode_rows, lambda out, *_: out,
-                               out, q, k_cache, v_cache, md, scale, sliding_window)
+            # scale and the window stay Python numbers (the CPU kernel takes them as attributes).
+            with_rows = functools.partial(_with_decode_rows, scale=scale,
+                                          sliding_window=sliding_window)
+            out = jax.lax.cond(md.num_decodes > 0, with_rows, lambda out, *_: out,
+                               out, q, k_cache, v_cache, md)
     elif md.mode == "decode":
         out = _decode(q, k_cache, v_cache, md, scale, sliding_window)
     else:

@@ -43,9 +43,12 @@ def dense(llm, prompt, n):
     return dense_greedy(m.graphdef, m.params, prompt["prompt_token_ids"], n)
 
 
-def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir):
-    llm = make_llm(tiny_dir)
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir, backend):
+    llm = make_llm(tiny_dir, attention_backend=backend)
     engine = llm.llm_engine
+    # On the CPU "auto" is the C++ decode kernel; "xla" the pure-XLA reference path.
+    assert engine.backend == {"auto": "cpu", "xla": "xla"}[backend]
     engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=7)
     # Lengths around block boundaries (block size 16) and a one-token prompt.
     prompts = [{"prompt_token_ids": p["prompt_token_ids"][:n]} for p, n in
@@ -67,9 +70,10 @@ def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir):
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable
 
 
-@pytest.mark.parametrize("mixed", [True, False])
-def test_requests_arriving_while_others_decode_equal_dense(tiny_dir, mixed):
-    llm = make_llm(tiny_dir, max_num_batched_tokens=128, mixed_batches=mixed)
+@pytest.mark.parametrize("mixed, backend", [(True, "auto"), (False, "auto"), (True, "xla")])
+def test_requests_arriving_while_others_decode_equal_dense(tiny_dir, mixed, backend):
+    llm = make_llm(tiny_dir, max_num_batched_tokens=128, mixed_batches=mixed,
+                   attention_backend=backend)
     engine = llm.llm_engine
     engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)
     kinds, schedule = [], engine.scheduler.schedule
@@ -268,3 +272,17 @@ def test_chat_uses_the_template(llm):
     tok = llm.get_tokenizer()
     assert "hello" in tok.decode(out.prompt_token_ids)
     assert len(out.outputs[0].token_ids) <= 4
+
+
+def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
+    from paged_jax.engine import _pick_backend
+
+    assert _pick_backend("auto", True, "float32", None) == "cpu"
+    assert _pick_backend("auto", True, "bfloat16", None) == "xla"
+    assert _pick_backend("auto", True, "float32", object()) == "xla"  # a tensor-parallel mesh
+    assert _pick_backend("auto", False, "bfloat16", None) == "pallas"
+    assert _pick_backend("xla", True, "float32", None) == "xla"
+    with pytest.raises(ValueError, match="'cpu' cannot run here: it takes float32, not bfloat16"):
+        _pick_backend("cpu", True, "bfloat16", None)
+    with pytest.raises(ValueError, match="'cpu' needs the CPU platform"):
+        _pick_backend("cpu", False, "float32", None)

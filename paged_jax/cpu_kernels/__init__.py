@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paged_jax.weights import default_cache_dir
+
 SOURCE = pathlib.Path(__file__).with_name("paged_decode.cc")
 TARGET = "paged_jax_cpu_paged_decode_f32"
 # -ffast-math lets the dot products and exp vectorize (libmvec); the kernel keeps no
@@ -32,9 +34,8 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c
 
 
 def cache_dir() -> pathlib.Path:
-    root = os.environ.get("PAGED_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "paged_jax")
-    return pathlib.Path(root) / "cpu_kernels"
+    """Beside the converted checkpoints (weights.default_cache_dir)."""
+    return default_cache_dir() / "cpu_kernels"
 
 
 def _cpu_signature() -> str:
