@@ -8,7 +8,8 @@ lengths (paper Fig. 18: 20-26% for vLLM's kernel over FasterTransformer's).
   python experiments/kernel_bench.py --batch_sizes=8,64 --context_lens=512,2048 \
       --block_sizes=16 --out=/tmp/kernel_bench.json
 
-On a CPU only the XLA paths are timed (the Pallas kernels would run interpreted).
+On a CPU the XLA paths and, in float32, the engine's C++ CPU decode kernel are timed (the
+Pallas kernels would run interpreted).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from absl import app, flags
 from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
 from pallas_kernels.paged_attention_mgpu import paged_attention_mgpu
 from pallas_kernels import backend
+from paged_jax import cpu_kernels
 from pallas_kernels.reference import gather_pages
 
 FLAGS = flags.FLAGS
@@ -114,11 +116,15 @@ def xla_gather(q, k_cache, v_cache, tables, lens, *, scale):
   return _attend_xla(q, gather_pages(k_cache, tables), gather_pages(v_cache, tables), lens, scale)
 
 
-def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int):
+def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, dtype):
   """name -> (fn, layout) where layout 'paged' or 'dense' picks the arguments."""
   impls = {"xla_gather": (functools.partial(xla_gather, scale=scale), "paged"),
            "xla_dense": (jax.jit(functools.partial(_attend_xla, scale=scale)), "dense")}
   if not on_gpu:
+    if dtype == jnp.float32 and cpu_kernels.unavailable_reason() is None:
+      # The engine's CPU decode kernel (C++ through the XLA FFI); float32 only.
+      impls["ours_cpu"] = (jax.jit(lambda q, k, v, t, l: cpu_kernels.paged_decode(
+          q, k, v, l, t, scale=scale)), "paged")
     return impls
   impls["ours"] = (functools.partial(paged_attention, scale=scale), "paged")
   # The same kernel with every sequence's pages in order: what page scattering costs.
@@ -152,7 +158,7 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
   nbytes = (2 * batch * context * FLAGS.num_kv_heads + 2 * q.shape[0] * q.shape[1]) \
       * FLAGS.head_size * itemsize
   row = dict(batch=batch, context=context, block_size=block_size, bytes=nbytes)
-  for name, (fn, layout) in implementations(on_gpu, scale, context, tables.shape[1]).items():
+  for name, (fn, layout) in implementations(on_gpu, scale, context, tables.shape[1], dtype).items():
     args = {"paged": (q, k_cache, v_cache, tables, lens), "dense": (q, k_dense, v_dense, lens),
             "contiguous": (q, k_cache, v_cache, contiguous, lens),
             "dense_token_major": (q, k_dense.transpose(0, 2, 1, 3),
@@ -167,7 +173,7 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
   if on_gpu and FLAGS.tune:
     row["tuning"] = tune(q, k_cache, v_cache, tables, lens, scale, nbytes)
   dense = [row[n]["us"] for n in ("pallas_dense", "xla_dense") if n in row]
-  paged = row.get("ours", row.get("xla_gather"))
+  paged = row.get("ours", row.get("ours_cpu", row.get("xla_gather")))
   if dense and paged:
     row["paged_overhead_pct"] = 100 * (paged["us"] / min(dense) - 1)
   if "ours" in row and "jax_paged" in row:
@@ -205,7 +211,8 @@ def main(argv):
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"Hq={FLAGS.num_q_heads} Hkv={FLAGS.num_kv_heads} D={FLAGS.head_size} {dtype.name}")
   if not on_gpu:
-    print("CPU: timing the XLA paths only; the Pallas kernels' numbers need a GPU.")
+    print("CPU: timing the XLA paths and the CPU kernel (float32); the Pallas kernels' "
+          "numbers need a GPU.")
   copy_bw = copy_bandwidth()
   print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
   rng = np.random.default_rng(0)
