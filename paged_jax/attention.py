@@ -6,13 +6,12 @@ engine's reference; the Pallas kernels (pallas_kernels/) read pages where they l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-# "cpu": the XLA paths, with decode attention in the C++ kernel of paged_jax/cpu_kernels.
+# "cpu": attention in the C++ kernel of paged_jax/cpu_kernels (all modes); the rest XLA.
 BACKENDS = ("xla", "pallas", "cpu")
 DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
 # Decode rows are attended in groups of this many, each group's loop stopping at its own
@@ -60,17 +59,22 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
     v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
     if md.backend == "pallas":
         out = _pallas(q, k_cache, v_cache, md, scale)
+    elif md.backend == "cpu":
+        from paged_jax import cpu_kernels  # lazily: builds the kernel on first use
+
+        # One ragged kernel for every mode: decode rows of prefill steps are sequences with
+        # one new token, so no separate pass (or lax.cond) is needed.
+        out = cpu_kernels.paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                          md.block_tables, scale=scale,
+                                          sliding_window=sliding_window)
     elif md.mode == "prefill":
         out = _prefill_tiled(q, k, v, md, scale, sliding_window)
         if md.num_decodes is not None:
             # Skipped at run time when no row decodes: even loops of zero trips cost here.
-            # scale and the window stay Python numbers (the CPU kernel takes them as attributes).
-            with_rows = functools.partial(_with_decode_rows, scale=scale,
-                                          sliding_window=sliding_window)
-            out = jax.lax.cond(md.num_decodes > 0, with_rows, lambda out, *_: out,
-                               out, q, k_cache, v_cache, md)
+            out = jax.lax.cond(md.num_decodes > 0, _with_decode_rows, lambda out, *_: out,
+                               out, q, k_cache, v_cache, md, scale, sliding_window)
     elif md.mode == "decode":
-        out = _decode(q, k_cache, v_cache, md, scale, sliding_window)
+        out = _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
     else:
         out = _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window)
     return out, (k_cache, v_cache)
@@ -171,7 +175,7 @@ def _with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
     t, s = q.shape[0], md.seq_lens.shape[0]
     rows = jnp.arange(s)
     dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
-    dec = _decode(q[:s], k_cache, v_cache,
+    dec = _decode_xla(q[:s], k_cache, v_cache,
                       dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
                       scale, sliding_window)
     dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
@@ -184,15 +188,6 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     hkv, _, b, d = cache.shape
     s, mb = block_tables.shape
     return cache[:, block_tables].reshape(hkv, s, mb * b, d)
-
-
-def _decode(q, k_cache, v_cache, md, scale, sliding_window):
-    if md.backend == "cpu":
-        from paged_jax import cpu_kernels  # lazily: builds the kernel on first use
-
-        return cpu_kernels.paged_decode(q, k_cache, v_cache, md.seq_lens, md.block_tables,
-                                        scale=scale, sliding_window=sliding_window)
-    return _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
 
 
 def _decode_xla(q, k_cache, v_cache, md, scale, sliding_window):

@@ -1,8 +1,9 @@
-"""Decode paged attention for the CPU: a C++ kernel (paged_decode.cc) called through the XLA FFI.
+"""Paged attention for the CPU: a C++ kernel (paged_attention.cc) called through the XLA FFI.
 
 XLA's CPU gather copies pages at a few GB/s on one thread, so the XLA decode path spent most
 of a decode step gathering K and V (docs/RESULTS.md). The kernel reads each page where it lies
-and spreads the (sequence, KV head) pairs over XLA's intra-op threads. It is compiled on first
+and spreads (sequence, KV head, query chunk) items over XLA's intra-op threads. It takes ragged
+batches: prefills, chunks of prefills over a cached prefix, and decodes, in any mix. It is compiled on first
 use with the machine's C++ compiler for the machine's CPU and kept in a cache directory; where
 no compiler is found the engine stays on the XLA path (`unavailable_reason` says why).
 """
@@ -24,8 +25,8 @@ import numpy as np
 
 from paged_jax.weights import default_cache_dir
 
-SOURCE = pathlib.Path(__file__).with_name("paged_decode.cc")
-TARGET = "paged_jax_cpu_paged_decode_f32"
+SOURCE = pathlib.Path(__file__).with_name("paged_attention.cc")
+TARGET = "paged_jax_cpu_paged_attention_f32"
 # -ffast-math lets the dot products and exp vectorize (libmvec); the kernel keeps no
 # infinities or NaNs. It is given to the compile step only: linking a shared library with
 # it would add crtfastmath, which flushes denormals for the whole process.
@@ -57,21 +58,32 @@ def _load() -> ctypes.CDLL | str:
     key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS).encode(),
                                      jax.__version__.encode(), cxx.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    lib_path = cache_dir() / f"paged_decode-{key}.so"
+    lib_path = cache_dir() / f"paged_attention-{key}.so"
     if not lib_path.exists():
-        lib_path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-            obj, lib = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
-            for cmd in ([cxx, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(SOURCE),
-                         "-o", obj],
-                        [cxx, "-shared", obj, "-o", lib, "-lm"]):
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    return f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}"
-            os.replace(lib, lib_path)  # atomic: concurrent builders never see half a file
+        try:
+            failure = _build(cxx, lib_path)
+        except OSError as e:
+            return f"cannot build into {lib_path.parent}: {e}"
+        if failure:
+            return failure
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PagedDecodeF32), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PagedAttentionF32), platform="cpu")
     return lib
+
+
+def _build(cxx: str, lib_path: pathlib.Path) -> str | None:
+    """Compiles SOURCE into lib_path; returns the compiler's complaint if it fails."""
+    lib_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+        obj, lib = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
+        for cmd in ([cxx, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), "-c", str(SOURCE),
+                     "-o", obj],
+                    [cxx, "-shared", obj, "-o", lib, "-lm"]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"compiling {SOURCE.name} failed: {done.stderr.strip()[-2000:]}"
+        os.replace(lib, lib_path)  # atomic: concurrent builders never see half a file
+    return None
 
 
 def unavailable_reason() -> str | None:
@@ -82,19 +94,21 @@ def unavailable_reason() -> str | None:
     return loaded if isinstance(loaded, str) else None
 
 
-def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens: jax.Array,
-                 block_tables: jax.Array, *, scale: float,
-                 sliding_window: int | None = None) -> jax.Array:
-    """Decode attention over the paged cache, one query token per sequence.
+def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                    query_start_loc: jax.Array, seq_lens: jax.Array, block_tables: jax.Array,
+                    *, scale: float, sliding_window: int | None = None) -> jax.Array:
+    """Ragged paged attention: sequence s owns query tokens [qsl[s], qsl[s + 1]) of q.
 
-    q [S, Hq, D] float32; k_cache, v_cache [Hkv, N, B, D] float32; seq_lens [S] int32 (0: a
-    padded row, whose output is zeros); block_tables [S, MB] int32. Returns [S, Hq, D].
-    With sliding_window, each row attends to its last sliding_window positions.
+    q [T, Hq, D] float32; k_cache, v_cache [Hkv, N, B, D] float32, the new tokens' K/V already
+    written; query_start_loc [S + 1], seq_lens [S] (context with the new tokens; 0: padding),
+    block_tables [S, MB], all int32. Token i of a sequence with qlen new tokens sits at
+    position seq_len - qlen + i and attends causally (to its last sliding_window positions if
+    given). Returns [T, Hq, D]; padding tokens and sequences of length 0 give zeros.
     """
     if q.ndim != 3 or k_cache.ndim != 4:
-        raise ValueError(f"q must be [S, Hq, D] and k_cache [Hkv, N, B, D], got shapes "
+        raise ValueError(f"q must be [T, Hq, D] and k_cache [Hkv, N, B, D], got shapes "
                          f"{q.shape} and {k_cache.shape}")
-    s, hq, d = q.shape
+    _, hq, d = q.shape
     hkv, _, _, dk = k_cache.shape
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
@@ -106,15 +120,30 @@ def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens:
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if x.dtype != jnp.float32:
             raise ValueError(f"{name} must be float32 for the CPU kernel, got {x.dtype}")
-    if seq_lens.shape != (s,) or block_tables.ndim != 2 or block_tables.shape[0] != s:
-        raise ValueError(f"seq_lens {seq_lens.shape} and block_tables {block_tables.shape} "
-                         f"must have {s} rows")
+    s = block_tables.shape[0] if block_tables.ndim == 2 else -1
+    if s < 0 or seq_lens.shape != (s,) or query_start_loc.shape != (s + 1,):
+        raise ValueError(f"block_tables {block_tables.shape} must be [S, MB], seq_lens "
+                         f"{seq_lens.shape} [S] and query_start_loc {query_start_loc.shape} "
+                         f"[S + 1]")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    return call(q, k_cache, v_cache, seq_lens.astype(jnp.int32),
-                block_tables.astype(jnp.int32), scale=np.float32(scale),
-                window=np.int64(sliding_window or 0))
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    return call(q, k_cache, v_cache, i32(query_start_loc), i32(seq_lens), i32(block_tables),
+                scale=np.float32(scale), window=np.int64(sliding_window or 0))
+
+
+def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens: jax.Array,
+                 block_tables: jax.Array, *, scale: float,
+                 sliding_window: int | None = None) -> jax.Array:
+    """Decode attention, one query token per sequence: q [S, Hq, D]; seq_lens [S] (0: a padded
+    row, whose output is zeros); block_tables [S, MB]. Returns [S, Hq, D]."""
+    if q.ndim != 3 or q.shape[0] != block_tables.shape[0]:
+        raise ValueError(f"q {q.shape} must have one token for each of the "
+                         f"{block_tables.shape[0]} table rows")
+    qsl = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
+    return paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale=scale,
+                           sliding_window=sliding_window)

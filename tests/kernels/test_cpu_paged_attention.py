@@ -1,5 +1,7 @@
-"""The C++ CPU decode kernel (paged_jax/cpu_kernels) against the float64 numpy reference, on
-random permuted block tables with random unused blocks, and its refusals."""
+"""The C++ CPU paged-attention kernel (paged_jax/cpu_kernels) against the float64 numpy
+reference, on random permuted block tables with random unused blocks: decode batches, ragged
+batches (prefills, chunks over a cached prefix, decodes, padding), a sliding window, and its
+refusals."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,50 @@ def attend(q, k_cache, v_cache, tables, lens, *, scale, sliding_window=None):
 def test_decode_matches_numpy(heads, head_size, block_size):
     kt.check_decode(attend, heads, head_size, block_size, jnp.float32, num_seqs=6,
                     max_len=6 * block_size + 5)
+
+
+def ragged_case(rng, heads, head_size, block_size):
+    """Sequences: a chunk over a cached prefix, a decode, a whole prompt longer than the
+    kernel's 32-token query chunk, a padded row, a short prompt; 3 padding tokens at the end."""
+    lens = np.array([3 * block_size + 5, 2 * block_size, 45, 0, 7], np.int32)
+    qlens = np.array([block_size + 3, 1, 45, 0, 7])
+    qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
+    case = kt.make_case(rng, num_kv_heads=heads[1], head_size=head_size,
+                        block_size=block_size, dtype=jnp.float32, seq_lens=lens)
+    q = kt.random_q(rng, int(qsl[-1]) + 3, heads[0], head_size, jnp.float32)
+    return case, qsl, q
+
+
+@pytest.mark.parametrize("heads, head_size, block_size", [
+    ((9, 3), 64, 16), ((16, 1), 80, 8), ((8, 8), 128, 32)], ids=kt.case_id)
+def test_ragged_matches_numpy(heads, head_size, block_size):
+    rng = np.random.default_rng(5)
+    case, qsl, q = ragged_case(rng, heads, head_size, block_size)
+    scale = head_size ** -0.5
+    got = jax.jit(cpu_kernels.paged_attention, static_argnames=("scale",))(
+        q, case.k_cache, case.v_cache, jnp.asarray(qsl), jnp.asarray(case.seq_lens),
+        jnp.asarray(case.block_tables), scale=scale)
+    ref = kt.ragged_reference_np(q, case, qsl, scale)
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=2e-5, rtol=2e-5)
+    assert np.all(np.asarray(got)[qsl[-1]:] == 0)  # padding tokens
+
+
+def test_ragged_sliding_window_matches_numpy():
+    rng = np.random.default_rng(6)
+    case, qsl, q = ragged_case(rng, (6, 2), 64, 8)
+    window = 13
+    got = np.asarray(cpu_kernels.paged_attention(
+        q, case.k_cache, case.v_cache, jnp.asarray(qsl), jnp.asarray(case.seq_lens),
+        jnp.asarray(case.block_tables), scale=0.125, sliding_window=window))
+    q64 = np.asarray(q, np.float64)
+    for s, length in enumerate(case.seq_lens):
+        keys, values = kt._context_np(case, s, int(length))
+        qlen = qsl[s + 1] - qsl[s]
+        for i, token in enumerate(range(qsl[s], qsl[s + 1])):
+            pos = int(length) - qlen + i
+            lo = max(0, pos + 1 - window)
+            ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125)
+            np.testing.assert_allclose(got[token], ref, atol=2e-5, rtol=2e-5)
 
 
 def test_padded_rows_give_zeros_and_sliding_window_matches_numpy():
@@ -62,8 +108,10 @@ def test_refusals_name_the_mismatch():
                                  tables, scale=0.1)
     with pytest.raises(ValueError, match="3 x size 64 do not fit the cache's 2 KV heads"):
         cpu_kernels.paged_decode(q[:, :3], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
-    with pytest.raises(ValueError, match="must have 2 rows"):
+    with pytest.raises(ValueError, match=r"seq_lens \(1,\) \[S\]"):
         cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens[:1], tables, scale=0.1)
+    with pytest.raises(ValueError, match="one token for each of the 2 table rows"):
+        cpu_kernels.paged_decode(q[:1], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
     with pytest.raises(ValueError, match="sliding_window must be >= 1, got 0"):
         cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens, tables, scale=0.1,
                                  sliding_window=0)
@@ -71,7 +119,18 @@ def test_refusals_name_the_mismatch():
     with pytest.raises(Exception, match="exceeds its table"):
         cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jnp.asarray([9, 99]), tables,
                                  scale=0.1).block_until_ready()
+    with pytest.raises(Exception, match="more new tokens than context"):
+        cpu_kernels.paged_attention(q, case.k_cache, case.v_cache, jnp.asarray([0, 0, 2]),
+                                    jnp.asarray([9, 1]), tables, scale=0.1).block_until_ready()
+    with pytest.raises(Exception, match="query_start_loc decreases"):
+        cpu_kernels.paged_attention(q, case.k_cache, case.v_cache, jnp.asarray([0, 2, 1]),
+                                    jlens, tables, scale=0.1).block_until_ready()
     bad = tables.at[0, 0].set(case.k_cache.shape[1])
     with pytest.raises(Exception, match="out of range"):
         cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens, bad,
                                  scale=0.1).block_until_ready()
+
+
+def test_a_missing_compiler_is_reported_not_raised(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert "no C++ compiler found" in cpu_kernels._load.__wrapped__()
