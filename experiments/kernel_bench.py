@@ -8,7 +8,7 @@ lengths (paper Fig. 18: 20-26% for vLLM's kernel over FasterTransformer's).
   python experiments/kernel_bench.py --batch_sizes=8,64 --context_lens=512,2048 \
       --block_sizes=16 --out=/tmp/kernel_bench.json
 
-On a CPU the XLA paths and, in float32, the engine's C++ CPU decode kernel are timed (the
+On a CPU the XLA paths and, in float32, the engine's C++ CPU kernel (decode) are timed (the
 Pallas kernels would run interpreted).
 """
 from __future__ import annotations
@@ -122,7 +122,7 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, d
            "xla_dense": (jax.jit(functools.partial(_attend_xla, scale=scale)), "dense")}
   if not on_gpu:
     if dtype == jnp.float32 and cpu_kernels.unavailable_reason() is None:
-      # The engine's CPU decode kernel (C++ through the XLA FFI); float32 only.
+      # The engine's CPU kernel (C++ through the XLA FFI) on decode rows; float32 only.
       impls["ours_cpu"] = (jax.jit(lambda q, k, v, t, l: cpu_kernels.paged_decode(
           q, k, v, l, t, scale=scale)), "paged")
     return impls

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-# "auto": "pallas" on accelerators; on the CPU "cpu" (XLA plus the C++ decode kernel) where
+# "auto": "pallas" on accelerators; on the CPU "cpu" (XLA plus the C++ attention kernel) where
 # it can run (float32, one device, a C++ compiler), else "xla".
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 DEFAULT_KV_CACHE_BYTES = 1 << 30

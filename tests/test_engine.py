@@ -47,7 +47,7 @@ def dense(llm, prompt, n):
 def test_paged_greedy_equals_dense_with_scattered_blocks(tiny_dir, backend):
     llm = make_llm(tiny_dir, attention_backend=backend)
     engine = llm.llm_engine
-    # On the CPU "auto" is the C++ decode kernel; "xla" the pure-XLA reference path.
+    # On the CPU "auto" is the C++ attention kernel; "xla" the pure-XLA reference path.
     assert engine.backend == {"auto": "cpu", "xla": "xla"}[backend]
     engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=7)
     # Lengths around block boundaries (block size 16) and a one-token prompt.
