@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 # "auto": "pallas" on accelerators; on the CPU "cpu" (XLA plus the C++ attention kernel) where
-# it can run (float32, one device, a C++ compiler), else "xla".
+# it can run (float32, one process, a C++ compiler), else "xla".
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 

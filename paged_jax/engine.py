@@ -51,7 +51,8 @@ class LLMEngine:
             model = sharding.shard_model(model, self.mesh)
         self.model = model
         mcfg = self.model.config
-        self.backend = _pick_backend(config.attention_backend, on_cpu, dtype, self.mesh)
+        self.backend = _pick_backend(config.attention_backend, on_cpu, dtype,
+                                     bool(self.multihost))
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings,
                                                          DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > mcfg.max_position_embeddings:
@@ -261,7 +262,7 @@ class LLMEngine:
         return self.kv.usage(held)
 
 
-def _pick_backend(requested: str, on_cpu: bool, dtype: str, mesh) -> str:
+def _pick_backend(requested: str, on_cpu: bool, dtype: str, multihost: bool) -> str:
     """The attention backend "auto" stands for, or the requested one if it can run."""
     if requested not in ("auto", "cpu"):
         return requested
@@ -272,9 +273,10 @@ def _pick_backend(requested: str, on_cpu: bool, dtype: str, mesh) -> str:
         return "pallas"
     from paged_jax import cpu_kernels
 
-    # The kernel is float32 and one device's: XLA cannot split an FFI call over a mesh.
+    # The kernel is float32. Under a one-process tensor-parallel mesh attention runs under
+    # shard_map, so each call sees one device's KV heads; across processes it is untested.
     reason = (f"it takes float32, not {dtype}" if dtype != "float32"
-              else "it runs on one device, not a mesh" if mesh is not None
+              else "it is not tested across processes (multi-host)" if multihost
               else cpu_kernels.unavailable_reason())
     if reason is None:
         return "cpu"

@@ -277,12 +277,12 @@ def test_chat_uses_the_template(llm):
 def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
     from paged_jax.engine import _pick_backend
 
-    assert _pick_backend("auto", True, "float32", None) == "cpu"
-    assert _pick_backend("auto", True, "bfloat16", None) == "xla"
-    assert _pick_backend("auto", True, "float32", object()) == "xla"  # a tensor-parallel mesh
-    assert _pick_backend("auto", False, "bfloat16", None) == "pallas"
-    assert _pick_backend("xla", True, "float32", None) == "xla"
+    assert _pick_backend("auto", True, "float32", False) == "cpu"
+    assert _pick_backend("auto", True, "bfloat16", False) == "xla"
+    assert _pick_backend("auto", True, "float32", True) == "xla"  # multi-host
+    assert _pick_backend("auto", False, "bfloat16", False) == "pallas"
+    assert _pick_backend("xla", True, "float32", False) == "xla"
     with pytest.raises(ValueError, match="'cpu' cannot run here: it takes float32, not bfloat16"):
-        _pick_backend("cpu", True, "bfloat16", None)
+        _pick_backend("cpu", True, "bfloat16", False)
     with pytest.raises(ValueError, match="'cpu' needs the CPU platform"):
-        _pick_backend("cpu", False, "float32", None)
+        _pick_backend("cpu", False, "float32", False)

@@ -61,13 +61,13 @@ def tiny_dir(make_tiny_llama_dir):
 def tiny_run(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_single")
     args = dict(model=str(tiny_dir), prompts=random_prompts(), max_tokens=12,
-                runs=[[1, "xla"], [2, "xla"], [4, "xla"], [8, "xla"], [4, "pallas"]],
+                runs=[[1, "xla"], [2, "xla"], [4, "xla"], [8, "xla"], [4, "pallas"], [2, "cpu"]],
                 checkpoint=str(tmp / "ckpt"), checkpoint_tp=4, restore_tps=[1, 2, 8],
                 restore_generate_tp=2)
     return run_worker("single", args, tmp, devices=8)
 
 
-@pytest.mark.parametrize("run", ["2-xla", "4-xla", "8-xla", "4-pallas"])
+@pytest.mark.parametrize("run", ["2-xla", "4-xla", "8-xla", "4-pallas", "2-cpu"])
 def test_greedy_tokens_equal_tp_1(tiny_run, run):
     reference = tiny_run["tokens"]["1-xla"]
     assert all(len(t) == 12 for t in reference)
