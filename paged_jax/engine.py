@@ -12,6 +12,7 @@ import time
 from typing import Iterable
 
 import jax
+import jax.numpy as jnp
 
 from paged_jax import kv_cache, multihost, sampler, sharding, step_inputs
 from paged_jax.config import EngineConfig
@@ -51,8 +52,9 @@ class LLMEngine:
             model = sharding.shard_model(model, self.mesh)
         self.model = model
         mcfg = self.model.config
-        self.backend = _pick_backend(config.attention_backend, on_cpu, dtype,
-                                     bool(self.multihost))
+        # The loaded model's dtype decides (a model handed in may differ from config.dtype).
+        self.backend = _pick_backend(config.attention_backend, on_cpu,
+                                     jnp.dtype(mcfg.dtype).name, bool(self.multihost))
         self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings,
                                                          DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > mcfg.max_position_embeddings:

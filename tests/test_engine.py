@@ -286,3 +286,14 @@ def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
         _pick_backend("cpu", True, "bfloat16", False)
     with pytest.raises(ValueError, match="'cpu' needs the CPU platform"):
         _pick_backend("cpu", False, "float32", False)
+
+
+def test_a_bfloat16_model_handed_in_runs_on_the_xla_path(tiny_dir):
+    # The loaded model's dtype decides, not EngineConfig.dtype ("auto" here).
+    from paged_jax import LLMEngine
+    from paged_jax.config import EngineConfig
+    from paged_jax.models.loader import load_model
+
+    model = load_model(str(tiny_dir), "bfloat16", with_tokenizer=False)
+    engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=64), model=model)
+    assert engine.backend == "xla"

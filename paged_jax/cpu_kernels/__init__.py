@@ -21,6 +21,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from paged_jax.weights import default_cache_dir
@@ -54,20 +55,22 @@ def _load() -> ctypes.CDLL | str:
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         return f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r})"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS).encode(),
-                                     jax.__version__.encode(), cxx.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    lib_path = cache_dir() / f"paged_attention-{key}.so"
-    if not lib_path.exists():
-        try:
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+        # The FFI headers come with jaxlib; -march=native builds for this CPU.
+        key = hashlib.sha256(b"\0".join([
+            SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(), jaxlib.__version__.encode(),
+            cxx.encode(), version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
+        lib_path = cache_dir() / f"paged_attention-{key}.so"
+        if not lib_path.exists():
             failure = _build(cxx, lib_path)
-        except OSError as e:
-            return f"cannot build into {lib_path.parent}: {e}"
-        if failure:
-            return failure
-    lib = ctypes.cdll.LoadLibrary(str(lib_path))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PagedAttentionF32), platform="cpu")
+            if failure:
+                return failure
+        lib = ctypes.cdll.LoadLibrary(str(lib_path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PagedAttentionF32),
+                                    platform="cpu")
+    except (OSError, RuntimeError) as e:  # unreadable source, unwritable cache, noexec mount
+        return f"cannot build or load the kernel: {e}"
     return lib
 
 

@@ -163,7 +163,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   auto qd = q.dimensions(), kd = k_cache.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
     return ffi::Error::InvalidArgument("paged_attention: q must be 3-D, caches 4-D, tables 2-D");
-  if (qd[2] != kd[3] || qd[1] % kd[0] != 0 || qd[1] / kd[0] > kMaxGroup)
+  if (kd[0] < 1 || qd[2] != kd[3] || qd[1] % kd[0] != 0 || qd[1] / kd[0] > kMaxGroup)
     return ffi::Error::InvalidArgument("paged_attention: heads or head size do not fit the cache");
   const int64_t num_tokens = qd[0], num_seqs = td[0], hkv = kd[0];
   if (query_start_loc.dimensions()[0] != num_seqs + 1 || seq_lens.dimensions()[0] != num_seqs)
