@@ -33,6 +33,10 @@ flags.DEFINE_integer("num_kv_blocks", None, "paged-jax: KV blocks (default: from
 flags.DEFINE_bool("precompile", True, "paged-jax: compile every step shape before the timed "
                   "run (reported apart, as vLLM captures its graphs at start-up)")
 flags.DEFINE_bool("mixed_batches", True, "paged-jax: decodes and new prompts in one step")
+flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "cpu", "pallas"],
+                  "paged-jax: attention backend (auto: the C++ kernel on the CPU)")
+flags.DEFINE_integer("passes", 1, "paged-jax: run the workload this many times in one process; "
+                     "the first pass is the one compared")
 flags.DEFINE_integer("hf_batch_size", 16, "transformers: static batch size")
 flags.DEFINE_bool("hf", True, "run the transformers baseline (needs torch)")
 flags.DEFINE_bool("chat", True, "first print answers to a few chat prompts")
@@ -65,6 +69,17 @@ def run_paged(llm: LLM, work) -> dict:
                            SamplingParams(temperature=0.0, max_tokens=w.output_len,
                                           ignore_eos=True))
     usage, shares, done, tokens = [], [], 0, 0
+    # Seconds per compiled step shape (mode, tokens, sequences, table width): where time goes.
+    shapes, run = {}, engine.runner.run
+
+    def timed_run(inputs, sampling):
+        t = time.perf_counter()
+        result = run(inputs, sampling)
+        count, total = shapes.get(inputs.shape_key, (0, 0.0))
+        shapes[inputs.shape_key] = (count + 1, total + time.perf_counter() - t)
+        return result
+
+    engine.runner.run = timed_run
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -74,6 +89,7 @@ def run_paged(llm: LLM, work) -> dict:
         usage.append(u.usage)
         shares.append(u.token_state_share)
     wall = time.perf_counter() - start
+    del engine.runner.run  # the instance attribute; the class's method again
     compile_s = engine.runner.compile_seconds - compile_before
     seconds = wall - compile_s
     assert done == len(work) and tokens == sum(w.output_len for w in work)
@@ -83,7 +99,9 @@ def run_paged(llm: LLM, work) -> dict:
                 kv_usage_mean=sum(usage) / len(usage), kv_usage_peak=max(usage),
                 kv_token_state_share_mean=sum(shares) / len(shares),
                 preemptions=engine.scheduler.num_preemptions,
-                kv_blocks=engine.kv.pool.num_usable, compiled_variants=engine.runner.num_compiled)
+                kv_blocks=engine.kv.pool.num_usable, compiled_variants=engine.runner.num_compiled,
+                step_shapes={" ".join(map(str, k)): dict(steps=n, seconds=s)
+                             for k, (n, s) in sorted(shapes.items())})
 
 
 def run_hf(folder: str, work, batch_size: int) -> dict:
@@ -296,7 +314,7 @@ def main(argv):
     start = time.perf_counter()
     llm = LLM(FLAGS.model, max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
               num_kv_blocks=FLAGS.num_kv_blocks, precompile=FLAGS.precompile,
-              mixed_batches=FLAGS.mixed_batches)
+              mixed_batches=FLAGS.mixed_batches, attention_backend=FLAGS.attention_backend)
     startup = time.perf_counter() - start
     if FLAGS.chat:
         run_chat(llm)
@@ -318,6 +336,15 @@ def main(argv):
     print(f"  KV cache: mean usage {paged['kv_usage_mean']:.1%}, peak {paged['kv_usage_peak']:.1%} "
           f"of {paged['kv_blocks']} blocks; token states {paged['kv_token_state_share_mean']:.1%}"
           f" of allocated slots; {paged['preemptions']} preemptions")
+    print(f"  attention backend {llm.llm_engine.backend}; seconds per step by shape "
+          f"(mode tokens seqs table): " + ", ".join(
+              f"{k}: {v['steps']} x {v['seconds'] / v['steps']:.3f}"
+              for k, v in paged["step_shapes"].items()))
+    for i in range(1, FLAGS.passes):  # later passes: the same process, warm
+        again = run_paged(llm, work)
+        results.setdefault("paged_jax_later_passes", []).append(again)
+        print(f"  pass {i + 1}: {again['output_tokens_per_s']:.1f} output tokens/s "
+              f"({again['seconds']:.1f} s)")
     if FLAGS.hf:
         results["transformers_static"] = hf = run_hf(llm.llm_engine.model.path, work,
                                                       FLAGS.hf_batch_size)

@@ -11,8 +11,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-# "cpu": attention in the C++ kernel of paged_jax/cpu_kernels (all modes); the rest XLA.
-BACKENDS = ("xla", "pallas", "cpu")
 DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
 # Decode rows are attended in groups of this many, each group's loop stopping at its own
 # longest sequence; the engine sorts decode rows by length, so little of a group is padding.

@@ -185,7 +185,8 @@ class LLMEngine:
         if batch is None or not batch.requests:
             return []
         # Decoding rows longest first: the XLA decode attention walks the rows in groups,
-        # each up to its own longest row, so sorted rows leave little of a group idle.
+        # each up to its own longest row, so sorted rows leave little of a group idle; the
+        # CPU kernel's threads take the longest rows first, which balances them.
         n_dec = len(batch.requests) if batch.kind == "decode" else batch.num_decodes
         if n_dec > 1:
             decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_tokens)

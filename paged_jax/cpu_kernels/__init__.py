@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from pallas_kernels.paged_attention import validate_cache_args
 from paged_jax.weights import default_cache_dir
 
 SOURCE = pathlib.Path(__file__).with_name("paged_attention.cc")
@@ -57,7 +58,7 @@ def _load() -> ctypes.CDLL | str:
         return f"no C++ compiler found (CXX={os.environ.get('CXX', 'g++')!r})"
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-        # The FFI headers come with jaxlib; -march=native builds for this CPU.
+        # The FFI headers come with jaxlib; _cpu_signature because of -march=native.
         key = hashlib.sha256(b"\0".join([
             SOURCE.read_bytes(), " ".join(COMPILE_FLAGS).encode(), jaxlib.__version__.encode(),
             cxx.encode(), version.encode(), _cpu_signature().encode()])).hexdigest()[:16]
@@ -108,34 +109,23 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     position seq_len - qlen + i and attends causally (to its last sliding_window positions if
     given). Returns [T, Hq, D]; padding tokens and sequences of length 0 give zeros.
     """
-    if q.ndim != 3 or k_cache.ndim != 4:
-        raise ValueError(f"q must be [T, Hq, D] and k_cache [Hkv, N, B, D], got shapes "
-                         f"{q.shape} and {k_cache.shape}")
-    _, hq, d = q.shape
-    hkv, _, _, dk = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
-    if dk != d or hq % hkv:
-        raise ValueError(f"q heads {hq} x size {d} do not fit the cache's {hkv} KV heads x "
-                         f"size {dk}")
-    if hq // hkv > 64:
-        raise ValueError(f"{hq // hkv} query heads per KV head; the kernel takes at most 64")
-    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != jnp.float32:
-            raise ValueError(f"{name} must be float32 for the CPU kernel, got {x.dtype}")
-    s = block_tables.shape[0] if block_tables.ndim == 2 else -1
-    if s < 0 or seq_lens.shape != (s,) or query_start_loc.shape != (s + 1,):
-        raise ValueError(f"block_tables {block_tables.shape} must be [S, MB], seq_lens "
-                         f"{seq_lens.shape} [S] and query_start_loc {query_start_loc.shape} "
-                         f"[S + 1]")
+    # What every paged kernel checks (shapes, head grouping, int32 tables), then the CPU's own.
+    validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+    group = q.shape[1] // k_cache.shape[0]
+    if group > 64:
+        raise ValueError(f"{group} query heads per KV head; the kernel takes at most 64")
+    if q.dtype != jnp.float32:
+        raise ValueError(f"the CPU kernel takes float32, got {q.dtype}")
+    if query_start_loc.shape != (block_tables.shape[0] + 1,):
+        raise ValueError(f"query_start_loc must be [{block_tables.shape[0] + 1}] (S + 1), got "
+                         f"{query_start_loc.shape}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
-    return call(q, k_cache, v_cache, i32(query_start_loc), i32(seq_lens), i32(block_tables),
+    return call(q, k_cache, v_cache, query_start_loc.astype(jnp.int32), seq_lens, block_tables,
                 scale=np.float32(scale), window=np.int64(sliding_window or 0))
 
 

@@ -106,10 +106,16 @@ def test_refusals_name_the_mismatch():
     with pytest.raises(ValueError, match="bfloat16"):
         cpu_kernels.paged_decode(q.astype(jnp.bfloat16), case.k_cache, case.v_cache, jlens,
                                  tables, scale=0.1)
-    with pytest.raises(ValueError, match="3 x size 64 do not fit the cache's 2 KV heads"):
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, case.k_cache, case.v_cache)]
+    with pytest.raises(ValueError, match="the CPU kernel takes float32, got bfloat16"):
+        cpu_kernels.paged_decode(*bf16, jlens, tables, scale=0.1)
+    with pytest.raises(ValueError, match="q heads 3 not a multiple of kv heads 2"):
         cpu_kernels.paged_decode(q[:, :3], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
-    with pytest.raises(ValueError, match=r"seq_lens \(1,\) \[S\]"):
+    with pytest.raises(ValueError, match=r"seq_lens must be int32 \[2\] .* got int32 \(1,\)"):
         cpu_kernels.paged_decode(q, case.k_cache, case.v_cache, jlens[:1], tables, scale=0.1)
+    with pytest.raises(ValueError, match=r"query_start_loc must be \[3\] \(S \+ 1\), got \(2,\)"):
+        cpu_kernels.paged_attention(q, case.k_cache, case.v_cache, jnp.asarray([0, 2]), jlens,
+                                    tables, scale=0.1)
     with pytest.raises(ValueError, match="one token for each of the 2 table rows"):
         cpu_kernels.paged_decode(q[:1], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
     with pytest.raises(ValueError, match="sliding_window must be >= 1, got 0"):
