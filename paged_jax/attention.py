@@ -242,26 +242,39 @@ def _decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_win
     return out.transpose(1, 0, 2, 3).reshape(s, hq, d).astype(q.dtype)
 
 
-def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window):
-    """General ragged case: each token attends to its sequence's pages up to its position."""
+def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE):
+    """General ragged case (prompts over a cached prefix, with decode rows): each token
+    attends to its sequence's pages up to its own position. Query tiles run one after another
+    and gather their own sequences' pages, so memory stays at a tile's [Hkv, c, L, D]."""
     t, hq, d = q.shape
     hkv = k_cache.shape[0]
-    seg = _token_seq_ids(md, t)
+    g = hq // hkv
     s = md.seq_lens.shape[0]
+    c = min(tile, t)
+    n = -(-t // c)
+    q = jnp.pad(q, ((0, n * c - t), (0, 0), (0, 0)))
+    seg = _token_seq_ids(md, n * c)  # padding tokens get id s
     seg_c = jnp.minimum(seg, s - 1)
     qlen = md.query_start_loc[1:] - md.query_start_loc[:-1]
-    qpos = md.seq_lens[seg_c] - qlen[seg_c] + (jnp.arange(t) - md.query_start_loc[seg_c])
-    keys = gather_pages(k_cache, md.block_tables).astype(jnp.float32)  # [Hkv, S, L, D]
-    vals = gather_pages(v_cache, md.block_tables).astype(jnp.float32)
-    kpos = jnp.arange(keys.shape[2])
-    mask = (kpos[None, :] <= qpos[:, None]) & (seg[:, None] < s)  # [T, L]
-    if sliding_window is not None:
-        mask &= kpos[None, :] > qpos[:, None] - sliding_window
-    qg = q.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("thgd,htld->thgl", qg, keys[:, seg_c]) * scale
-    weights = _masked_softmax(scores, mask[:, None, None, :])
-    out = jnp.einsum("thgl,htld->thgd", weights, vals[:, seg_c])
-    return out.reshape(t, hq, d).astype(q.dtype)
+    qpos = md.seq_lens[seg_c] - qlen[seg_c] + (jnp.arange(n * c) - md.query_start_loc[seg_c])
+    kpos = jnp.arange(md.block_tables.shape[1] * k_cache.shape[2])
+
+    def query_tile(args):
+        qi, segi, posi = args  # [c, Hq, D], [c], [c]
+        tables = md.block_tables[jnp.minimum(segi, s - 1)]  # [c, MB]
+        keys = gather_pages(k_cache, tables).astype(jnp.float32)  # [Hkv, c, L, D]
+        vals = gather_pages(v_cache, tables).astype(jnp.float32)
+        mask = (kpos[None, :] <= posi[:, None]) & (segi[:, None] < s)  # [c, L]
+        if sliding_window is not None:
+            mask &= kpos[None, :] > posi[:, None] - sliding_window
+        qg = qi.reshape(c, hkv, g, d).astype(jnp.float32)
+        scores = jnp.einsum("thgd,htld->thgl", qg, keys) * scale
+        weights = _masked_softmax(scores, mask[:, None, None, :])
+        return jnp.einsum("thgl,htld->thgd", weights, vals).reshape(c, hq, d)
+
+    out = jax.lax.map(query_tile, (q.reshape(n, c, hq, d), seg.reshape(n, c),
+                                   qpos.reshape(n, c)))
+    return out.reshape(n * c, hq, d)[:t].astype(q.dtype)
 
 
 def _pallas(q, k_cache, v_cache, md, scale):

@@ -24,6 +24,10 @@ class EngineConfig:
     # Decodes and new prompts in one step (decode-first, as vLLM V1 batches); False: every
     # step is all prefill or all decode, prefill first (vLLM V0 and the paper).
     mixed_batches: bool = True
+    # Automatic prefix caching (vLLM's enable_prefix_caching, on by default as in vLLM V1):
+    # full KV blocks are kept under a hash of their prefix and shared by later requests that
+    # start with the same tokens (n > 1 samples, a common system prompt, a preempted request).
+    enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)

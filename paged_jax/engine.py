@@ -71,12 +71,15 @@ class LLMEngine:
             mcfg, config.block_size, config.kv_cache_memory_bytes * tp)
         self.config = config
         self.tokenizer = self.model.tokenizer
-        self.kv = KVCacheManager(num_blocks, config.block_size)
+        self.kv = KVCacheManager(num_blocks, config.block_size,
+                                 enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    mixed=config.mixed_batches)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size,
-                                                table_ladder=self.backend == "pallas")
+                                                table_ladder=self.backend == "pallas",
+                                                mixed_steps=(config.enable_prefix_caching
+                                                             and self.backend == "xla"))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         self.runner = ModelRunner(self.model.graphdef, self.model.params,
                                   kv_cache.allocate(mcfg, num_blocks, config.block_size,
@@ -197,8 +200,8 @@ class LLMEngine:
         sampling = sampler.build_inputs(list(batch.requests), rows, self.max_model_len)
         result = self.runner.run(inputs, sampling)
         self.stats.num_steps += 1
-        if batch.kind == "prefill":
-            self.stats.prompt_tokens += sum(batch.num_new_tokens[batch.num_decodes:])
+        if batch.kind == "prefill":  # prompt tokens, cached ones included (as vLLM counts)
+            self.stats.prompt_tokens += sum(r.num_tokens for r in batch.requests[n_dec:])
         for i, req in enumerate(batch.requests):
             req.num_computed_tokens = req.num_tokens
             if req.first_scheduled_time is None:

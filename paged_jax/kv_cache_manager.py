@@ -1,9 +1,11 @@
-"""Per-request block tables over the block pool, grown on demand, and KV usage accounting."""
+"""Per-request block tables over the block pool, grown on demand; prefix-cache lookups and
+registration; KV usage accounting."""
 from __future__ import annotations
 
 import dataclasses
 
 from paged_jax.block_pool import BlockPool
+from paged_jax.prefix_cache import PrefixHit, block_hashes
 
 
 def cdiv(a: int, b: int) -> int:
@@ -31,11 +33,21 @@ class KVUsage:
         return 1.0 - self.token_state_share
 
 
+@dataclasses.dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens (of admitted requests) looked up
+    hits: int = 0  # of those, tokens whose K/V came from the cache
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, shuffle_seed: int | None = None):
+    def __init__(self, num_blocks: int, block_size: int, shuffle_seed: int | None = None,
+                 enable_caching: bool = False):
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, shuffle_seed)
+        self.enable_caching = enable_caching
+        self.cache_stats = PrefixCacheStats()
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # hashes of each table's full blocks so far
 
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
@@ -43,16 +55,63 @@ class KVCacheManager:
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         return max(0, cdiv(num_tokens, self.block_size) - len(self.block_table(request_id)))
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the table to hold num_tokens tokens. All or nothing: False if blocks run out."""
-        need = self.blocks_needed(request_id, num_tokens)
-        if need > self.pool.num_free:
+    def find_cached(self, token_ids: list[int]) -> PrefixHit:
+        """The longest run of cached full blocks that token_ids start with. The last token is
+        never a hit (its logits are needed), so a hit ends at least one token early; empty
+        when caching is off."""
+        if not self.enable_caching:
+            return PrefixHit(block_size=self.block_size)
+        blocks, hashes = [], []
+        for h in block_hashes(token_ids, self.block_size,
+                              limit=(len(token_ids) - 1) // self.block_size):
+            b = self.pool.cached_block(h)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(h)
+        return PrefixHit(tuple(blocks), tuple(hashes), self.block_size)
+
+    def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Grow the table to hold num_tokens tokens, a new table starting from `hit`'s cached
+        blocks. All or nothing: False if blocks run out."""
+        hit_blocks = list(hit.blocks) if hit is not None else []
+        if hit_blocks and request_id in self._tables:
+            raise ValueError(f"request {request_id!r} already has blocks; a prefix hit "
+                             "only starts a new table")
+        need = max(0, self.blocks_needed(request_id, num_tokens) - len(hit_blocks))
+        # Hit blocks that no request holds sit on the free list: taking them shrinks it.
+        reclaimed = sum(1 for b in set(hit_blocks) if self.pool.ref_count(b) == 0)
+        if need + reclaimed > self.pool.num_free:
             return False
+        if hit_blocks:
+            self.pool.share(hit_blocks)
+            self._tables[request_id] = hit_blocks
+            self._hashes[request_id] = list(hit.hashes)
         if need:
             self._tables.setdefault(request_id, []).extend(self.pool.allocate(need))
         return True
 
+    def cache_blocks(self, request_id: str, token_ids: list[int]) -> None:
+        """Register the request's full blocks among token_ids, the tokens whose K/V will be in
+        its blocks once the step being scheduled has run. Registering before the step is safe:
+        within each layer the step writes all its new K/V before any attention reads them, so
+        a request that hits these blocks in the same step reads them written."""
+        if not self.enable_caching:
+            return
+        table = self._tables[request_id]
+        known = self._hashes.setdefault(request_id, [])
+        done = len(known)
+        known[:] = block_hashes(token_ids, self.block_size, known, limit=len(table))
+        for i in range(done, len(known)):
+            self.pool.register(table[i], known[i])
+
+    def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
+        if self.enable_caching:
+            self.cache_stats.queries += num_prompt_tokens
+            self.cache_stats.hits += hit.num_tokens
+
     def free(self, request_id: str) -> None:
+        self._hashes.pop(request_id, None)
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.free(table)
@@ -63,7 +122,15 @@ class KVCacheManager:
         return [table[p // b] * b + p % b for p in range(start, end)]
 
     def usage(self, tokens_held: dict[str, int]) -> KVUsage:
-        """tokens_held: request id -> tokens whose K/V sit in its blocks."""
+        """tokens_held: request id -> tokens whose K/V sit in its blocks. A block shared by
+        several requests counts its tokens once."""
+        filled: dict[int, int] = {}
+        for rid, n in tokens_held.items():
+            for i, block in enumerate(self._tables.get(rid, ())):
+                held = min(self.block_size, n - i * self.block_size)
+                if held <= 0:
+                    break
+                filled[block] = max(filled.get(block, 0), held)
         used = self.pool.num_used
         return KVUsage(used, self.pool.num_usable, used * self.block_size,
-                       sum(tokens_held.values()))
+                       sum(filled.values()))

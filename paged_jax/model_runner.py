@@ -64,6 +64,9 @@ class ModelRunner:
         return len(self._compiled)
 
     def _executable(self, key: tuple):
+        if key[0] == "mixed" and self.backend in ("cpu", "pallas"):
+            # Their prefill attention is ragged over the pages already: one executable serves.
+            key = ("prefill",) + key[1:]
         if key not in self._compiled:
             mode, t, s, mb = key
             start = time.perf_counter()

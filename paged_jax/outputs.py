@@ -85,4 +85,5 @@ class OutputBuilder:
             prompt_token_ids=list(first.prompt_token_ids),
             outputs=[self.completion(i, r) for i, r in enumerate(group)],
             finished=all(r.finish_reason is not None for r in group),
-            num_preemptions=sum(r.num_preemptions for r in group))
+            num_preemptions=sum(r.num_preemptions for r in group),
+            num_cached_tokens=max(r.num_cached_tokens or 0 for r in group))

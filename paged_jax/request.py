@@ -36,6 +36,7 @@ class Request:
     cumulative_logprob: float = 0.0
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave at admission
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
@@ -79,3 +80,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (vLLM's)

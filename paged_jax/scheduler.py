@@ -10,6 +10,12 @@ never waits for the running requests to drain.
 When a decode cannot find a block, the newest running request is preempted: its blocks are
 freed and it goes back to the head of the queue, to be recomputed from its prompt and output
 so far. A step that preempted admits nothing, so a victim is not readmitted at once.
+
+With prefix caching on (KVCacheManager(enable_caching=True)), an admitted request starts from
+the cached blocks its tokens begin with, and only the rest of its tokens are computed and
+counted against the budget; the full blocks a step will compute are registered as it is
+scheduled, so requests sharing a prompt (n > 1, a common system prompt) share its blocks even
+when admitted in the same step.
 """
 from __future__ import annotations
 
@@ -74,14 +80,14 @@ class Scheduler:
         if not prompts:
             return decode
         return ScheduledBatch("prefill", decodes + prompts,
-                              (1,) * len(decodes) + tuple(r.num_tokens for r in prompts),
+                              (1,) * len(decodes) + _uncomputed(prompts),
                               num_decodes=len(decodes))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         batch = self._admit(self.max_num_batched_tokens)
         if not batch:
             return None
-        return ScheduledBatch("prefill", batch, tuple(r.num_tokens for r in batch))
+        return ScheduledBatch("prefill", batch, _uncomputed(batch))
 
     def _admit(self, budget: int) -> tuple[Request, ...]:
         """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow."""
@@ -89,14 +95,22 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             req = self.waiting[0]
-            if tokens + req.num_tokens > budget:
+            hit = self.kv.find_cached(req.all_token_ids)
+            new = req.num_tokens - hit.num_tokens
+            if tokens + new > budget:
                 break
-            if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req))):
+            if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
+                                    hit):
                 break
+            self.kv.cache_blocks(req.request_id, req.all_token_ids)
+            self.kv.record_admission(req.num_tokens, hit)
             self.waiting.popleft()
             req.status = Status.RUNNING
+            req.num_computed_tokens = hit.num_tokens
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = hit.num_tokens
             batch.append(req)
-            tokens += req.num_tokens
+            tokens += new
         self.running.extend(batch)
         return tuple(batch)
 
@@ -113,6 +127,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
+                self.kv.cache_blocks(req.request_id, req.all_token_ids)
                 scheduled.append(req)
         if not scheduled:
             return None if not preempted else ScheduledBatch("decode", (), (), tuple(preempted))
@@ -136,3 +151,8 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
         req.status = Status.FINISHED
+
+
+def _uncomputed(reqs) -> tuple[int, ...]:
+    """New tokens of admitted prompts: all but those whose K/V came from the prefix cache."""
+    return tuple(r.num_tokens - r.num_computed_tokens for r in reqs)

@@ -34,10 +34,13 @@ class Buckets:
     seqs: tuple[int, ...]  # padded sequence counts (decode batch sizes)
     tokens: tuple[int, ...]  # padded token counts of prefill steps
     blocks: tuple[int, ...]  # padded block-table widths
+    # Precompile "mixed" variants too: prompt steps over a cached prefix (prefix caching) on
+    # the XLA path, whose prefill attention reads only the step's own tokens.
+    mixed_steps: bool = False
 
     @classmethod
     def make(cls, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-             table_ladder: bool = True):
+             table_ladder: bool = True, mixed_steps: bool = False):
         """table_ladder=False: every step takes the full table width. For the XLA decode
         path, whose loop stops at the batch's longest sequence, a wider table costs nothing,
         and one width means a third as many compiled variants."""
@@ -48,7 +51,8 @@ class Buckets:
         return cls(seqs=ladder(min(2, max_num_seqs), max_num_seqs, fine_from=16),
                    tokens=ladder(min(16, max_num_batched_tokens), max_num_batched_tokens),
                    blocks=(ladder(min(8, max_blocks), max_blocks) if table_ladder
-                           else (max_blocks,)))
+                           else (max_blocks,)),
+                   mixed_steps=mixed_steps)
 
     def all_shapes(self):
         """Every (mode, T, S, MB) the runner can see: precompile iterates over this."""
@@ -56,6 +60,8 @@ class Buckets:
             s = pick(self.seqs, min(t, self.seqs[-1]))
             for mb in self.blocks:
                 yield ("prefill", t, s, mb)
+                if self.mixed_steps:
+                    yield ("mixed", t, s, mb)
         for s in self.seqs:
             for mb in self.blocks:
                 yield ("decode", s, s, mb)
@@ -99,8 +105,12 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
     for i, req in enumerate(reqs):
         table = kv.block_table(req.request_id)
         tables[i, :len(table)] = table
+    # A prompt row with a cached prefix attends over pages it did not write this step.
+    prefix = batch.kind == "prefill" and any(
+        new < req.num_tokens for req, new in
+        zip(reqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:]))
     return StepInputs(
-        mode=batch.kind,
+        mode="mixed" if prefix else batch.kind,
         input_ids=_pad(ids, t_pad),
         positions=_pad(pos, t_pad),
         # Padding tokens write into block 0, which no request owns.

@@ -168,15 +168,20 @@ def test_mixed_step_that_preempts_admits_nothing():
 
 class SchedulerMachine(RuleBasedStateMachine):
     MIXED = False
+    CACHING = False  # prefix caching: prompts then come from a few shared stems
 
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
                 max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64))
     def setup(self, block_size, num_blocks, max_num_seqs, budget):
-        self.sched = make_scheduler(num_blocks, block_size, max_num_seqs, budget,
-                                    mixed=self.MIXED)
+        self.sched = Scheduler(KVCacheManager(num_blocks, block_size,
+                                              enable_caching=self.CACHING),
+                               max_num_seqs, budget, mixed=self.MIXED)
         # Longest request that can always run alone, and be recomputed after a preemption.
         self.max_len = min(budget, (num_blocks - 1) * block_size)
         self.added: list[Request] = []
+        # What each block holds, as a model of the device's pages: the token whose K/V a
+        # step wrote into each slot. Every request must read back its own tokens.
+        self.pages: dict[int, list] = {}
 
     @precondition(lambda self: self.max_len >= 2)
     @rule(data=st.data())
@@ -184,6 +189,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         total = data.draw(st.integers(2, self.max_len))
         prompt = data.draw(st.integers(1, total - 1))
         req = make_request(prompt, total - prompt)
+        if self.CACHING:  # a stem shared with other requests, then tokens of its own
+            stem = data.draw(st.integers(0, 2))
+            cut = data.draw(st.integers(0, prompt))
+            req.prompt_token_ids = ([100 + stem] * cut
+                                    + data.draw(st.lists(st.integers(0, 2), min_size=prompt - cut,
+                                                         max_size=prompt - cut)))
         self.sched.add(req)
         self.added.append(req)
 
@@ -213,12 +224,20 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert prompts and not batch.preempted  # a step that preempts admits nothing
             assert prompts == tuple(old_waiting[:len(prompts)])  # FCFS
             assert batch.num_tokens <= sched.max_num_batched_tokens
-            assert batch.num_new_tokens == (1,) * d + tuple(r.num_tokens for r in prompts)
+            assert batch.num_new_tokens == (1,) * d + tuple(r.num_tokens - r.num_computed_tokens
+                                                            for r in prompts)
+            for r in prompts:  # a cache hit: whole blocks, and never the last token
+                assert r.num_computed_tokens % kv.block_size == 0
+                assert r.num_computed_tokens < r.num_tokens
+                assert self.CACHING or r.num_computed_tokens == 0
             assert sched.running == old_running + list(prompts)
             if sched.waiting and len(sched.running) < sched.max_num_seqs:
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
-                assert (batch.num_tokens + nxt.num_tokens > sched.max_num_batched_tokens
-                        or kv.blocks_needed(nxt.request_id, nxt.num_tokens) > kv.pool.num_free)
+                hit = kv.find_cached(nxt.all_token_ids)
+                assert (batch.num_tokens + nxt.num_tokens - hit.num_tokens
+                        > sched.max_num_batched_tokens
+                        or kv.blocks_needed(nxt.request_id, nxt.num_tokens) - len(hit.blocks)
+                        + sum(kv.pool.ref_count(b) == 0 for b in hit.blocks) > kv.pool.num_free)
         else:
             assert batch.num_new_tokens == (1,) * len(batch.requests)
             # The oldest keep running; the newest are preempted, newest first.
@@ -229,6 +248,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert kv.block_table(r.request_id) == []
         for r in batch.requests:
             assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_tokens
+        for r, new in zip(batch.requests, batch.num_new_tokens):  # the step writes its K/V
+            table = kv.block_table(r.request_id)
+            for pos in range(r.num_tokens - new, r.num_tokens):
+                page = self.pages.setdefault(table[pos // kv.block_size], [None] * kv.block_size)
+                page[pos % kv.block_size] = r.all_token_ids[pos]
+        for r in batch.requests:  # ... and attention reads every position back
+            table = kv.block_table(r.request_id)
+            for pos in range(r.num_tokens):
+                got = self.pages[table[pos // kv.block_size]][pos % kv.block_size]
+                assert got == r.all_token_ids[pos], f"{r.request_id} reads another's K/V"
         for req in batch.requests:  # as LLMEngine.step
             req.num_computed_tokens = req.num_tokens
             req.output_token_ids.append(7)
@@ -246,8 +275,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert places == 1, f"{r.request_id} is in {places} places"
         tables = [kv.block_table(r.request_id) for r in running]
         blocks = [b for t in tables for b in t]
-        assert len(blocks) == len(set(blocks)) and 0 not in blocks  # no block in two tables
-        assert kv.pool.num_used == len(blocks)  # waiting and finished requests hold nothing
+        assert 0 not in blocks
+        if not self.CACHING:
+            assert len(blocks) == len(set(blocks))  # no block in two tables
+        for b in set(blocks):  # one owner per table that holds it, none elsewhere
+            assert kv.pool.ref_count(b) == sum(t.count(b) for t in tables)
+        assert kv.pool.num_used == len(set(blocks))  # waiting and finished requests hold none
         assert kv.pool.num_free + kv.pool.num_used == kv.pool.num_usable
         for r in running:
             assert r.status is Status.RUNNING
@@ -279,3 +312,22 @@ class MixedSchedulerMachine(SchedulerMachine):
 TestMixedSchedulerMachine = MixedSchedulerMachine.TestCase
 TestMixedSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40,
                                               deadline=None)
+
+
+class CachingSchedulerMachine(SchedulerMachine):
+    MIXED = True
+    CACHING = True
+
+
+TestCachingSchedulerMachine = CachingSchedulerMachine.TestCase
+TestCachingSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40,
+                                                deadline=None)
+
+
+class CachingPrefillFirstMachine(SchedulerMachine):
+    CACHING = True
+
+
+TestCachingPrefillFirstMachine = CachingPrefillFirstMachine.TestCase
+TestCachingPrefillFirstMachine.settings = settings(max_examples=100, stateful_step_count=40,
+                                                   deadline=None)

@@ -1,0 +1,202 @@
+"""Automatic prefix caching: the host bookkeeping (hashes, hits, eviction, all-or-nothing
+allocation) and the engine, whose outputs with shared blocks must equal a dense run's."""
+import numpy as np
+import pytest
+
+from paged_jax import SamplingParams
+from paged_jax.block_pool import BlockPool
+from paged_jax.kv_cache_manager import KVCacheManager
+from paged_jax.prefix_cache import block_hashes, hash_block
+from test_engine import GREEDY, dense, make_llm, tiny_dir  # noqa: F401 (fixture)
+
+B = 4
+
+
+def manager(num_blocks=16):
+    return KVCacheManager(num_blocks, B, enable_caching=True)
+
+
+def admit(kv, rid, tokens):
+    hit = kv.find_cached(tokens)
+    assert kv.allocate(rid, len(tokens), hit)
+    kv.cache_blocks(rid, tokens)
+    return hit
+
+
+def test_hashes_chain_through_the_prefix():
+    a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], B)
+    b = block_hashes([9, 9, 9, 9, 5, 6, 7, 8], B)
+    assert len(a) == 2 and a[1] != b[1]  # same block, different prefix
+    assert a == block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], B)  # partial blocks have no hash
+    assert block_hashes([1, 2, 3, 4, 5, 6, 7, 8], B, start=a[:1]) == a
+    assert hash_block(None, [1, 2, 3, 4]) != hash_block(None, [1, 2, 3, 5])
+
+
+def test_a_shared_prompt_is_found_block_by_block_leaving_the_last_token():
+    kv = manager()
+    prompt = list(range(10, 22))  # 12 tokens: 3 full blocks
+    assert admit(kv, "a", prompt).num_tokens == 0
+    table_a = kv.block_table("a")
+    hit = admit(kv, "b", prompt)
+    # The third block would cover the last token, whose logits must be computed: not taken.
+    assert hit.blocks == tuple(table_a[:2]) and hit.num_tokens == 8
+    assert kv.block_table("b")[:2] == table_a[:2] and kv.block_table("b")[2] != table_a[2]
+    assert [kv.pool.ref_count(x) for x in table_a] == [2, 2, 1]
+    assert kv.find_cached(prompt[:6] + [99] * 6).num_tokens == 4  # diverges in block 2
+    assert kv.find_cached([99] + prompt[1:]).num_tokens == 0
+
+
+def test_freed_blocks_stay_cached_until_evicted_least_recently_freed_first():
+    kv = manager(num_blocks=9)  # 8 usable
+    admit(kv, "a", list(range(9)))  # 3 blocks, 2 full
+    kv.free("a")
+    assert kv.pool.num_free == 8 and kv.pool.num_cached == 2
+    hit = admit(kv, "b", list(range(9)) + [5])  # taken back off the free list
+    assert hit.num_tokens == 8 and kv.pool.num_free == 5
+    kv.free("b")
+    kv.allocate("c", 4 * B)  # 4 of 8 free: the never-cached blocks go first
+    assert kv.pool.num_evicted == 0 and kv.find_cached(list(range(9))).num_tokens == 8
+    kv.allocate("d", 4 * B)  # now the cached ones must be evicted
+    assert kv.pool.num_evicted == 2 and kv.find_cached(list(range(9))).num_tokens == 0
+    kv.free("c")
+    kv.free("d")
+    assert kv.pool.num_free == kv.pool.num_usable
+
+
+def test_allocation_with_a_hit_is_all_or_nothing():
+    kv = manager(num_blocks=7)  # 6 usable
+    prompt = list(range(13))  # 4 blocks, 3 full
+    admit(kv, "a", prompt)
+    kv.free("a")  # 3 cached blocks on the free list of 6
+    kv.allocate("x", 2 * B)  # 4 free left, never-cached blocks taken first
+    hit = kv.find_cached(prompt + list(range(11)))  # 24 tokens: 3 hit + 3 new blocks
+    assert len(hit.blocks) == 3
+    assert not kv.allocate("b", 24, hit)  # 3 reclaimed + 3 new > 4 free
+    assert kv.block_table("b") == [] and kv.pool.num_free == 4
+    assert all(kv.pool.ref_count(b) == 0 for b in hit.blocks)
+    assert kv.allocate("b", 16, hit)  # 3 reclaimed + 1 new
+    assert kv.pool.num_free == 0
+
+
+def test_two_requests_computing_the_same_block_keep_the_first_mapping():
+    kv = manager()
+    kv.allocate("a", 8)
+    kv.allocate("b", 8)
+    kv.cache_blocks("a", list(range(8)))
+    kv.cache_blocks("b", list(range(8)))
+    hit = kv.find_cached(list(range(9)))
+    assert hit.blocks == tuple(kv.block_table("a"))
+    kv.free("a")
+    kv.free("b")
+    assert kv.pool.num_cached == 2 and kv.pool.num_free == kv.pool.num_usable
+
+
+def test_shared_blocks_count_their_tokens_once():
+    kv = manager()
+    prompt = list(range(10))
+    admit(kv, "a", prompt)
+    admit(kv, "b", prompt)
+    usage = kv.usage({"a": 10, "b": 10})
+    assert usage.used_blocks == 4  # 2 shared + one partial block each
+    assert usage.token_states == 8 + 2 + 2
+
+
+def test_caching_off_finds_nothing_and_registers_nothing():
+    kv = KVCacheManager(16, B)
+    admit(kv, "a", list(range(12)))
+    assert kv.find_cached(list(range(12))).num_tokens == 0 and kv.pool.num_cached == 0
+
+
+def test_a_free_uncached_block_cannot_be_taken_back():
+    pool = BlockPool(4)
+    a = pool.allocate(1)
+    pool.free(a)
+    with pytest.raises(ValueError, match="free"):
+        pool.share(a)
+    with pytest.raises(ValueError, match="free"):
+        pool.register(a[0], b"h")
+
+
+# ---- the engine -----------------------------------------------------------------------------
+
+def shared_prefix_prompts(n, prefix_len, seed):
+    rng = np.random.default_rng(seed)
+    stem = rng.integers(3, 49152, prefix_len).tolist()
+    return [{"prompt_token_ids": stem + rng.integers(3, 49152, int(k)).tolist()}
+            for k in rng.integers(1, 20, n)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_prompts_sharing_a_prefix_equal_dense_and_skip_its_blocks(tiny_dir, backend):
+    llm = make_llm(tiny_dir, attention_backend=backend)
+    engine = llm.llm_engine
+    engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=5)
+    prompts = shared_prefix_prompts(6, 37, seed=0)  # 2 full blocks of 16 shared
+    done, shared_seen, modes = {}, False, []
+    run = engine.runner.run
+
+    def recording_run(inputs, sampling):
+        modes.append(inputs.mode)
+        return run(inputs, sampling)
+
+    engine.runner.run = recording_run
+    # Two together (sharing within one step), then one arrival per step while others decode.
+    engine.add_request("0", prompts[0], GREEDY)
+    engine.add_request("1", prompts[1], GREEDY)
+    for i, prompt in enumerate(prompts[2:], 2):
+        for out in engine.step():
+            done[out.request_id] = out
+        shared_seen |= any(engine.kv.pool.ref_count(b) > 1 for r in engine.scheduler.running
+                           for b in engine.kv.block_table(r.request_id))
+        engine.add_request(str(i), prompt, GREEDY)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].outputs[0].token_ids == dense(llm, prompt, 20)
+    assert done["0"].num_cached_tokens == 0
+    assert all(done[str(i)].num_cached_tokens == 32 for i in range(1, 6))
+    assert shared_seen and "mixed" in modes
+    stats = engine.kv.cache_stats
+    assert stats.hits == 5 * 32
+    assert stats.queries == sum(len(p["prompt_token_ids"]) for p in prompts)
+    assert engine.stats.prompt_tokens == stats.queries
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+def test_parallel_samples_share_the_prompt_and_match_caching_off(tiny_dir):
+    prompt = shared_prefix_prompts(1, 70, seed=1)[0]
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)
+    outs, peaks = {}, {}
+    for caching in (True, False):
+        llm = make_llm(tiny_dir, enable_prefix_caching=caching)
+        engine = llm.llm_engine
+        engine.add_request("p", prompt, params)
+        peak = 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                outs[caching] = out
+            peak = max(peak, engine.kv.pool.num_used)
+        peaks[caching] = peak
+        assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+    assert [o.token_ids for o in outs[True].outputs] == [o.token_ids for o in outs[False].outputs]
+    # Each sample holds cdiv(L + 11, 16) blocks at its last step (its last token is never
+    # computed); with caching the prompt's full blocks but the last token's are held once.
+    length = len(prompt["prompt_token_ids"])
+    each, shared = -(-(length + 11) // 16), (length - 1) // 16
+    assert shared >= 4 and peaks[False] == 4 * each
+    assert peaks[True] == shared + 4 * (each - shared)
+    assert outs[True].num_cached_tokens == shared * 16
+
+
+def test_preempted_requests_come_back_through_the_cache(tiny_dir):
+    prompts = shared_prefix_prompts(8, 20, seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm = make_llm(tiny_dir, num_kv_blocks=12)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    engine = llm.llm_engine
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.cache_stats.hits > 16 * 7  # more than the shared stem: recomputes hit
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == dense(llm, prompt, 40)
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
