@@ -52,6 +52,7 @@ from absl import app, flags, logging
 
 from experiments.workload import DATASETS, draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
+from paged_jax.prefix_cache import NoPrefixCache
 from paged_jax.reservation import ContiguousKV, next_pow2, orca_max, orca_oracle, orca_pow2
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import paged_reservation
@@ -72,7 +73,7 @@ PAPER_RATE_RATIO = {"orca_oracle": (1.7, 2.7), "orca_max": (2.7, 8.0)}
 
 # ---- Orca on the real engine ----------------------------------------------------------------
 
-class OrcaReservedKV:
+class OrcaReservedKV(NoPrefixCache):
     """The Scheduler's allocate/free under an Orca policy: admission needs a contiguous buddy
     range for the whole reservation (ContiguousKV over the engine's usable slots, ranges of at
     least one block), and the engine's KVCacheManager backs it with blocks, which the model
@@ -85,7 +86,7 @@ class OrcaReservedKV:
                                        max_block=next_pow2(max_model_len),
                                        min_block=kv.block_size)
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
+    def allocate(self, request_id: str, num_tokens: int, hit=None) -> bool:
         if not self.contiguous.allocate(request_id, num_tokens):
             return False
         if not self.kv.allocate(request_id, num_tokens):
@@ -239,7 +240,9 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
     num_kv_blocks = kv_tokens // block_size + 1  # + block 0, which no request gets
     engine = LLM(model, block_size=block_size, num_kv_blocks=num_kv_blocks,
                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                 max_num_batched_tokens=max(max_model_len, 256)).llm_engine
+                 max_num_batched_tokens=max(max_model_len, 256),
+                 # The paper's vLLM had no prefix cache, nor have the Orca baselines.
+                 enable_prefix_caching=False).llm_engine
     trace = scaled_trace(dataset, num_requests, seed, length_scale, max_model_len)
     gaps = unit_gaps(num_requests, seed)
     vocab = engine.model.config.vocab_size

@@ -37,6 +37,7 @@ class BlockPool:
         self._hash_of: dict[int, bytes] = {}  # block -> hash of its prefix, if registered
         self._block_of: dict[bytes, int] = {}  # the inverse
         self.num_evicted = 0  # cached blocks whose hash allocation dropped
+        self.num_extra_refs = 0  # sum over blocks of (owners - 1): how much sharing saves
 
     @property
     def num_usable(self) -> int:
@@ -83,6 +84,8 @@ class BlockPool:
         for i in ids:
             if self._ref[i] == 0:
                 del self._free[i]
+            else:
+                self.num_extra_refs += 1
             self._ref[i] += 1
 
     def free(self, ids: list[int]) -> None:
@@ -95,6 +98,8 @@ class BlockPool:
             self._ref[i] -= 1
             if self._ref[i] == 0:
                 self._free[i] = None
+            else:
+                self.num_extra_refs -= 1
 
     # ---- prefix cache ---------------------------------------------------------------------
 

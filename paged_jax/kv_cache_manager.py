@@ -122,15 +122,9 @@ class KVCacheManager:
         return [table[p // b] * b + p % b for p in range(start, end)]
 
     def usage(self, tokens_held: dict[str, int]) -> KVUsage:
-        """tokens_held: request id -> tokens whose K/V sit in its blocks. A block shared by
-        several requests counts its tokens once."""
-        filled: dict[int, int] = {}
-        for rid, n in tokens_held.items():
-            for i, block in enumerate(self._tables.get(rid, ())):
-                held = min(self.block_size, n - i * self.block_size)
-                if held <= 0:
-                    break
-                filled[block] = max(filled.get(block, 0), held)
+        """tokens_held: request id -> tokens whose K/V sit in its blocks, for every request
+        that holds blocks. A shared block is always full (only full blocks are shared), so
+        each extra owner of one counted block_size tokens twice."""
         used = self.pool.num_used
         return KVUsage(used, self.pool.num_usable, used * self.block_size,
-                       sum(filled.values()))
+                       sum(tokens_held.values()) - self.pool.num_extra_refs * self.block_size)

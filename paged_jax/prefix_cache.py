@@ -41,3 +41,19 @@ class PrefixHit:
     @property
     def num_tokens(self) -> int:
         return len(self.blocks) * self.block_size
+
+
+class NoPrefixCache:
+    """The prefix-cache half of the Scheduler's KV interface, for KV managers without one
+    (the Orca baselines): nothing is ever found, registered or counted."""
+
+    block_size = 0
+
+    def find_cached(self, token_ids) -> PrefixHit:
+        return PrefixHit()
+
+    def cache_blocks(self, request_id: str, token_ids) -> None:
+        pass
+
+    def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
+        pass

@@ -10,13 +10,14 @@ admission that the Scheduler accepts as `reservation=`. The true output length i
 
 Orca keeps each request's KV in one contiguous range; like the paper we place those ranges
 with a buddy allocator (BuddyAllocator) over a token-slot space, and ContiguousKV puts it
-behind the two calls the Scheduler makes (allocate, free). No JAX here.
+behind the calls the Scheduler makes (allocate, free, and no prefix cache). No JAX here.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Callable
 
+from paged_jax.prefix_cache import NoPrefixCache, PrefixHit
 from paged_jax.request import Request
 
 Reservation = Callable[[Request], int]
@@ -151,7 +152,7 @@ class Range:
     reserved: int  # slots the request asked for (its reservation)
 
 
-class ContiguousKV:
+class ContiguousKV(NoPrefixCache):
     """Orca-style KV placement behind the Scheduler's allocate/free: one contiguous buddy range
     per request, reserved at admission. A request can grow only inside its own block; past it,
     allocate returns False and the Scheduler preempts, as it does when paged blocks run out."""
@@ -160,7 +161,7 @@ class ContiguousKV:
         self.buddy = BuddyAllocator(num_slots, max_block, min_block)
         self.ranges: dict[str, Range] = {}
 
-    def allocate(self, request_id: str, num_tokens: int) -> bool:
+    def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         r = self.ranges.get(request_id)
         if r is not None:
             if num_tokens > r.size:

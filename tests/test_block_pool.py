@@ -178,6 +178,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
         # A block sits in k live tables exactly when k owners hold it (shared on purpose).
         assert refs == [self.owners[i] for i in range(pool.num_blocks)]
         assert pool.num_free == sum(1 for i in range(1, pool.num_blocks) if refs[i] == 0)
+        assert pool.num_extra_refs == sum(max(0, r - 1) for r in refs)
 
     def teardown(self):
         if self.pool is None:

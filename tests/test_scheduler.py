@@ -281,6 +281,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         for b in set(blocks):  # one owner per table that holds it, none elsewhere
             assert kv.pool.ref_count(b) == sum(t.count(b) for t in tables)
         assert kv.pool.num_used == len(set(blocks))  # waiting and finished requests hold none
+        filled = {}  # token states counted block by block, a shared block once
+        for r in running:
+            for i, b in enumerate(kv.block_table(r.request_id)):
+                n = min(kv.block_size, r.num_computed_tokens - i * kv.block_size)
+                if n > 0:
+                    filled[b] = max(filled.get(b, 0), n)
+        usage = kv.usage({r.request_id: r.num_computed_tokens for r in running})
+        assert usage.token_states == sum(filled.values())
         assert kv.pool.num_free + kv.pool.num_used == kv.pool.num_usable
         for r in running:
             assert r.status is Status.RUNNING

@@ -50,6 +50,11 @@ class ServerMetrics:
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Preemptions (by recompute).")
+        # In tokens, as vLLM V1 counts them: hits / queries is the prefix cache's hit rate.
+        self.prefix_queries = counter("prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits",
+                                   "Prompt tokens whose K/V the prefix cache supplied.")
         self._success = Counter(PREFIX + "request_success", "Finished sequences by reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         for reason in ("stop", "length", "abort"):
@@ -62,7 +67,8 @@ class ServerMetrics:
                              LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Arrival to first scheduled.", LATENCY_BUCKETS)
-        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "finished": {}}
+        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "prefix_queries": 0,
+                      "prefix_hits": 0, "finished": {}}
 
     def update_from_engine(self, engine) -> None:
         """Gauges from the engine's state and counters from its running totals (engine thread)."""
@@ -77,6 +83,9 @@ class ServerMetrics:
         self._advance(self.prompt_tokens, "prompt", stats.prompt_tokens)
         self._advance(self.generation_tokens, "generation", stats.generation_tokens)
         self._advance(self.preemptions, "preemptions", sched.num_preemptions)
+        cache = engine.kv.cache_stats
+        self._advance(self.prefix_queries, "prefix_queries", cache.queries)
+        self._advance(self.prefix_hits, "prefix_hits", cache.hits)
         for reason, count in list(stats.finished.items()):
             delta = count - seen["finished"].get(reason, 0)
             if delta > 0:

@@ -34,7 +34,9 @@ def test_decode_xla_matches_numpy(heads, head_size, block_size):
                                atol=2e-5, rtol=2e-5)
 
 
-def test_mixed_xla_matches_numpy():
+@pytest.mark.parametrize("tile, window", [(32, None), (8, None), (8, 13)])
+def test_mixed_xla_matches_numpy(tile, window):
+    """tile 8: query tiles that hold tokens of several sequences, and tiles of padding."""
     rng = np.random.default_rng(1)
     block_size = 8
     lens = np.array([30, 1, 17, 9, 0], np.int32)  # chunk over a prefix, decode, prefill, ...
@@ -42,12 +44,18 @@ def test_mixed_xla_matches_numpy():
     qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
     case = kt.make_case(rng, num_kv_heads=2, head_size=64, block_size=block_size,
                         dtype=jnp.float32, seq_lens=lens)
-    q = kt.random_q(rng, int(qsl[-1]) + 3, 6, 64, jnp.float32)  # 3 padding tokens at the end
-    got = _mixed_xla(q, case.k_cache, case.v_cache, metadata(case, qsl, "mixed"), 0.125, None)
-    ref = kt.ragged_reference_np(q, case, qsl, 0.125)
-    n = int(qsl[-1])
-    np.testing.assert_allclose(kt.as_f64(got)[:n], ref[:n], atol=2e-5, rtol=2e-5)
-    assert np.all(np.isfinite(np.asarray(got)))
+    q = kt.random_q(rng, int(qsl[-1]) + 11, 6, 64, jnp.float32)  # 11 padding tokens at the end
+    got = kt.as_f64(_mixed_xla(q, case.k_cache, case.v_cache, metadata(case, qsl, "mixed"),
+                               0.125, window, tile=tile))
+    assert np.all(np.isfinite(got))
+    q64 = kt.as_f64(q)
+    for s, length in enumerate(lens):
+        keys, values = kt._context_np(case, s, int(length))
+        for i, token in enumerate(range(qsl[s], qsl[s + 1])):
+            pos = int(length) - int(qlens[s]) + i
+            lo = 0 if window is None else max(0, pos + 1 - window)
+            ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125)
+            np.testing.assert_allclose(got[token], ref, atol=2e-5, rtol=2e-5)
 
 
 def _new_tokens_from_cache(case, qsl, t_pad):

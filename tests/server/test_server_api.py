@@ -178,3 +178,18 @@ def test_sampling_options_accepted(client, server):
     chat = client.chat.completions.create(model=server.model, messages=CHAT,
                                           max_completion_tokens=3, temperature=0)
     assert chat.usage.completion_tokens <= 3
+
+
+def test_a_repeated_long_prompt_hits_the_prefix_cache(client, server):
+    prompt = " ".join(["a long shared system prompt about the capital of France"] * 6)
+    before = server.metrics()
+    first = client.completions.create(model=server.model, prompt=prompt, **GREEDY)
+    second = client.completions.create(model=server.model, prompt=prompt, **GREEDY)
+    after = server.metrics()
+    assert first.choices[0].text == second.choices[0].text
+    n = first.usage.prompt_tokens
+    assert n > 32
+    queries = "paged_jax:prefix_cache_queries_total"
+    hits = "paged_jax:prefix_cache_hits_total"
+    assert after[queries] - before[queries] == 2 * n
+    assert after[hits] - before[hits] == (n - 1) // 16 * 16  # the second prompt's full blocks
