@@ -26,6 +26,8 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
     model = load_model(str(folder), "float32", with_tokenizer=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 256, n).tolist() for n in (1, 5, 16, 17, 30)]
+    # Shares the 30-token prompt's first block: a prefix-cache hit in the same step.
+    prompts.append(prompts[4][:16] + rng.integers(3, 256, 9).tolist())
     outs = {}
     for backend in ("xla", "pallas"):
         config = EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64,
@@ -44,6 +46,8 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
         engine.scheduler.schedule = recording_schedule
         outs[backend] = run(engine, prompts, 12)
         # The 30-token prompt misses the first step's 64-token budget and joins the others'
-        # first decode step: the kernels see a mixed step too.
+        # first decode step with the last prompt, 16 of whose tokens come from the cache:
+        # the kernels see decode rows, a prefill and a prefill over a cached prefix at once.
         assert decodes_in_prefill == [0, 4]
+        assert engine.kv.cache_stats.hits == 16
     assert outs["pallas"] == outs["xla"]
