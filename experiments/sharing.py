@@ -102,12 +102,13 @@ def time_run(llm, prompts, params) -> tuple[float, list]:
 
 def shared_prefix(model, prefix_lens: list[int], *, num_prompts: int, suffix_len: int,
                   max_tokens: int, block_size: int, seed: int, max_model_len: int = 1024,
-                  precompile: bool = True) -> dict:
+                  precompile: bool = True, attention_backend: str = "auto") -> dict:
     from paged_jax import LLM  # JAX only for this experiment
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     engines = {c: LLM(model, block_size=block_size, enable_prefix_caching=c,
-                      precompile=precompile, max_model_len=max_model_len)
+                      precompile=precompile, max_model_len=max_model_len,
+                      attention_backend=attention_backend)
                for c in (True, False)}
     vocab = engines[True].llm_engine.model.config.vocab_size
     out = {}
@@ -174,6 +175,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_prompts", 32, "shared_prefix: requests, all arriving at once")
     flags.DEFINE_integer("suffix_len", 30, "shared_prefix: mean tokens of each request's own part")
     flags.DEFINE_integer("max_tokens", 32, "shared_prefix: tokens generated per request")
+    flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas", "cpu"],
+                      "shared_prefix: the engines' attention backend")
     flags.DEFINE_string("out_dir", "/tmp/sharing", "results.json goes here")
 
 
@@ -190,7 +193,8 @@ def main(argv):
         results["shared_prefix"] = shared_prefix(
             FLAGS.model, [int(x) for x in FLAGS.prefix_lens], num_prompts=FLAGS.num_prompts,
             suffix_len=FLAGS.suffix_len, max_tokens=FLAGS.max_tokens,
-            block_size=FLAGS.block_size, seed=FLAGS.seed)
+            block_size=FLAGS.block_size, seed=FLAGS.seed,
+            attention_backend=FLAGS.attention_backend)
     out = pathlib.Path(FLAGS.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))

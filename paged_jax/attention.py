@@ -91,6 +91,17 @@ def _masked_softmax(scores, mask):
     return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
 
 
+def _online_softmax_step(carry, scores, values, pv: str):
+    """One block of keys into a running (peak, total, acc) softmax-weighted sum: scores
+    [..., K] (masked entries -inf), values contracted with the weights by einsum spec pv."""
+    peak, total, acc = carry
+    new_peak = jnp.maximum(peak, scores.max(-1))
+    p = jnp.exp(scores - new_peak[..., None])
+    rescale = jnp.exp(peak - new_peak)
+    acc = acc * rescale[..., None] + jnp.einsum(pv, p, values)
+    return new_peak, total * rescale + p.sum(-1), acc
+
+
 def _prefill_xla(q, k, v, md, scale, sliding_window):
     """Causal attention among the step's own tokens, sequences kept apart by a segment mask.
 
@@ -144,17 +155,12 @@ def _prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE)
         qpos = i * c + jnp.arange(c)
 
         def key_tile(j, carry):
-            peak, total, acc = carry
             kpos = j * c + jnp.arange(c)
             mask = (qseg[:, None] == segt[j][None, :]) & (kpos[None, :] <= qpos[:, None])
             if sliding_window is not None:
                 mask &= qpos[:, None] - kpos[None, :] < sliding_window
             scores = jnp.where(mask, jnp.einsum("hgqd,hkd->hgqk", qi, kt[j]), -jnp.inf)
-            new_peak = jnp.maximum(peak, scores.max(-1))
-            p = jnp.exp(scores - new_peak[..., None])
-            rescale = jnp.exp(peak - new_peak)
-            acc = acc * rescale[..., None] + jnp.einsum("hgqk,hkd->hgqd", p, vt[j])
-            return new_peak, total * rescale + p.sum(-1), acc
+            return _online_softmax_step(carry, scores, vt[j], "hgqk,hkd->hgqd")
 
         init = (jnp.full((hkv, g, c), -1e30, jnp.float32), jnp.zeros((hkv, g, c), jnp.float32),
                 jnp.zeros((hkv, g, c, d), jnp.float32))
@@ -219,18 +225,13 @@ def _decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_win
           else jnp.zeros_like(seq_lens))
 
     def column(j, carry):
-        peak, total, acc = carry
         cols = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [S, P]
         k = k_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
         v = v_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
         pos = j * pages * b + jnp.arange(pages * b)
         valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
         scores = jnp.where(valid[None, :, None], jnp.einsum("hsgd,hsbd->hsgb", qg, k), -jnp.inf)
-        new_peak = jnp.maximum(peak, scores.max(-1))
-        p = jnp.exp(scores - new_peak[..., None])
-        rescale = jnp.exp(peak - new_peak)
-        acc = acc * rescale[..., None] + jnp.einsum("hsgb,hsbd->hsgd", p, v)
-        return new_peak, total * rescale + p.sum(-1), acc
+        return _online_softmax_step(carry, scores, v, "hsgb,hsbd->hsgd")
 
     # The running max starts finite so fully masked columns give exp(-inf - m) = 0, not NaN.
     init = (jnp.full((hkv, s, g), -1e30, jnp.float32), jnp.zeros((hkv, s, g), jnp.float32),
@@ -244,37 +245,56 @@ def _decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_win
 
 def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE):
     """General ragged case (prompts over a cached prefix, with decode rows): each token
-    attends to its sequence's pages up to its own position. Query tiles run one after another
-    and gather their own sequences' pages, so memory stays at a tile's [Hkv, c, L, D]."""
+    attends to its sequence's pages up to its own position.
+
+    Query tiles run one after another; each walks its tokens' block tables a few pages at a
+    time with an online softmax, from the first page any of its tokens can see up to the
+    last (data-dependent bounds), so a tile costs its own contexts, not the table's width,
+    and a tile of padding costs nothing."""
     t, hq, d = q.shape
-    hkv = k_cache.shape[0]
+    hkv, _, b, _ = k_cache.shape
     g = hq // hkv
-    s = md.seq_lens.shape[0]
+    s, mb = md.block_tables.shape
     c = min(tile, t)
     n = -(-t // c)
+    pages = math.gcd(mb, DECODE_PAGES_PER_STEP)
+    span = pages * b
     q = jnp.pad(q, ((0, n * c - t), (0, 0), (0, 0)))
     seg = _token_seq_ids(md, n * c)  # padding tokens get id s
     seg_c = jnp.minimum(seg, s - 1)
     qlen = md.query_start_loc[1:] - md.query_start_loc[:-1]
     qpos = md.seq_lens[seg_c] - qlen[seg_c] + (jnp.arange(n * c) - md.query_start_loc[seg_c])
-    kpos = jnp.arange(md.block_tables.shape[1] * k_cache.shape[2])
+    qpos = jnp.where(seg < s, qpos, -1)  # padding sees nothing
+    tables = md.block_tables.reshape(s, mb // pages, pages)
+    qt = (q.astype(jnp.float32) * scale).reshape(n, c, hkv, g, d).transpose(0, 2, 1, 3, 4)
 
     def query_tile(args):
-        qi, segi, posi = args  # [c, Hq, D], [c], [c]
-        tables = md.block_tables[jnp.minimum(segi, s - 1)]  # [c, MB]
-        keys = gather_pages(k_cache, tables).astype(jnp.float32)  # [Hkv, c, L, D]
-        vals = gather_pages(v_cache, tables).astype(jnp.float32)
-        mask = (kpos[None, :] <= posi[:, None]) & (segi[:, None] < s)  # [c, L]
-        if sliding_window is not None:
-            mask &= kpos[None, :] > posi[:, None] - sliding_window
-        qg = qi.reshape(c, hkv, g, d).astype(jnp.float32)
-        scores = jnp.einsum("thgd,htld->thgl", qg, keys) * scale
-        weights = _masked_softmax(scores, mask[:, None, None, :])
-        return jnp.einsum("thgl,htld->thgd", weights, vals).reshape(c, hq, d)
+        qi, segi, posi = args  # [Hkv, c, G, D], [c], [c]
+        lo = (posi - sliding_window + 1 if sliding_window is not None
+              else jnp.zeros_like(posi))
+        rows = tables[jnp.minimum(segi, s - 1)]  # [c, MB / P, P]
 
-    out = jax.lax.map(query_tile, (q.reshape(n, c, hq, d), seg.reshape(n, c),
-                                   qpos.reshape(n, c)))
-    return out.reshape(n * c, hq, d)[:t].astype(q.dtype)
+        def column(j, carry):
+            cols = jax.lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [c, P]
+            k = k_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
+            v = v_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
+            kpos = j * span + jnp.arange(span)
+            valid = (kpos[None, :] <= posi[:, None]) & (kpos[None, :] >= lo[:, None])
+            scores = jnp.where(valid[None, :, None], jnp.einsum("hcgd,hckd->hcgk", qi, k),
+                               -jnp.inf)
+            return _online_softmax_step(carry, scores, v, "hcgk,hckd->hcgd")
+
+        init = (jnp.full((hkv, c, g), -1e30, jnp.float32), jnp.zeros((hkv, c, g), jnp.float32),
+                jnp.zeros((hkv, c, g, d), jnp.float32))
+        real = posi >= 0
+        first = jnp.min(jnp.where(real, jnp.maximum(lo, 0), mb * b)) // span
+        stop = jnp.minimum(jnp.max(posi) // span + 1, mb // pages)  # 0 for a padding tile
+        _, total, acc = jax.lax.fori_loop(first, stop, column, init)
+        return acc / jnp.maximum(total, 1e-30)[..., None]  # [Hkv, c, G, D]
+
+    out = jax.lax.map(query_tile, (qt, seg.reshape(n, c), qpos.reshape(n, c)))
+    out = out.transpose(0, 2, 1, 3, 4).reshape(n * c, hq, d)[:t]
+    return out.astype(q.dtype)
 
 
 def _pallas(q, k_cache, v_cache, md, scale):

@@ -4,8 +4,8 @@ Two policies. Prefill-first (vLLM V0 and the paper): every step is either a pref
 admitted requests (FCFS, while sequences, the token budget and KV blocks allow) or one decode
 token for every running request. Mixed (decode-first, as vLLM V1 batches): every running
 request decodes, and whole prompts that fit the rest of the token budget join the same step;
-a waiting prompt that fits the budget only alone gets a prefill-first step, so a long prompt
-never waits for the running requests to drain.
+a waiting prompt whose uncached part fits the budget only alone gets a prefill-first step, so
+a long prompt never waits for the running requests to drain.
 
 When a decode cannot find a block, the newest running request is preempted: its blocks are
 freed and it goes back to the head of the queue, to be recomputed from its prompt and output
@@ -69,8 +69,11 @@ class Scheduler:
             return self._schedule_prefill() or self._schedule_decode()
         head = self.waiting[0] if self.waiting else None
         if (head is not None and self.running and len(self.running) < self.max_num_seqs
-                and len(self.running) + head.num_tokens > self.max_num_batched_tokens):
-            # The head prompt fits the budget only without the decodes: prefill first.
+                and len(self.running) + head.num_tokens
+                - self.kv.find_cached(head.all_token_ids).num_tokens
+                > self.max_num_batched_tokens):
+            # The head prompt's uncached part fits the budget only without the decodes:
+            # prefill first.
             return self._schedule_prefill() or self._schedule_decode()
         decode = self._schedule_decode()
         if decode is not None and decode.preempted:
@@ -121,7 +124,9 @@ class Scheduler:
         while queue:
             req = queue.pop(0)
             while not self.kv.allocate(req.request_id, req.num_tokens):
-                victim = queue.pop() if queue else req  # the newest running request
+                # The newest running request not yet scheduled in this call: the blocks that
+                # scheduled requests registered (cache_blocks) are computed by this step.
+                victim = queue.pop() if queue else req
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:

@@ -1,16 +1,18 @@
 """After precompile=True, a varied workload compiles nothing: every step shape is a bucket."""
 import jax
 import numpy as np
+import pytest
 
 from paged_jax import LLM, SamplingParams
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir):
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend):
     folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
     llm = LLM(str(folder), num_kv_blocks=64, max_model_len=64, max_num_seqs=8,
-              max_num_batched_tokens=128, precompile=True)
+              max_num_batched_tokens=128, precompile=True, attention_backend=backend)
     runner = llm.llm_engine.runner
     variants = runner.num_compiled
     assert variants == len(list(llm.llm_engine.buckets.all_shapes()))
@@ -23,9 +25,11 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         rng = np.random.default_rng(0)
+        stem = rng.integers(3, 49152, 20).tolist()  # prefix-cache hits: "mixed" steps on xla
         for batch in (1, 3, 8, 13):
-            prompts = [{"prompt_token_ids": rng.integers(3, 49152, int(rng.integers(1, 40)))
-                        .tolist()} for _ in range(batch)]
+            prompts = [{"prompt_token_ids": stem[:int(rng.choice([0, 20]))]
+                        + rng.integers(3, 49152, int(rng.integers(1, 20))).tolist()}
+                       for _ in range(batch)]
             params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])),
                                      top_k=int(rng.choice([-1, 5])),
                                      top_p=float(rng.choice([1.0, 0.9])),
@@ -38,3 +42,4 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert runner.num_compiled == variants
+    assert llm.llm_engine.kv.cache_stats.hits > 0

@@ -165,7 +165,8 @@ def test_prompts_sharing_a_prefix_equal_dense_and_skip_its_blocks(tiny_dir, back
 
 
 def test_parallel_samples_share_the_prompt_and_match_caching_off(tiny_dir):
-    prompt = shared_prefix_prompts(1, 70, seed=1)[0]
+    # 86 tokens: L + 10 = 96 ends a block, so cdiv(L + 11, 16) would be one more.
+    prompt = {"prompt_token_ids": shared_prefix_prompts(1, 86, seed=1)[0]["prompt_token_ids"][:86]}
     params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)
     outs, peaks = {}, {}
     for caching in (True, False):
@@ -180,11 +181,13 @@ def test_parallel_samples_share_the_prompt_and_match_caching_off(tiny_dir):
         peaks[caching] = peak
         assert engine.kv.pool.num_free == engine.kv.pool.num_usable
     assert [o.token_ids for o in outs[True].outputs] == [o.token_ids for o in outs[False].outputs]
-    # Each sample holds cdiv(L + 11, 16) blocks at its last step (its last token is never
-    # computed); with caching the prompt's full blocks but the last token's are held once.
+    # Peaks are read between steps, so the last one seen is after the step that computed
+    # token L + 10 (the step computing L + 11 also finishes the sample and frees its blocks):
+    # cdiv(L + 10, 16) blocks a sample; with caching the prompt's full blocks, all but the
+    # one holding its last token, are held once.
     length = len(prompt["prompt_token_ids"])
-    each, shared = -(-(length + 11) // 16), (length - 1) // 16
-    assert shared >= 4 and peaks[False] == 4 * each
+    each, shared = -(-(length + 10) // 16), (length - 1) // 16
+    assert (each, shared) == (6, 5) and peaks[False] == 4 * each
     assert peaks[True] == shared + 4 * (each - shared)
     assert outs[True].num_cached_tokens == shared * 16
 

@@ -248,16 +248,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert kv.block_table(r.request_id) == []
         for r in batch.requests:
             assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_tokens
-        for r, new in zip(batch.requests, batch.num_new_tokens):  # the step writes its K/V
-            table = kv.block_table(r.request_id)
+        # The step writes its K/V; a token's K/V depend on every token up to it, so a slot
+        # holds that whole prefix.
+        for r, new in zip(batch.requests, batch.num_new_tokens):
+            table, ids = kv.block_table(r.request_id), r.all_token_ids
             for pos in range(r.num_tokens - new, r.num_tokens):
                 page = self.pages.setdefault(table[pos // kv.block_size], [None] * kv.block_size)
-                page[pos % kv.block_size] = r.all_token_ids[pos]
+                page[pos % kv.block_size] = tuple(ids[:pos + 1])
         for r in batch.requests:  # ... and attention reads every position back
-            table = kv.block_table(r.request_id)
+            table, ids = kv.block_table(r.request_id), r.all_token_ids
             for pos in range(r.num_tokens):
                 got = self.pages[table[pos // kv.block_size]][pos % kv.block_size]
-                assert got == r.all_token_ids[pos], f"{r.request_id} reads another's K/V"
+                assert got == tuple(ids[:pos + 1]), f"{r.request_id} reads another's K/V"
         for req in batch.requests:  # as LLMEngine.step
             req.num_computed_tokens = req.num_tokens
             req.output_token_ids.append(7)

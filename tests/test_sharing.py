@@ -18,8 +18,7 @@ def test_shared_prefix_run_reports_a_speedup_with_equal_outputs(make_tiny_llama_
                                 hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
     out = sharing.shared_prefix(str(model), [40], num_prompts=6, suffix_len=5, max_tokens=4,
                                 block_size=16, seed=0, max_model_len=128, precompile=False)
-    r = out["40"]
-    assert r["speedup"] > 0 and r["seconds_cached"] > 0
+    r = out["40"]  # (shared_prefix itself raises if the outputs differ)
     # The prefix's 2 full blocks are computed once and hit by the 5 other prompts (the
     # warm-up used another prefix).
     assert r["cached_prompt_tokens"] == 5 * 32 and r["prompt_tokens"] >= 6 * 41

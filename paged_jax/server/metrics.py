@@ -47,7 +47,8 @@ class ServerMetrics:
         self.kv_token_states = gauge(
             "kv_cache_token_state_perc",
             "Share of allocated KV slots holding a token's K/V (0-1; 1 when nothing is held).")
-        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.prompt_tokens = counter(
+            "prompt_tokens", "Prompt tokens of prefills, cached ones included (as vLLM).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Preemptions (by recompute).")
         # In tokens, as vLLM V1 counts them: hits / queries is the prefix cache's hit rate.
