@@ -28,6 +28,10 @@ class EngineConfig:
     # full KV blocks are kept under a hash of their prefix and shared by later requests that
     # start with the same tokens (n > 1 samples, a common system prompt, a preempted request).
     enable_prefix_caching: bool = True
+    # Chunked prefill: a prompt that does not fit a step's token budget beside the decodes is
+    # computed over several steps, so long prompts never stall decoding and
+    # max_num_batched_tokens may be below max_model_len. Needs mixed_batches.
+    enable_chunked_prefill: bool = False
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)
@@ -63,11 +67,19 @@ class EngineConfig:
                              f"{self.num_processes})")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.enable_chunked_prefill and not self.mixed_batches:
+            raise ValueError("enable_chunked_prefill needs mixed_batches (prompt chunks ride "
+                             "in decoding steps)")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got "
+                             f"{self.max_num_batched_tokens}")
         if (self.max_num_batched_tokens is not None and self.max_model_len is not None
-                and self.max_num_batched_tokens < self.max_model_len):
+                and self.max_num_batched_tokens < self.max_model_len
+                and not self.enable_chunked_prefill):
             # Without chunked prefill a whole prompt must fit in one step's token budget.
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
-                             f"max_model_len {self.max_model_len}")
+                             f"max_model_len {self.max_model_len}: a prompt must fit one step "
+                             "unless enable_chunked_prefill is on")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

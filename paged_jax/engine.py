@@ -63,9 +63,11 @@ class LLMEngine:
         # Default: one max_model_len of tokens per step. On the CPU a 2048-token budget ran
         # the throughput workload no faster (docs/RESULTS.md) and needs larger step buckets.
         self.max_num_batched_tokens = config.max_num_batched_tokens or self.max_model_len
-        if self.max_num_batched_tokens < self.max_model_len:
+        if (self.max_num_batched_tokens < self.max_model_len
+                and not config.enable_chunked_prefill):
             raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
-                             f"max_model_len {self.max_model_len}")
+                             f"max_model_len {self.max_model_len}: a prompt must fit one step "
+                             "unless enable_chunked_prefill is on")
         # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
         num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
             mcfg, config.block_size, config.kv_cache_memory_bytes * tp)
@@ -74,12 +76,14 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
-                                   mixed=config.mixed_batches)
+                                   mixed=config.mixed_batches,
+                                   chunked=config.enable_chunked_prefill)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size,
                                                 table_ladder=self.backend == "pallas",
-                                                mixed_steps=(config.enable_prefix_caching
-                                                             and self.backend == "xla"))
+                                                mixed_steps=self.backend == "xla" and (
+                                                    config.enable_prefix_caching
+                                                    or config.enable_chunked_prefill))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         self.runner = ModelRunner(self.model.graphdef, self.model.params,
                                   kv_cache.allocate(mcfg, num_blocks, config.block_size,
@@ -200,12 +204,16 @@ class LLMEngine:
         sampling = sampler.build_inputs(list(batch.requests), rows, self.max_model_len)
         result = self.runner.run(inputs, sampling)
         self.stats.num_steps += 1
-        if batch.kind == "prefill":  # prompt tokens, cached ones included (as vLLM counts)
-            self.stats.prompt_tokens += sum(r.num_tokens for r in batch.requests[n_dec:])
-        for i, req in enumerate(batch.requests):
-            req.num_computed_tokens = req.num_tokens
+        # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
+        self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
+        advanced = []
+        for i, (req, new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            req.num_computed_tokens += new
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a chunk of a prompt: its sampled token is dropped
+            advanced.append(req)
             self.stats.generation_tokens += 1
             if self.outputs.append_token(req, {k: v[i] for k, v in result.items()},
                                          self.max_model_len):
@@ -213,7 +221,7 @@ class LLMEngine:
                 req.finished_time = time.monotonic()
                 self.stats.finished[req.finish_reason] = (
                     self.stats.finished.get(req.finish_reason, 0) + 1)
-        return self._collect(batch.requests)
+        return self._collect(advanced)
 
     def _collect(self, updated) -> list[RequestOutput]:
         outs, seen = [], set()

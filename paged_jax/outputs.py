@@ -86,4 +86,6 @@ class OutputBuilder:
             outputs=[self.completion(i, r) for i, r in enumerate(group)],
             finished=all(r.finish_reason is not None for r in group),
             num_preemptions=sum(r.num_preemptions for r in group),
-            num_cached_tokens=max(r.num_cached_tokens or 0 for r in group))
+            num_cached_tokens=max(r.num_cached_tokens or 0 for r in group),
+            first_scheduled_time=min((r.first_scheduled_time for r in group
+                                      if r.first_scheduled_time is not None), default=None))

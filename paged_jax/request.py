@@ -81,3 +81,4 @@ class RequestOutput:
     finished: bool
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (vLLM's)
+    first_scheduled_time: float | None = None  # time.monotonic() when it left the queue

@@ -11,6 +11,10 @@ When a decode cannot find a block, the newest running request is preempted: its 
 freed and it goes back to the head of the queue, to be recomputed from its prompt and output
 so far. A step that preempted admits nothing, so a victim is not readmitted at once.
 
+With chunked prefill (chunked=True, mixed only) a prompt that does not fit the rest of a
+step's token budget is admitted with the part that fits, and goes on in the following steps
+(after the decodes, before new prompts) until all of it is computed; only then does it sample.
+
 With prefix caching on (KVCacheManager(enable_caching=True)), an admitted request starts from
 the cached blocks its tokens begin with, and only the rest of its tokens are computed and
 counted against the budget; the full blocks a step will compute are registered as it is
@@ -48,15 +52,20 @@ def paged_reservation(req: Request) -> int:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  reservation: Callable[[Request], int] = paged_reservation,
-                 mixed: bool = False):
+                 mixed: bool = False, chunked: bool = False):
+        if chunked and not mixed:
+            raise ValueError("chunked prefill needs mixed batches (decodes and prompt chunks "
+                             "in one step)")
         self.kv = kv
         self.mixed = mixed
+        self.chunked = chunked
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.reservation = reservation
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # tokens of admitted prompts, cached ones included
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -68,57 +77,84 @@ class Scheduler:
         if not self.mixed:
             return self._schedule_prefill() or self._schedule_decode()
         head = self.waiting[0] if self.waiting else None
-        if (head is not None and self.running and len(self.running) < self.max_num_seqs
+        if (not self.chunked and head is not None and self.running
+                and len(self.running) < self.max_num_seqs
                 and len(self.running) + head.num_tokens
                 - self.kv.find_cached(head.all_token_ids).num_tokens
                 > self.max_num_batched_tokens):
             # The head prompt's uncached part fits the budget only without the decodes:
             # prefill first.
             return self._schedule_prefill() or self._schedule_decode()
-        decode = self._schedule_decode()
-        if decode is not None and decode.preempted:
-            return decode
-        decodes = decode.requests if decode is not None else ()
-        prompts = self._admit(self.max_num_batched_tokens - len(decodes))
-        if not prompts:
-            return decode
-        return ScheduledBatch("prefill", decodes + prompts,
-                              (1,) * len(decodes) + _uncomputed(prompts),
+        decodes, continuing, preempted = self._decode_rows()
+        if preempted:  # admits nothing, and prompts part-way through wait a step
+            return _decode_batch(decodes, preempted)
+        budget = self.max_num_batched_tokens - len(decodes)
+        chunks, news = [], []
+        for req in continuing:  # prompts part-way through chunked prefill, oldest first
+            if budget <= 0:
+                break
+            new = min(req.num_tokens - req.num_computed_tokens, budget)
+            self.kv.cache_blocks(req.request_id, req.all_token_ids[:req.num_computed_tokens + new])
+            chunks.append(req)
+            news.append(new)
+            budget -= new
+        prompts, prompt_news = self._admit(budget) if budget > 0 else ((), ())
+        if not chunks and not prompts:
+            return _decode_batch(decodes, ())
+        return ScheduledBatch("prefill", tuple(decodes) + tuple(chunks) + prompts,
+                              (1,) * len(decodes) + tuple(news) + prompt_news,
                               num_decodes=len(decodes))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
-        batch = self._admit(self.max_num_batched_tokens)
+        batch, news = self._admit(self.max_num_batched_tokens)
         if not batch:
             return None
-        return ScheduledBatch("prefill", batch, _uncomputed(batch))
+        return ScheduledBatch("prefill", batch, news)
 
-    def _admit(self, budget: int) -> tuple[Request, ...]:
-        """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow."""
+    def _admit(self, budget: int) -> tuple[tuple[Request, ...], tuple[int, ...]]:
+        """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow, and
+        the tokens each computes now: all but its cache hit, or with chunked prefill, for the
+        last one admitted, what is left of the budget."""
         batch: list[Request] = []
+        news: list[int] = []
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             req = self.waiting[0]
             hit = self.kv.find_cached(req.all_token_ids)
             new = req.num_tokens - hit.num_tokens
             if tokens + new > budget:
-                break
+                if not self.chunked or tokens >= budget:
+                    break
+                new = budget - tokens  # a first chunk; the rest in later steps
+            # The whole prompt's blocks are taken now, so later chunks never wait for blocks.
             if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
                                     hit):
                 break
-            self.kv.cache_blocks(req.request_id, req.all_token_ids)
+            self.kv.cache_blocks(req.request_id, req.all_token_ids[:hit.num_tokens + new])
             self.kv.record_admission(req.num_tokens, hit)
+            self.num_prompt_tokens += req.num_tokens
             self.waiting.popleft()
             req.status = Status.RUNNING
             req.num_computed_tokens = hit.num_tokens
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = hit.num_tokens
             batch.append(req)
+            news.append(new)
             tokens += new
         self.running.extend(batch)
-        return tuple(batch)
+        return tuple(batch), tuple(news)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled: list[Request] = []
+        decodes, continuing, preempted = self._decode_rows()
+        assert not continuing, "prompts part-way through exist only with chunked prefill"
+        return _decode_batch(decodes, preempted)
+
+    def _decode_rows(self) -> tuple[list[Request], list[Request], list[Request]]:
+        """Running requests in order: those that decode (one block more if their table is
+        full, preempting the newest running requests when none is free), those part-way
+        through a chunked prefill (their blocks are all held), and the preempted."""
+        decodes: list[Request] = []
+        continuing: list[Request] = []
         preempted: list[Request] = []
         queue = list(self.running)
         while queue:
@@ -132,12 +168,12 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                self.kv.cache_blocks(req.request_id, req.all_token_ids)
-                scheduled.append(req)
-        if not scheduled:
-            return None if not preempted else ScheduledBatch("decode", (), (), tuple(preempted))
-        return ScheduledBatch("decode", tuple(scheduled), (1,) * len(scheduled),
-                              tuple(preempted))
+                if req.num_tokens - req.num_computed_tokens > 1:
+                    continuing.append(req)
+                else:
+                    self.kv.cache_blocks(req.request_id, req.all_token_ids)
+                    decodes.append(req)
+        return decodes, continuing, preempted
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
@@ -158,6 +194,7 @@ class Scheduler:
         req.status = Status.FINISHED
 
 
-def _uncomputed(reqs) -> tuple[int, ...]:
-    """New tokens of admitted prompts: all but those whose K/V came from the prefix cache."""
-    return tuple(r.num_tokens - r.num_computed_tokens for r in reqs)
+def _decode_batch(decodes, preempted) -> ScheduledBatch | None:
+    if not decodes:
+        return None if not preempted else ScheduledBatch("decode", (), (), tuple(preempted))
+    return ScheduledBatch("decode", tuple(decodes), (1,) * len(decodes), tuple(preempted))

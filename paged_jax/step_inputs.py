@@ -94,7 +94,10 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         s_pad = pick(buckets.seqs, min(t_pad, buckets.seqs[-1]))
     ids, pos, slots, qsl, lens = [], [], [], [0], []
     for req, new in zip(reqs, batch.num_new_tokens):
-        start, end = req.num_tokens - new, req.num_tokens
+        # From the first token whose K/V are not cached: a decode's last token, a prompt's
+        # first uncached one, or where a chunked prefill left off.
+        start = req.num_computed_tokens
+        end = start + new
         ids.extend(req.all_token_ids[start:end])
         pos.extend(range(start, end))
         slots.extend(kv.slots(req.request_id, start, end))
@@ -105,10 +108,10 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
     for i, req in enumerate(reqs):
         table = kv.block_table(req.request_id)
         tables[i, :len(table)] = table
-    # A prompt row with a cached prefix attends over pages it did not write this step.
+    # A prompt row over a cached prefix (or an earlier chunk) attends over pages it did not
+    # write this step.
     prefix = batch.kind == "prefill" and any(
-        new < req.num_tokens for req, new in
-        zip(reqs[batch.num_decodes:], batch.num_new_tokens[batch.num_decodes:]))
+        req.num_computed_tokens > 0 for req in reqs[batch.num_decodes:])
     return StepInputs(
         mode="mixed" if prefix else batch.kind,
         input_ids=_pad(ids, t_pad),

@@ -51,3 +51,18 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
         assert decodes_in_prefill == [0, 4]
         assert engine.kv.cache_stats.hits == 16
     assert outs["pallas"] == outs["xla"]
+
+
+def test_pallas_backend_with_chunked_prefill_gives_the_xla_backends_tokens(make_tiny_llama_dir):
+    folder = make_tiny_llama_dir(hidden_size=64, head_dim=64, num_attention_heads=4,
+                                 num_key_value_heads=2, initializer_range=0.2)
+    model = load_model(str(folder), "float32", with_tokenizer=False)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (3, 40)]  # 40 > the 16-token budget
+    outs = {}
+    for backend in ("xla", "pallas"):
+        config = EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64,
+                              max_num_seqs=4, max_num_batched_tokens=16,
+                              enable_chunked_prefill=True, attention_backend=backend)
+        outs[backend] = run(LLMEngine(config, model=model), prompts, 6)
+    assert outs["pallas"] == outs["xla"]

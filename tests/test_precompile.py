@@ -8,11 +8,13 @@ from paged_jax import LLM, SamplingParams
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-@pytest.mark.parametrize("backend", ["auto", "xla"])
-def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend):
+@pytest.mark.parametrize("backend, chunked", [("auto", False), ("xla", False), ("xla", True)])
+def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend,
+                                                              chunked):
     folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
     llm = LLM(str(folder), num_kv_blocks=64, max_model_len=64, max_num_seqs=8,
-              max_num_batched_tokens=128, precompile=True, attention_backend=backend)
+              max_num_batched_tokens=32 if chunked else 128, enable_chunked_prefill=chunked,
+              enable_prefix_caching=not chunked, precompile=True, attention_backend=backend)
     runner = llm.llm_engine.runner
     variants = runner.num_compiled
     assert variants == len(list(llm.llm_engine.buckets.all_shapes()))
@@ -42,4 +44,7 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert runner.num_compiled == variants
-    assert llm.llm_engine.kv.cache_stats.hits > 0
+    if chunked:  # prompts of up to 39 tokens went through 32-token steps in chunks
+        assert max(len(p["prompt_token_ids"]) for p in prompts) > 32
+    else:
+        assert llm.llm_engine.kv.cache_stats.hits > 0

@@ -169,15 +169,18 @@ def test_mixed_step_that_preempts_admits_nothing():
 class SchedulerMachine(RuleBasedStateMachine):
     MIXED = False
     CACHING = False  # prefix caching: prompts then come from a few shared stems
+    CHUNKED = False  # chunked prefill: requests may be longer than a step's budget
 
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
                 max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64))
     def setup(self, block_size, num_blocks, max_num_seqs, budget):
         self.sched = Scheduler(KVCacheManager(num_blocks, block_size,
                                               enable_caching=self.CACHING),
-                               max_num_seqs, budget, mixed=self.MIXED)
+                               max_num_seqs, budget, mixed=self.MIXED, chunked=self.CHUNKED)
         # Longest request that can always run alone, and be recomputed after a preemption.
-        self.max_len = min(budget, (num_blocks - 1) * block_size)
+        self.max_len = (num_blocks - 1) * block_size
+        if not self.CHUNKED:
+            self.max_len = min(budget, self.max_len)
         self.added: list[Request] = []
         # What each block holds, as a model of the device's pages: the token whose K/V a
         # step wrote into each slot. Every request must read back its own tokens.
@@ -211,6 +214,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def checked_step(self) -> None:
         sched, kv = self.sched, self.sched.kv
         old_running, old_waiting = list(sched.running), list(sched.waiting)
+        # Running prompts part-way through a chunked prefill: more than one token to compute.
+        partial = [r for r in old_running if r.num_tokens - r.num_computed_tokens > 1]
+        assert self.CHUNKED or not partial
         batch = sched.schedule()
         if batch is None:
             assert not old_running and not old_waiting, "requests waiting but nothing scheduled"
@@ -220,28 +226,39 @@ class SchedulerMachine(RuleBasedStateMachine):
             d = batch.num_decodes
             assert self.MIXED or d == 0
             decodes, prompts = batch.requests[:d], batch.requests[d:]
-            assert d in (0, len(old_running)) and decodes == tuple(old_running[:d])
+            assert d == 0 or decodes == tuple(r for r in old_running if r not in partial)
             assert prompts and not batch.preempted  # a step that preempts admits nothing
-            assert prompts == tuple(old_waiting[:len(prompts)])  # FCFS
+            n_cont = sum(r in partial for r in prompts)  # chunks go on, oldest first ...
+            assert prompts[:n_cont] == tuple(partial[:n_cont])
+            admitted = prompts[n_cont:]
+            assert admitted == tuple(old_waiting[:len(admitted)])  # ... then FCFS
             assert batch.num_tokens <= sched.max_num_batched_tokens
-            assert batch.num_new_tokens == (1,) * d + tuple(r.num_tokens - r.num_computed_tokens
-                                                            for r in prompts)
-            for r in prompts:  # a cache hit: whole blocks, and never the last token
+            assert batch.num_new_tokens[:d] == (1,) * d
+            news = batch.num_new_tokens[d:]
+            for i, (r, new) in enumerate(zip(prompts, news)):
+                left = r.num_tokens - r.num_computed_tokens
+                # All of what is left, except with chunked prefill for the step's last prompt.
+                assert 1 <= new <= left
+                assert new == left or (self.CHUNKED and i == len(prompts) - 1)
+            for r in admitted:  # a cache hit: whole blocks, and never the last token
                 assert r.num_computed_tokens % kv.block_size == 0
                 assert r.num_computed_tokens < r.num_tokens
                 assert self.CACHING or r.num_computed_tokens == 0
-            assert sched.running == old_running + list(prompts)
+            assert sched.running == old_running + list(admitted)
             if sched.waiting and len(sched.running) < sched.max_num_seqs:
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
                 hit = kv.find_cached(nxt.all_token_ids)
-                assert (batch.num_tokens + nxt.num_tokens - hit.num_tokens
-                        > sched.max_num_batched_tokens
+                want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
+                assert (batch.num_tokens + want > sched.max_num_batched_tokens
                         or kv.blocks_needed(nxt.request_id, nxt.num_tokens) - len(hit.blocks)
                         + sum(kv.pool.ref_count(b) == 0 for b in hit.blocks) > kv.pool.num_free)
         else:
             assert batch.num_new_tokens == (1,) * len(batch.requests)
-            # The oldest keep running; the newest are preempted, newest first.
-            assert old_running == list(batch.requests) + list(reversed(batch.preempted))
+            # The oldest keep running; the newest are preempted, newest first; prompts
+            # part-way through wait (a step that preempted, or a budget the decodes fill).
+            moved = [r for r in old_running if r in batch.requests or r in batch.preempted]
+            assert moved == list(batch.requests) + list(reversed(batch.preempted))
+            assert all(r in partial for r in old_running if r not in moved)
             assert list(sched.waiting) == list(reversed(batch.preempted)) + old_waiting
             for r in batch.preempted:
                 assert r.status is Status.WAITING and r.num_computed_tokens == 0
@@ -252,16 +269,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         # holds that whole prefix.
         for r, new in zip(batch.requests, batch.num_new_tokens):
             table, ids = kv.block_table(r.request_id), r.all_token_ids
-            for pos in range(r.num_tokens - new, r.num_tokens):
+            for pos in range(r.num_computed_tokens, r.num_computed_tokens + new):
                 page = self.pages.setdefault(table[pos // kv.block_size], [None] * kv.block_size)
                 page[pos % kv.block_size] = tuple(ids[:pos + 1])
-        for r in batch.requests:  # ... and attention reads every position back
+        for r, new in zip(batch.requests, batch.num_new_tokens):  # ... attention reads them
             table, ids = kv.block_table(r.request_id), r.all_token_ids
-            for pos in range(r.num_tokens):
+            for pos in range(r.num_computed_tokens + new):
                 got = self.pages[table[pos // kv.block_size]][pos % kv.block_size]
                 assert got == tuple(ids[:pos + 1]), f"{r.request_id} reads another's K/V"
-        for req in batch.requests:  # as LLMEngine.step
-            req.num_computed_tokens = req.num_tokens
+        for req, new in zip(batch.requests, batch.num_new_tokens):  # as LLMEngine.step
+            req.num_computed_tokens += new
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a chunk: no token sampled
             req.output_token_ids.append(7)
             if req.num_tokens >= req.max_total_tokens:
                 sched.finish(req)
@@ -341,3 +360,19 @@ class CachingPrefillFirstMachine(SchedulerMachine):
 TestCachingPrefillFirstMachine = CachingPrefillFirstMachine.TestCase
 TestCachingPrefillFirstMachine.settings = settings(max_examples=100, stateful_step_count=40,
                                                    deadline=None)
+
+
+class ChunkedSchedulerMachine(SchedulerMachine):
+    MIXED = True
+    CACHING = True
+    CHUNKED = True
+
+    @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
+                max_num_seqs=st.integers(1, 6), budget=st.integers(1, 24))
+    def setup(self, block_size, num_blocks, max_num_seqs, budget):
+        super().setup(block_size, num_blocks, max_num_seqs, budget)
+
+
+TestChunkedSchedulerMachine = ChunkedSchedulerMachine.TestCase
+TestChunkedSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40,
+                                                deadline=None)

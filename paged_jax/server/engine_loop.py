@@ -201,7 +201,7 @@ class EngineLoop:
             deliver = self._deliver.get(rid)
             timing = self._timing.get(rid)
             if timing is not None and self.metrics is not None:
-                self._observe(timing, started, now, out.finished)
+                self._observe(timing, out.first_scheduled_time or started, now, out.finished)
             if timing is not None:
                 timing.last = now
             if deliver is not None:
@@ -210,12 +210,12 @@ class EngineLoop:
                 self._deliver.pop(rid, None)
                 self._timing.pop(rid, None)
 
-    def _observe(self, timing: _Timing, started: float, now: float, finished: bool) -> None:
+    def _observe(self, timing: _Timing, scheduled: float, now: float, finished: bool) -> None:
+        """scheduled: when the request left the queue (with chunked prefill, steps before
+        its first token)."""
         m = self.metrics
         if timing.last is None:
-            # Without chunked prefill a request's first token comes from the step that first
-            # scheduled it, so that step's start is when it left the queue.
-            m.queue_time.observe(max(0.0, started - timing.arrival))
+            m.queue_time.observe(max(0.0, scheduled - timing.arrival))
             m.ttft.observe(now - timing.arrival)
         else:
             m.itl.observe(now - timing.last)
