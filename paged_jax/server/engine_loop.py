@@ -124,13 +124,15 @@ class EngineLoop:
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
-                started = time.monotonic()
+                started, steps = time.monotonic(), self.engine.stats.num_steps
                 outputs = self.engine.step()
                 self._publish(outputs, started)
                 if self.metrics is not None:
                     self.metrics.update_from_engine(self.engine)
-                if not outputs:
-                    time.sleep(0.001)  # nothing ran (e.g. all preempted): do not spin
+                if self.engine.stats.num_steps == steps:
+                    # Nothing ran (e.g. all preempted): do not spin. A step of prompt chunks
+                    # only has no outputs either, but it ran: go straight on.
+                    time.sleep(0.001)
         except BaseException as err:  # a bug in the engine: fail every request, stay down
             log.exception("engine loop died")
             self.error = err
