@@ -9,6 +9,8 @@ Parameters carry logical axis names (models/llama.py); LOGICAL_RULES maps them t
     vocab               -> tp      vocab-parallel embedding and LM head (replicated if the
                                    vocabulary does not divide)
     embed, norm         -> None    replicated
+    experts             -> None    Mixtral: every device holds every expert's slice of mlp
+                                   (expert weights [E, H, I] split on I, as dense MLPs are)
 
 The KV cache [Hkv, N, B, D] is sharded on axis 0. When tp exceeds the KV head count (tp a
 multiple of it), every KV head is repeated tp // Hkv times in the k/v projections at load time
@@ -34,8 +36,8 @@ from paged_jax.models.config import ModelConfig
 log = logging.getLogger(__name__)
 
 DP, TP = "dp", "tp"
-LOGICAL_RULES = {"embed": None, "norm": None, "q_heads": TP, "kv_heads": TP, "mlp": TP,
-                 "vocab": TP}
+LOGICAL_RULES = {"embed": None, "norm": None, "experts": None, "q_heads": TP, "kv_heads": TP,
+                 "mlp": TP, "vocab": TP}
 
 
 # ---- mesh and specs ------------------------------------------------------------------------

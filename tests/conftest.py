@@ -74,6 +74,8 @@ def make_tiny_llama_dir(tmp_path_factory, request):
         max_shard_size=None,              # e.g. "100KB": sharded files + model.safetensors.index.json
         tokenizer=False,                  # save SmolLM2's tokenizer too (needs vocab_size >= 49152)
         seed=0,
+        num_local_experts=0,              # > 0: a Mixtral (sparse MoE), num_experts_per_tok of them
+        num_experts_per_tok=2,            # per token; the router drawn wide (std 0.5) so it picks
     ) -> pathlib.Path
 
     Weights come from LlamaForCausalLM(config) under torch.manual_seed(seed); the RMSNorm weights are
@@ -100,6 +102,8 @@ def make_tiny_llama_dir(tmp_path_factory, request):
         max_shard_size: str | int | None = None,
         tokenizer: bool = False,
         seed: int = 0,
+        num_local_experts: int = 0,
+        num_experts_per_tok: int = 2,
     ) -> pathlib.Path:
         arguments = {name: value for name, value in locals().items() if name in _ARGUMENTS}
         key = json.dumps(arguments, sort_keys=True)
@@ -115,7 +119,10 @@ def make_tiny_llama_dir(tmp_path_factory, request):
             raise ValueError(f"tokenizer=True needs vocab_size >= {SMOLLM2_VOCAB_SIZE}, got {vocab_size}")
         if isinstance(rope_scaling, str):
             rope_scaling = ROPE_SCALING_PRESETS[rope_scaling]
-        config = transformers.LlamaConfig(
+        moe = dict(num_local_experts=num_local_experts, num_experts_per_tok=num_experts_per_tok)
+        kind = "Mixtral" if num_local_experts else "Llama"
+        config = getattr(transformers, f"{kind}Config")(
+            **(moe if num_local_experts else {}),
             hidden_size=hidden_size,
             num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads,
@@ -133,13 +140,15 @@ def make_tiny_llama_dir(tmp_path_factory, request):
             eos_token_id=2,
             pad_token_id=2,
         )
-        config.architectures = ["LlamaForCausalLM"]
+        config.architectures = [f"{kind}ForCausalLM"]
         torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if name.endswith("norm.weight"):
                     parameter.normal_(1.0, 0.1)
+                if name.endswith("gate.weight"):  # Mixtral's router
+                    parameter.normal_(0.0, 0.5)
         model = model.to(getattr(torch, dtype))
         folder = tmp_path_factory.mktemp("tiny_llama")
         save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}

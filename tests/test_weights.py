@@ -432,7 +432,7 @@ def test_unsupported_architecture(make_tiny_llama_dir, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported model architecture GPT2LMHeadModel .*supported: LlamaForCausalLM, MistralForCausalLM"):
+    with pytest.raises(ValueError, match=r"unsupported model architecture GPT2LMHeadModel .*supported: LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM"):
         weights.load_hf_config(folder)
 
 

@@ -20,10 +20,12 @@ import numpy as np
 
 # The architectures (config.json "architectures" entries) the paged-jax model implements. The model
 # module imports this tuple; keep it the one place the list lives.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM",
+                                             "MixtralForCausalLM")
 
 # What a config without an "architectures" entry stands for, by its model_type.
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "mixtral": "MixtralForCausalLM"}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -25,6 +25,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None
+    # Mixtral: a sparse mixture of SwiGLU experts (each intermediate_size wide) in place of
+    # the MLP, num_experts_per_tok of them per token. 0: a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -36,6 +40,9 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
+                             f"[1, num_experts {self.num_experts}]")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -70,6 +77,10 @@ class ModelConfig:
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf_config, "attention_bias", False)),
             sliding_window=getattr(hf_config, "sliding_window", None),
+            num_experts=getattr(hf_config, "num_local_experts", 0) if model_type == "mixtral"
+            else 0,
+            num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0)
+            if model_type == "mixtral" else 0,
             dtype=dtype,
         )
 

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral) as flax NNX modules, used functionally.
+"""Llama-family decoder (Llama, Mistral, Mixtral) as flax NNX modules, used functionally.
 
 Every parameter carries logical axis names (`out_sharding`) that paged_jax/sharding.py maps
 to a device mesh. Kernels are stored [in, out]. Layers are a Python list, unrolled under jit:
@@ -78,17 +78,53 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class SparseMoE(nnx.Module):
+    """Mixtral's block_sparse_moe: a router scores num_experts SwiGLU experts per token, the
+    top num_experts_per_tok run, their outputs weighted by the router's softmax renormalized
+    over the chosen ones. Experts are stacked [E, ...] (the checkpoint's experts.{e}.w1/w3/w2);
+    tokens are sorted by expert and each expert multiplies only its own rows
+    (lax.ragged_dot), so the cost is that of the chosen experts, not of all of them."""
+
+    def __init__(self, cfg: ModelConfig, dtype):
+        h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = Linear(h, e, ("embed", "experts"), dtype)
+        self.w1 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # gate projection
+        self.w3 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # up projection
+        self.w2 = _param((e, i, h), ("experts", "mlp", "embed"), dtype)  # down projection
+
+    def __call__(self, x):
+        t, k, e = x.shape[0], self.top_k, self.w1.shape[0]
+        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
+        weights, experts = jax.lax.top_k(probs, k)  # [T, k]
+        weights = weights / weights.sum(-1, keepdims=True)
+        flat = experts.reshape(-1)  # (token, choice) pairs, token-major
+        order = jnp.argsort(flat, stable=True)  # grouped by expert
+        rows = x[order // k]  # [T * k, H]
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        act = (jax.nn.silu(jax.lax.ragged_dot(rows, self.w1[...], sizes))
+               * jax.lax.ragged_dot(rows, self.w3[...], sizes))
+        out = jax.lax.ragged_dot(act, self.w2[...], sizes)  # [T * k, H]
+        out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
+        return jnp.einsum("tkh,tk->th", out.astype(jnp.float32), weights).astype(x.dtype)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        # Named as the checkpoints name them (models/params.py maps paths to tensor names).
+        if cfg.num_experts:
+            self.block_sparse_moe = SparseMoE(cfg, dtype)
+        else:
+            self.mlp = MLP(cfg, dtype)
 
     def __call__(self, x, positions, kv_cache, md):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x)), kv_cache
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -12,6 +12,9 @@ from paged_jax.models.llama import abstract_model
 from paged_jax import sharding
 
 
+EXPERT_WEIGHTS = ("w1", "w2", "w3")  # SparseMoE's stacked expert weights [E, in, out]
+
+
 def hf_name(path: tuple) -> tuple[str, bool]:
     """Our parameter path -> (Hugging Face tensor name, whether it is stored transposed)."""
     parts = [str(p) for p in path]
@@ -21,6 +24,8 @@ def hf_name(path: tuple) -> tuple[str, bool]:
         return "lm_head.weight", True
     leaf = parts[-1]
     stem = ".".join(parts[:-1])
+    if leaf in EXPERT_WEIGHTS:  # stacked from one [out, in] tensor per expert
+        return f"model.{stem}.experts.{{}}.{leaf}.weight", True
     if leaf == "kernel":
         return f"model.{stem}.weight", True
     return f"model.{stem}.{leaf}", False
@@ -60,10 +65,24 @@ def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place)
             _fill(node, path, tensors, dtype, head_dim, kv_repeat, place)
             continue
         name, transposed = hf_name(path)
-        if name not in tensors:
-            raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
-        value = np.asarray(tensors[name])
-        value = value.T if transposed else value
+        if "{}" in name:  # experts: one tensor each, stacked on a leading axis
+            names = [name.format(e) for e in range(node.shape[0])]
+            missing = [n for n in names if n not in tensors]
+            if missing:
+                raise ValueError(f"checkpoint is missing tensor {missing[0]!r} (needed for "
+                                 f"{path})")
+            want = tuple(node.shape[1:][::-1])  # each expert's [out, in]
+            for n in names:
+                if tuple(np.shape(tensors[n])) != want:
+                    raise ValueError(f"tensor {n!r} has shape {tuple(np.shape(tensors[n]))}, "
+                                     f"expected {want}")
+            value = np.stack([np.asarray(tensors[n]).T for n in names])
+            name = names[0]
+        else:
+            if name not in tensors:
+                raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
+            value = np.asarray(tensors[name])
+            value = value.T if transposed else value
         if kv_repeat > 1 and sharding.is_kv_projection(path):
             value = sharding.repeat_kv_heads(value, kv_repeat, head_dim)
         if value.shape != tuple(node.shape):

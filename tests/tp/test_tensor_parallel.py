@@ -103,6 +103,29 @@ def test_parameters_and_cache_are_sharded(tiny_run, tp):
         assert got["shards"] == [shard] * tp, name
 
 
+def test_mixtral_tp_equals_tp_1_with_experts_split_on_their_mlp(make_tiny_llama_dir,
+                                                                  tmp_path):
+    model = make_tiny_llama_dir(num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
+                                head_dim=64, initializer_range=0.2, tokenizer=True,
+                                num_local_experts=4, num_experts_per_tok=2)
+    out = run_worker("single", dict(model=str(model), prompts=random_prompts(1), max_tokens=12,
+                                    runs=[[1, "xla"], [2, "xla"], [4, "cpu"]]),
+                     tmp_path, devices=4)
+    reference = out["tokens"]["1-xla"]
+    assert all(len(t) == 12 for t in reference)
+    assert out["tokens"]["2-xla"] == reference and out["tokens"]["4-cpu"] == reference
+    hidden, inter, experts = 128, 96, 4
+    for tp in (2, 4):
+        shards = out["shards"][f"{tp}-{'xla' if tp == 2 else 'cpu'}"]
+        for name, shape, shard in (
+                ("w1", [experts, hidden, inter], [experts, hidden, inter // tp]),
+                ("w3", [experts, hidden, inter], [experts, hidden, inter // tp]),
+                ("w2", [experts, inter, hidden], [experts, inter // tp, hidden]),
+                ("gate.kernel", [hidden, experts], [hidden, experts])):  # router replicated
+            got = shards[f"layers.0.block_sparse_moe.{name}"]
+            assert got["shape"] == shape and got["shards"] == [shard] * tp, (tp, name)
+
+
 def test_tp_1_stays_on_one_device(tiny_run):
     shards = tiny_run["shards"]["1-xla"]
     assert all(len(s["devices"]) == 1 and s["shards"] == [s["shape"]] for s in shards.values())

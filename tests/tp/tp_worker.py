@@ -20,7 +20,9 @@ WATCHED = ("embed_tokens", "lm_head", "norm.weight", "layers.0.input_layernorm.w
            "layers.0.self_attn.q_proj.kernel", "layers.0.self_attn.k_proj.kernel",
            "layers.0.self_attn.v_proj.kernel", "layers.0.self_attn.o_proj.kernel",
            "layers.0.mlp.gate_proj.kernel", "layers.0.mlp.up_proj.kernel",
-           "layers.0.mlp.down_proj.kernel")
+           "layers.0.mlp.down_proj.kernel", "layers.0.block_sparse_moe.w1",
+           "layers.0.block_sparse_moe.w3", "layers.0.block_sparse_moe.w2",
+           "layers.0.block_sparse_moe.gate.kernel")
 
 
 def params(a):
