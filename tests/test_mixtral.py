@@ -72,3 +72,15 @@ def test_a_missing_expert_tensor_is_named(tiny_mixtral_dir):
     with pytest.raises(ValueError, match=r"experts.3.w2.weight' has shape \(3, 3\), "
                                          r"expected \(64, 48\)"):
         load_params(m.config, tensors)
+
+
+def test_unsupported_activations_and_moe_ggufs_are_refused(tiny_mixtral_dir):
+    from paged_jax import weights
+    from paged_jax.checkpoint.gguf_convert import gguf_config_dict
+
+    hf = weights.load_hf_config(tiny_mixtral_dir)
+    hf.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported"):
+        ModelConfig.from_hf(hf)
+    with pytest.raises(ValueError, match="mixture-of-experts GGUF \\(8 experts\\)"):
+        gguf_config_dict({"general.architecture": "llama", "llama.expert_count": 8}, [])

@@ -91,6 +91,12 @@ def gguf_config_dict(metadata: dict[str, Any], tensor_names: list[str], source: 
         raise ValueError(
             f"unsupported GGUF architecture {architecture!r} in {source}; supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
+    if metadata.get(f"{architecture}.expert_count"):
+        # llama.cpp writes Mixtral as "llama" with experts: refuse it before converting half.
+        raise ValueError(
+            f"mixture-of-experts GGUF ({metadata[f'{architecture}.expert_count']} experts) in {source} "
+            "is not supported; load the Hugging Face (safetensors) checkpoint instead"
+        )
     config: dict[str, Any] = {"model_type": architecture, "architectures": [GGUF_ARCHITECTURES[architecture]]}
     for key, value in metadata.items():
         prefix, _, rest = key.partition(".")

@@ -59,6 +59,9 @@ class ModelConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):  # the MLP and the experts are SwiGLU
+            raise ValueError(f"hidden_act {act!r} is not supported; supported: silu")
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         scaling = _rope_scaling(hf_config)

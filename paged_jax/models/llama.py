@@ -82,8 +82,10 @@ class SparseMoE(nnx.Module):
     """Mixtral's block_sparse_moe: a router scores num_experts SwiGLU experts per token, the
     top num_experts_per_tok run, their outputs weighted by the router's softmax renormalized
     over the chosen ones. Experts are stacked [E, ...] (the checkpoint's experts.{e}.w1/w3/w2);
-    tokens are sorted by expert and each expert multiplies only its own rows
-    (lax.ragged_dot), so the cost is that of the chosen experts, not of all of them."""
+    the (token, choice) pairs are sorted by expert and each expert multiplies only its own
+    rows (lax.ragged_dot). Where ragged_dot has a grouped kernel that costs the chosen
+    experts' work; XLA's CPU lowering (and by default its GPU one) computes it as a masked
+    dense product over all E experts, E / k times that (noted in docs/ARCHITECTURE.md)."""
 
     def __init__(self, cfg: ModelConfig, dtype):
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
