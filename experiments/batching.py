@@ -50,6 +50,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import paper
+from experiments.paper import POLICIES
 from experiments.workload import DATASETS, draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.prefix_cache import NoPrefixCache
@@ -58,17 +60,8 @@ from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import paged_reservation
 
 FLAGS = flags.FLAGS
-POLICIES = ("orca_max", "orca_pow2", "orca_oracle", "paged")
 PAPER_KV_TOKENS, PAPER_MAX_MODEL_LEN = 15728, 2048
-# Paper Fig. 13, OPT-13B, mean batched requests: ShareGPT at 2 req/s, Alpaca at 30 req/s.
-PAPER_BATCH = {
-    "sharegpt": {"orca_max": 7.00, "orca_pow2": 9.81, "orca_oracle": 13.62, "paged": 30.42},
-    "alpaca": {"orca_max": 7.00, "orca_pow2": 43.24, "orca_oracle": 72.75, "paged": 132.44},
-}
-PAPER_RATE = {"sharegpt": 2.0, "alpaca": 30.0}
-# Paper Fig. 12: at the same latency vLLM sustains 1.7-2.7x the rate of Orca (Oracle) and
-# 2.7-8x that of Orca (Max).
-PAPER_RATE_RATIO = {"orca_oracle": (1.7, 2.7), "orca_max": (2.7, 8.0)}
+PAPER_BATCH, PAPER_RATE, PAPER_RATE_RATIO = paper.BATCH, paper.BATCH_RATE, paper.RATE_RATIO
 
 
 # ---- Orca on the real engine ----------------------------------------------------------------

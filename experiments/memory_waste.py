@@ -33,6 +33,8 @@ import pathlib
 import numpy as np
 from absl import app, flags
 
+from experiments import paper
+from experiments.paper import POLICIES
 from experiments.workload import DATASETS, draw_trace  # noqa: F401 (draw_trace: re-exported)
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -53,25 +55,9 @@ flags.DEFINE_integer("seed", 0, "trace seed")
 flags.DEFINE_string("out_dir", "/tmp/memory_waste", "results.json and memory_waste.png go here")
 
 CATEGORIES = ("token_states", "reservation", "internal_fragmentation", "external_fragmentation")
-POLICIES = ("orca_max", "orca_pow2", "orca_oracle", "paged")
-# Paper Fig. 2 (ShareGPT, OPT-13B, A100): shares of KV memory. The paper files vLLM's 3.7%
-# waste under "external fragmentation & other"; here it is the last blocks' empty tails.
-PAPER = {
-    "orca_max": {"token_states": .204, "reservation": .133, "internal_fragmentation": .573,
-                 "external_fragmentation": .089},
-    "orca_pow2": {"token_states": .268, "reservation": .179, "internal_fragmentation": .136,
-                  "external_fragmentation": .416},
-    "orca_oracle": {"token_states": .382, "reservation": .252, "internal_fragmentation": 0.0,
-                    "external_fragmentation": .366},
-    "paged": {"token_states": .963, "reservation": 0.0, "internal_fragmentation": 0.0,
-              "external_fragmentation": .037},
-}
-# Paper Fig. 13, mean batched requests (ShareGPT at 2 req/s, Alpaca at 30 req/s): a side check
-# that the capacity and the trace match the paper's setting.
-PAPER_BATCH = {
-    "sharegpt": {"orca_max": 7.00, "orca_pow2": 9.81, "orca_oracle": 13.62, "paged": 30.42},
-    "alpaca": {"orca_max": 7.00, "orca_pow2": 43.24, "orca_oracle": 72.75, "paged": 132.44},
-}
+PAPER, PAPER_BATCH = paper.FIG2, paper.BATCH
+
+
 def make_requests(trace: list[tuple[int, int]]) -> list[Request]:
     return [Request(f"r{i}", [0] * p, SamplingParams(max_tokens=o, ignore_eos=True), p + o, 0)
             for i, (p, o) in enumerate(trace)]

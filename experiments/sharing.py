@@ -33,6 +33,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from experiments import paper
 from experiments.workload import draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -41,10 +42,7 @@ from paged_jax.scheduler import Scheduler
 
 FLAGS = flags.FLAGS
 
-# Paper Fig. 15 (OPT-13B): memory saved by parallel sampling (../shared/PAPER.md).
-PAPER_PARALLEL = {"alpaca": {2: 0.0609, 4: 0.0853, 6: 0.0979},
-                  "sharegpt": "16.2-30.5% over n = 2-6"}
-PAPER_PREFIX = {"80": 1.67, "341": 3.58}  # Fig. 16: throughput over no sharing, 1-/5-shot
+PAPER_PARALLEL, PAPER_PREFIX = paper.PARALLEL_SAVING, paper.PREFIX_SPEEDUP
 
 
 # ---- Fig. 15: parallel sampling -------------------------------------------------------------
