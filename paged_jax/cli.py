@@ -103,7 +103,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> None:
                     access_log=not args.no_access_log, timeout_graceful_shutdown=5)
     finally:
         # The engine thread tells the followers as it stops; this covers a server whose
-        # engine thread never started (a no-op otherwise).
+        # engine thread never started or is stuck in a step (the engine serializes the two
+        # broadcasts; a no-op once one has been sent).
         engine.stop_followers()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 import time
 from typing import Iterable
 
@@ -90,6 +91,10 @@ class LLMEngine:
                                                     cache_sharding),
                                   self.backend, self.max_model_len, self.mesh)
         self._channel = None  # multi-host serving: process 0's per-step command broadcast
+        # Step publishes and the stop message may come from different threads (the engine
+        # loop, and the CLI's shutdown if that loop is stuck): one broadcast at a time, and
+        # none after the stop.
+        self._channel_lock = threading.Lock()
         self._published: list = []
         self.outputs = OutputBuilder(self.tokenizer)
         self.stats = EngineStats()
@@ -185,9 +190,10 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        if self._channel is not None:  # multi-host serving: the followers mirror this step
-            self._channel.publish(self._published)
-            self._published = []
+        with self._channel_lock:
+            if self._channel is not None:  # multi-host serving: the followers mirror this step
+                self._channel.publish(self._published)
+                self._published = []
         batch = self.scheduler.schedule()
         if batch is None or not batch.requests:
             return []
@@ -267,9 +273,10 @@ class LLMEngine:
             self.step()
 
     def stop_followers(self) -> None:
-        if self._channel is not None:
-            self._channel.publish(multihost.STOP)
-            self._channel = None
+        with self._channel_lock:
+            if self._channel is not None:
+                self._channel.publish(multihost.STOP)
+                self._channel = None
 
     def kv_usage(self) -> KVUsage:
         held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}

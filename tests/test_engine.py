@@ -297,3 +297,38 @@ def test_a_bfloat16_model_handed_in_runs_on_the_xla_path(tiny_dir):
     model = load_model(str(tiny_dir), "bfloat16", with_tokenizer=False)
     engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=64), model=model)
     assert engine.backend == "xla"
+
+
+def test_followers_get_one_stop_and_nothing_after_it_whatever_the_threads(llm):
+    """Multi-host serving: the engine thread's per-step broadcasts and a stop sent from the
+    CLI's thread never overlap, the stop goes out once, and no step publishes after it."""
+    import threading
+    import time
+
+    from paged_jax import multihost
+
+    engine = llm.llm_engine
+    sent, busy = [], threading.Event()
+
+    class SlowChannel:
+        def publish(self, message):
+            assert not busy.is_set(), "two broadcasts at once"
+            busy.set()
+            time.sleep(0.002)
+            sent.append(message)
+            busy.clear()
+
+    engine._channel = SlowChannel()
+
+    def steps():
+        for _ in range(50):
+            engine.step()
+
+    threads = [threading.Thread(target=steps)] + [
+        threading.Thread(target=engine.stop_followers) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sent.count(multihost.STOP) == 1 and sent[-1] == multihost.STOP
+    assert engine._channel is None
