@@ -125,18 +125,12 @@ def generate(args: argparse.Namespace, config: EngineConfig) -> None:
 
 
 def convert(args: argparse.Namespace, config: EngineConfig) -> None:
-    import jax
-
-    from paged_jax import multihost, sharding
+    from paged_jax import multihost
     from paged_jax.checkpoint.sharded import save_checkpoint
+    from paged_jax.engine import setup_devices
     from paged_jax.models.loader import load_model
 
-    distributed = multihost.initialize_distributed(
-        config.coordinator_address, config.num_processes, config.process_id)
-    tp = config.tensor_parallel_size
-    mesh = sharding.make_mesh(tp) if tp > 1 or distributed else None
-    dtype = config.dtype if config.dtype != "auto" else (
-        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    _, mesh, dtype = setup_devices(config)  # as the engine does, without building one
     model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
                        with_tokenizer=False, mesh=mesh)
     folder = save_checkpoint(model, args.output)

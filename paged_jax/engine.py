@@ -21,7 +21,7 @@ from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
 from paged_jax.model_runner import ModelRunner
 from paged_jax.models.loader import LoadedModel, load_model
 from paged_jax.outputs import OutputBuilder
-from paged_jax.request import Request, RequestOutput, Status
+from paged_jax.request import Request, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
 
@@ -39,13 +39,9 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None):
-        # Before any JAX computation: joins the other processes of a multi-host run.
-        self.multihost = multihost.initialize_distributed(
-            config.coordinator_address, config.num_processes, config.process_id)
+        self.multihost, self.mesh, dtype = setup_devices(config)
         on_cpu = jax.default_backend() == "cpu"
-        dtype = config.dtype if config.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
         tp = config.tensor_parallel_size
-        self.mesh = sharding.make_mesh(tp) if tp > 1 or self.multihost else None
         if model is None:
             model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
                                mesh=self.mesh)
@@ -281,6 +277,18 @@ class LLMEngine:
     def kv_usage(self) -> KVUsage:
         held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
         return self.kv.usage(held)
+
+
+def setup_devices(config: EngineConfig):
+    """(whether this is a multi-host run, the tensor-parallel mesh or None, the model dtype).
+    Call before any JAX computation: it joins the other processes of a multi-host run."""
+    distributed = multihost.initialize_distributed(
+        config.coordinator_address, config.num_processes, config.process_id)
+    tp = config.tensor_parallel_size
+    mesh = sharding.make_mesh(tp) if tp > 1 or distributed else None
+    dtype = config.dtype if config.dtype != "auto" else (
+        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return distributed, mesh, dtype
 
 
 def _pick_backend(requested: str, on_cpu: bool, dtype: str, multihost: bool) -> str:

@@ -43,3 +43,20 @@ def test_generate_prints_llm_output(tiny_chat_model_dir, capsys):
               "--max-num-seqs", "1"])
     printed = capsys.readouterr().out
     assert printed.strip()
+
+
+def test_convert_writes_an_orbax_checkpoint_that_loads_the_same(tiny_chat_model_dir, tmp_path,
+                                                                capsys):
+    import numpy as np
+    from flax import nnx
+
+    from paged_jax.models.loader import load_model
+
+    cli.main(["convert", "--model", str(tiny_chat_model_dir), "--output",
+              str(tmp_path / "ckpt")])
+    folder = capsys.readouterr().out.strip()
+    assert folder
+    flat = {p: v[...] for p, v in nnx.to_flat_state(load_model(folder).params)}
+    want = {p: v[...] for p, v in nnx.to_flat_state(load_model(str(tiny_chat_model_dir)).params)}
+    assert flat.keys() == want.keys()
+    assert all(np.array_equal(np.asarray(flat[p]), np.asarray(want[p])) for p in want)
