@@ -84,3 +84,12 @@ def test_unsupported_activations_and_moe_ggufs_are_refused(tiny_mixtral_dir):
         ModelConfig.from_hf(hf)
     with pytest.raises(ValueError, match="mixture-of-experts GGUF \\(8 experts\\)"):
         gguf_config_dict({"general.architecture": "llama", "llama.expert_count": 8}, [])
+
+
+def test_bfloat16_mixtral_tracks_transformers_float32(tiny_mixtral_dir):
+    m16 = load_model(str(tiny_mixtral_dir), "bfloat16", with_tokenizer=False)
+    ids = np.random.default_rng(2).integers(0, 256, 60).tolist()
+    ours = dense_logits(m16.graphdef, m16.params, ids)
+    ref, _ = hf_logits(tiny_mixtral_dir, ids)
+    assert m16.params["layers"][0]["block_sparse_moe"]["w1"][...].dtype.name == "bfloat16"
+    assert max_rel_diff(ours, ref) < 5e-2  # the bound the Llama bfloat16 test uses
