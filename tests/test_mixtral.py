@@ -93,3 +93,22 @@ def test_bfloat16_mixtral_tracks_transformers_float32(tiny_mixtral_dir):
     ref, _ = hf_logits(tiny_mixtral_dir, ids)
     assert m16.params["layers"][0]["block_sparse_moe"]["w1"][...].dtype.name == "bfloat16"
     assert max_rel_diff(ours, ref) < 5e-2  # the bound the Llama bfloat16 test uses
+
+
+def test_fused_expert_checkpoints_load_the_same(tiny_mixtral_dir, tmp_path):
+    """transformers 5's save_original_format=False layout: gate_up_proj / down_proj stacks."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir,
+                                                           dtype=torch.float32)
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    from paged_jax import weights
+
+    assert any("gate_up_proj" in n for n in weights.read_safetensors(tmp_path))
+    fused = load_model(str(tmp_path), with_tokenizer=False)
+    legacy = load_model(str(tiny_mixtral_dir), with_tokenizer=False)
+    a = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(fused.params)}
+    b = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(legacy.params)}
+    assert a.keys() == b.keys() and all(np.array_equal(a[p], b[p]) for p in b)

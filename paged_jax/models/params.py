@@ -65,20 +65,10 @@ def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place)
             _fill(node, path, tensors, dtype, head_dim, kv_repeat, place)
             continue
         name, transposed = hf_name(path)
-        if "{}" in name:  # experts: one tensor each, stacked on a leading axis
-            names = [name.format(e) for e in range(node.shape[0])]
-            missing = [n for n in names if n not in tensors]
-            if missing:
-                raise ValueError(f"checkpoint is missing tensor {missing[0]!r} (needed for "
-                                 f"{path})")
-            want = tuple(node.shape[1:][::-1])  # each expert's [out, in]
-            for n in names:
-                if tuple(np.shape(tensors[n])) != want:
-                    raise ValueError(f"tensor {n!r} has shape {tuple(np.shape(tensors[n]))}, "
-                                     f"expected {want}")
-            value = np.stack([np.asarray(tensors[n]).T for n in names])
-            name = names[0]
+        if "{}" in name:  # experts: stacked on a leading axis
+            name, value = _experts(name, path, tensors, tuple(node.shape))
         else:
+            name = _fused_router_name(name, tensors)
             if name not in tensors:
                 raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
             value = np.asarray(tensors[name])
@@ -89,3 +79,40 @@ def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place)
             raise ValueError(f"tensor {name!r} has shape {tuple(np.asarray(tensors[name]).shape)}, "
                              f"expected {tuple(reversed(node.shape)) if transposed else node.shape}")
         tree[key] = jnp.asarray(value, dtype=dtype) if place is None else place(path, value)
+
+
+# transformers 5 can also save Mixtral's experts fused (save_original_format=False):
+# mlp.experts.gate_up_proj [E, 2I, H] (gate rows first), mlp.experts.down_proj [E, H, I] and
+# the router as mlp.gate.weight.
+def _fused_router_name(name: str, tensors) -> str:
+    fused = name.replace(".block_sparse_moe.gate.", ".mlp.gate.")
+    return fused if name not in tensors and fused != name and fused in tensors else name
+
+
+def _experts(template: str, path: tuple, tensors, shape: tuple) -> tuple[str, np.ndarray]:
+    """(a tensor name for messages, the [E, in, out] stack) of SparseMoE weight w1, w3 or w2,
+    from one [out, in] tensor per expert (experts.{e}.wN.weight) or the fused layout."""
+    names = [template.format(e) for e in range(shape[0])]
+    missing = [n for n in names if n not in tensors]
+    if not missing:
+        want = shape[1:][::-1]  # each expert's [out, in]
+        for n in names:
+            if tuple(np.shape(tensors[n])) != want:
+                raise ValueError(f"tensor {n!r} has shape {tuple(np.shape(tensors[n]))}, "
+                                 f"expected {want}")
+        return names[0], np.stack([np.asarray(tensors[n]).T for n in names])
+    stem = template.split(".block_sparse_moe.")[0] + ".mlp.experts."
+    leaf = path[-1]
+    fused = stem + ("down_proj" if leaf == "w2" else "gate_up_proj")
+    if fused not in tensors:
+        raise ValueError(f"checkpoint is missing tensor {missing[0]!r} (or the fused {fused!r}; "
+                         f"needed for {path})")
+    e, n_in, n_out = shape
+    want = (e, n_out, n_in) if leaf == "w2" else (e, 2 * n_out, n_in)
+    if tuple(np.shape(tensors[fused])) != want:
+        raise ValueError(f"tensor {fused!r} has shape {tuple(np.shape(tensors[fused]))}, "
+                         f"expected {want}")
+    value = np.asarray(tensors[fused])
+    if leaf != "w2":  # w1 is the gate half, w3 the up half
+        value = value[:, :n_out] if leaf == "w1" else value[:, n_out:]
+    return fused, np.ascontiguousarray(value.transpose(0, 2, 1))
