@@ -106,13 +106,11 @@ class BlockPool:
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._block_of.get(block_hash)
 
-    def register(self, block_id: int, block_hash: bytes) -> bool:
-        """Cache a held block under its prefix hash. False (nothing changes) when the hash
-        already names another block, e.g. two requests that computed the same tokens."""
+    def register(self, block_id: int, block_hash: bytes) -> None:
+        """Cache a held block under its prefix hash. Nothing changes when the hash already
+        names another block, e.g. two requests that computed the same tokens."""
         if self._ref[block_id] < 1:
             raise ValueError(f"block {block_id} is free; only held blocks can be registered")
-        if block_hash in self._block_of or block_id in self._hash_of:
-            return False
-        self._block_of[block_hash] = block_id
-        self._hash_of[block_id] = block_hash
-        return True
+        if block_hash not in self._block_of and block_id not in self._hash_of:
+            self._block_of[block_hash] = block_id
+            self._hash_of[block_id] = block_hash

@@ -34,8 +34,9 @@ class Buckets:
     seqs: tuple[int, ...]  # padded sequence counts (decode batch sizes)
     tokens: tuple[int, ...]  # padded token counts of prefill steps
     blocks: tuple[int, ...]  # padded block-table widths
-    # Precompile "mixed" variants too: prompt steps over a cached prefix (prefix caching) on
-    # the XLA path, whose prefill attention reads only the step's own tokens.
+    # Precompile "mixed" variants too: prompt steps over a cached prefix (prefix caching) or
+    # an earlier chunk (chunked prefill) on the XLA path, whose prefill attention reads only
+    # the step's own tokens.
     mixed_steps: bool = False
 
     @classmethod

@@ -330,36 +330,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.sched.kv.pool.num_free == self.sched.kv.pool.num_usable
 
 
-TestSchedulerMachine = SchedulerMachine.TestCase
-TestSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
-
-
-class MixedSchedulerMachine(SchedulerMachine):
-    MIXED = True
-
-
-TestMixedSchedulerMachine = MixedSchedulerMachine.TestCase
-TestMixedSchedulerMachine.settings = settings(max_examples=150, stateful_step_count=40,
-                                              deadline=None)
-
-
-class CachingSchedulerMachine(SchedulerMachine):
-    MIXED = True
-    CACHING = True
-
-
-TestCachingSchedulerMachine = CachingSchedulerMachine.TestCase
-TestCachingSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40,
-                                                deadline=None)
-
-
-class CachingPrefillFirstMachine(SchedulerMachine):
-    CACHING = True
-
-
-TestCachingPrefillFirstMachine = CachingPrefillFirstMachine.TestCase
-TestCachingPrefillFirstMachine.settings = settings(max_examples=100, stateful_step_count=40,
-                                                   deadline=None)
+def machine_test(machine, max_examples: int):
+    case = machine.TestCase
+    case.settings = settings(max_examples=max_examples, stateful_step_count=40, deadline=None)
+    return case
 
 
 class ChunkedSchedulerMachine(SchedulerMachine):
@@ -373,6 +347,14 @@ class ChunkedSchedulerMachine(SchedulerMachine):
         super().setup(block_size, num_blocks, max_num_seqs, budget)
 
 
-TestChunkedSchedulerMachine = ChunkedSchedulerMachine.TestCase
-TestChunkedSchedulerMachine.settings = settings(max_examples=200, stateful_step_count=40,
-                                                deadline=None)
+def variant(name: str, **flags):
+    return type(name, (SchedulerMachine,), flags)
+
+
+TestSchedulerMachine = machine_test(SchedulerMachine, 150)
+TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 150)
+TestCachingSchedulerMachine = machine_test(
+    variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 200)
+TestCachingPrefillFirstMachine = machine_test(
+    variant("CachingPrefillFirstMachine", CACHING=True), 100)
+TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 200)
