@@ -7,7 +7,9 @@ import dataclasses
 # "auto": "pallas" on accelerators; on the CPU "cpu" (XLA plus the C++ attention kernel) where
 # it can run (float32, one process, a C++ compiler), else "xla".
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
+PREEMPTION_MODES = ("recompute", "swap")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+DEFAULT_SWAP_SPACE_BYTES = 4 << 30  # vLLM's swap_space default, 4 GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,12 @@ class EngineConfig:
     # computed over several steps, so long prompts never stall decoding and
     # max_num_batched_tokens may be below max_model_len. Needs mixed_batches.
     enable_chunked_prefill: bool = False
+    # How a request gives up its KV blocks when a decode finds none free: "recompute" (drop
+    # them, compute its tokens again when readmitted) or "swap" (copy its computed blocks to
+    # host memory and back; recompute when the host blocks run out). The paper's Sec. 4.5.
+    preemption_mode: str = "recompute"
+    swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES  # host memory for swapped blocks
+    num_cpu_blocks: int | None = None  # overrides swap_space_bytes
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)
@@ -56,6 +64,13 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
                              f"{self.attention_backend!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got "
+                             f"{self.preemption_mode!r}")
+        if self.swap_space_bytes < 0:
+            raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
+        if self.num_cpu_blocks is not None and self.num_cpu_blocks < 1:
+            raise ValueError(f"num_cpu_blocks must be >= 1, got {self.num_cpu_blocks}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size}")

@@ -15,7 +15,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
-from paged_jax import kv_cache, multihost, sampler, sharding, step_inputs
+from paged_jax import kv_cache, multihost, sampler, sharding, step_inputs, swap
 from paged_jax.config import EngineConfig
 from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
 from paged_jax.model_runner import ModelRunner
@@ -68,13 +68,24 @@ class LLMEngine:
         # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
         num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
             mcfg, config.block_size, config.kv_cache_memory_bytes * tp)
+        swapping = config.preemption_mode == "swap"
+        if swapping and self.multihost:
+            raise ValueError("preemption_mode 'swap' runs on one host; multi-host runs "
+                             "preempt by recompute")
+        # The host keeps whole blocks (all KV heads), whatever the tensor parallelism.
+        num_cpu_blocks = (config.num_cpu_blocks or config.swap_space_bytes
+                          // kv_cache.block_bytes(mcfg, config.block_size)) if swapping else 0
+        if swapping and num_cpu_blocks < 1:
+            raise ValueError(f"swap_space_bytes {config.swap_space_bytes} holds no block of "
+                             f"{kv_cache.block_bytes(mcfg, config.block_size)} bytes")
         self.config = config
         self.tokenizer = self.model.tokenizer
         self.kv = KVCacheManager(num_blocks, config.block_size,
-                                 enable_caching=config.enable_prefix_caching)
+                                 enable_caching=config.enable_prefix_caching,
+                                 num_cpu_blocks=num_cpu_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    mixed=config.mixed_batches,
-                                   chunked=config.enable_chunked_prefill)
+                                   chunked=config.enable_chunked_prefill, swap=swapping)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size,
                                                 table_ladder=self.backend == "pallas",
@@ -82,10 +93,11 @@ class LLMEngine:
                                                     config.enable_prefix_caching
                                                     or config.enable_chunked_prefill))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
-        self.runner = ModelRunner(self.model.graphdef, self.model.params,
-                                  kv_cache.allocate(mcfg, num_blocks, config.block_size,
-                                                    cache_sharding),
-                                  self.backend, self.max_model_len, self.mesh)
+        caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
+        self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
+                                  self.backend, self.max_model_len, self.mesh,
+                                  swap.SwapSpace(mcfg, num_cpu_blocks, caches) if swapping
+                                  else None)
         self._channel = None  # multi-host serving: process 0's per-step command broadcast
         # Step publishes and the stop message may come from different threads (the engine
         # loop, and the CLI's shutdown if that loop is stuck): one broadcast at a time, and
@@ -99,9 +111,11 @@ class LLMEngine:
         self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
-                 "max_model_len %d, tensor_parallel_size %d", num_blocks, config.block_size,
+                 "max_model_len %d, tensor_parallel_size %d, preemption by %s%s",
+                 num_blocks, config.block_size,
                  num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / tp / 2**20,
-                 self.backend, self.max_model_len, tp)
+                 self.backend, self.max_model_len, tp, config.preemption_mode,
+                 f" ({num_cpu_blocks} host blocks)" if swapping else "")
         if config.precompile:
             start = time.perf_counter()
             self.runner.precompile(self.buckets)
@@ -181,7 +195,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.scheduler.waiting) + len(self.scheduler.running)
+        sched = self.scheduler
+        return len(sched.waiting) + len(sched.running) + len(sched.swapped)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -191,6 +206,9 @@ class LLMEngine:
                 self._channel.publish(self._published)
                 self._published = []
         batch = self.scheduler.schedule()
+        if batch is not None and (batch.swap_out or batch.swap_in):
+            # Before the step: it may write blocks that swapped-out requests just freed.
+            self.runner.swap(batch.swap_out, batch.swap_in)
         if batch is None or not batch.requests:
             return []
         # Decoding rows longest first: the XLA decode attention walks the rows in groups,

@@ -1,5 +1,6 @@
 """Per-request block tables over the block pool, grown on demand; prefix-cache lookups and
-registration; KV usage accounting."""
+registration; swapping tables out to a pool of host (CPU) blocks and back; KV usage
+accounting."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,9 +42,13 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, shuffle_seed: int | None = None,
-                 enable_caching: bool = False):
+                 enable_caching: bool = False, num_cpu_blocks: int = 0):
+        """num_cpu_blocks: host blocks that preemption by swap copies tables into (0: none).
+        Host block 0 is reserved like the device's, as the target of padded copies."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, shuffle_seed)
+        self.cpu_pool = BlockPool(num_cpu_blocks + 1) if num_cpu_blocks else None
+        self._swapped: dict[str, list[int]] = {}  # swapped-out request -> its host blocks
         self.enable_caching = enable_caching
         self.cache_stats = PrefixCacheStats()
         self._tables: dict[str, list[int]] = {}
@@ -111,10 +116,49 @@ class KVCacheManager:
             self.cache_stats.hits += hit.num_tokens
 
     def free(self, request_id: str) -> None:
+        """Give back the request's device blocks, or its host blocks if it is swapped out."""
         self._hashes.pop(request_id, None)
         table = self._tables.pop(request_id, None)
         if table:
             self.pool.free(table)
+        host = self._swapped.pop(request_id, None)
+        if host:
+            self.cpu_pool.free(host)
+
+    # ---- swapping (preemption by swap) ----------------------------------------------------
+
+    def swap_out(self, request_id: str, num_computed: int) -> list[tuple[int, int]] | None:
+        """Move the blocks holding the request's first num_computed tokens to host blocks and
+        free its device table: the (device block, host block) pairs to copy, before any step
+        writes the freed blocks. None, and nothing changes, if the host pool lacks room.
+        Blocks shared with other requests are copied too: on the device they stay with their
+        other owners, or on the free list under their hash."""
+        table = self._tables[request_id]
+        n = cdiv(num_computed, self.block_size)
+        if self.cpu_pool is None or n > self.cpu_pool.num_free:
+            return None
+        host = self.cpu_pool.allocate(n)
+        self.free(request_id)
+        self._swapped[request_id] = host
+        return list(zip(table[:n], host))
+
+    def swap_in(self, request_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
+        """A new device table for num_tokens tokens, and the (host block, device block) pairs
+        that bring the swapped-out blocks back into it, to copy before the step that reads
+        them. The host blocks are free once the copy is made. None, and nothing changes, if
+        device blocks run out. Its full blocks rejoin the prefix cache through cache_blocks,
+        as any computed block does."""
+        host = self._swapped[request_id]
+        if request_id in self._tables:
+            raise ValueError(f"request {request_id!r} is swapped out and holds device blocks")
+        if not self.allocate(request_id, max(num_tokens, len(host) * self.block_size)):
+            return None
+        del self._swapped[request_id]
+        self.cpu_pool.free(host)
+        return list(zip(host, self._tables[request_id]))
+
+    def num_swapped_blocks(self) -> int:
+        return self.cpu_pool.num_used if self.cpu_pool is not None else 0
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Cache slots (block_id * block_size + offset) of token positions start..end-1."""

@@ -20,6 +20,7 @@ from paged_jax.attention import AttentionMetadata
 from paged_jax.models.forward import forward
 from paged_jax.sampler import SamplingInputs, sample
 from paged_jax.step_inputs import Buckets, StepInputs
+from paged_jax.swap import SwapSpace
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,15 @@ def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
 
 
 class ModelRunner:
-    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int, mesh=None):
+    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int, mesh=None,
+                 swap_space: SwapSpace | None = None):
         """mesh: a tensor-parallel mesh (paged_jax/sharding.py). The step then pins its
         shardings: parameters and caches as they lie, step and sampling inputs and the sampled
-        results replicated; attention runs under shard_map (traced under jax.set_mesh)."""
+        results replicated; attention runs under shard_map (traced under jax.set_mesh).
+        swap_space: host blocks for preemption by swap."""
         self.params = params
         self.kv_caches = kv_caches
+        self.swap_space = swap_space
         self.backend = backend
         self.history_len = history_len
         self.mesh = mesh
@@ -82,6 +86,12 @@ class ModelRunner:
     def precompile(self, buckets: Buckets) -> None:
         for key in buckets.all_shapes():
             self._executable(key)
+        if self.swap_space is not None:
+            self.swap_space.precompile(self.kv_caches)
+
+    def swap(self, swap_out, swap_in) -> None:
+        """Copy a step's swapped blocks between device pages and host blocks (swap.py)."""
+        self.kv_caches = self.swap_space.apply(self.kv_caches, swap_out, swap_in)
 
     def run(self, inputs: StepInputs, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         exe = self._executable(inputs.shape_key)

@@ -11,6 +11,7 @@ from paged_jax.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted by swap: its computed blocks are in host memory
     FINISHED = "finished"
 
 

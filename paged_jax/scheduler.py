@@ -1,4 +1,4 @@
-"""Iteration-level (continuous) batching with preemption by recompute.
+"""Iteration-level (continuous) batching with preemption by recompute or swap.
 
 Two policies. Prefill-first (vLLM V0 and the paper): every step is either a prefill of newly
 admitted requests (FCFS, while sequences, the token budget and KV blocks allow) or one decode
@@ -7,9 +7,15 @@ request decodes, and whole prompts that fit the rest of the token budget join th
 a waiting prompt whose uncached part fits the budget only alone gets a prefill-first step, so
 a long prompt never waits for the running requests to drain.
 
-When a decode cannot find a block, the newest running request is preempted: its blocks are
-freed and it goes back to the head of the queue, to be recomputed from its prompt and output
-so far. A step that preempted admits nothing, so a victim is not readmitted at once.
+When a decode cannot find a block, the newest running request is preempted. By recompute
+(the default): its blocks are freed and it goes back to the head of the queue, to be
+recomputed from its prompt and output so far. By swap (preemption_mode="swap", the paper's
+other option): its computed blocks are copied to host blocks and it waits in the swapped
+queue, to be copied back and go on decoding where it stopped; when the host blocks run out it
+is recomputed instead. A step that preempted admits and swaps in nothing, so a victim is not
+readmitted at once; while any request is swapped out, no new prompt is admitted (the swapped
+are older and come back first, as in vLLM V0). The step's copies travel in its
+ScheduledBatch (swap_out, swap_in), to be made before the step runs.
 
 With chunked prefill (chunked=True, mixed only) a prompt that does not fit the rest of a
 step's token budget is admitted with the part that fits, and goes on in the following steps
@@ -38,6 +44,10 @@ class ScheduledBatch:
     num_new_tokens: tuple[int, ...]
     preempted: tuple[Request, ...] = ()
     num_decodes: int = 0  # a prefill step's leading requests that decode (mixed policy)
+    # Block copies to make before the step runs: (device, host) pairs of preempted requests
+    # swapped out, then (host, device) pairs of requests swapped back in.
+    swap_out: tuple[tuple[int, int], ...] = ()
+    swap_in: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -52,10 +62,15 @@ def paged_reservation(req: Request) -> int:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  reservation: Callable[[Request], int] = paged_reservation,
-                 mixed: bool = False, chunked: bool = False):
+                 mixed: bool = False, chunked: bool = False, swap: bool = False):
+        """swap: preempt by swapping to kv's host blocks (recompute when they run out)."""
         if chunked and not mixed:
             raise ValueError("chunked prefill needs mixed batches (decodes and prompt chunks "
                              "in one step)")
+        if swap and kv.cpu_pool is None:
+            raise ValueError("preemption by swap needs host blocks (KVCacheManager "
+                             "num_cpu_blocks > 0)")
+        self.swap = swap
         self.kv = kv
         self.mixed = mixed
         self.chunked = chunked
@@ -64,19 +79,31 @@ class Scheduler:
         self.reservation = reservation
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.swapped: collections.deque[Request] = collections.deque()  # oldest first
+        self.num_preemptions = 0  # by recompute or swap
+        self.num_swapped_out = 0  # preemptions by swap
+        self._swap_out: list[tuple[int, int]] = []  # this schedule()'s copies
+        self._swap_in: list[tuple[int, int]] = []
         self.num_prompt_tokens = 0  # tokens of admitted prompts, cached ones included
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> ScheduledBatch | None:
+        self._swap_out, self._swap_in = [], []
+        batch = self._schedule()
+        if self._swap_out or self._swap_in:
+            batch = dataclasses.replace(batch, swap_out=tuple(self._swap_out),
+                                        swap_in=tuple(self._swap_in))
+        return batch
+
+    def _schedule(self) -> ScheduledBatch | None:
         if not self.mixed:
-            return self._schedule_prefill() or self._schedule_decode()
-        head = self.waiting[0] if self.waiting else None
+            return (None if self.swapped else self._schedule_prefill()) or self._schedule_decode()
+        head = self.waiting[0] if self.waiting and not self.swapped else None
         if (not self.chunked and head is not None and self.running
                 and len(self.running) < self.max_num_seqs
                 and len(self.running) + head.num_tokens
@@ -89,6 +116,10 @@ class Scheduler:
         if preempted:  # admits nothing, and prompts part-way through wait a step
             return _decode_batch(decodes, preempted)
         budget = self.max_num_batched_tokens - len(decodes)
+        back_decodes, back_continuing = self._swap_in_rows(budget)
+        decodes += back_decodes
+        continuing += back_continuing
+        budget -= len(back_decodes)
         chunks, news = [], []
         for req in continuing:  # prompts part-way through chunked prefill, oldest first
             if budget <= 0:
@@ -98,7 +129,8 @@ class Scheduler:
             chunks.append(req)
             news.append(new)
             budget -= new
-        prompts, prompt_news = self._admit(budget) if budget > 0 else ((), ())
+        prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
+                                else ((), ()))
         if not chunks and not prompts:
             return _decode_batch(decodes, ())
         return ScheduledBatch("prefill", tuple(decodes) + tuple(chunks) + prompts,
@@ -146,8 +178,35 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         decodes, continuing, preempted = self._decode_rows()
+        if not preempted:
+            back, back_continuing = self._swap_in_rows(self.max_num_batched_tokens - len(decodes))
+            decodes += back
+            continuing += back_continuing
         assert not continuing, "prompts part-way through exist only with chunked prefill"
         return _decode_batch(decodes, preempted)
+
+    def _swap_in_rows(self, budget: int) -> tuple[list[Request], list[Request]]:
+        """Swapped-out requests brought back, oldest first, while sequences, the budget (a
+        token each) and device blocks allow: those that decode, and those part-way through a
+        chunked prefill (they compute their next chunk within the caller's budget)."""
+        decodes: list[Request] = []
+        continuing: list[Request] = []
+        while (self.swapped and len(self.running) < self.max_num_seqs
+               and len(decodes) + len(continuing) < budget):
+            req = self.swapped[0]
+            copies = self.kv.swap_in(req.request_id, req.num_tokens)
+            if copies is None:
+                break
+            self._swap_in += copies
+            self.swapped.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            if req.num_tokens - req.num_computed_tokens > 1:
+                continuing.append(req)
+            else:
+                self.kv.cache_blocks(req.request_id, req.all_token_ids)
+                decodes.append(req)
+        return decodes, continuing
 
     def _decode_rows(self) -> tuple[list[Request], list[Request], list[Request]]:
         """Running requests in order: those that decode (one block more if their table is
@@ -176,12 +235,20 @@ class Scheduler:
         return decodes, continuing, preempted
 
     def _preempt(self, req: Request) -> None:
-        self.kv.free(req.request_id)
         self.running.remove(req)
-        req.status = Status.WAITING
-        req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
+        copies = (self.kv.swap_out(req.request_id, req.num_computed_tokens) if self.swap
+                  else None)
+        if copies is not None:
+            self._swap_out += copies
+            req.status = Status.SWAPPED
+            self.num_swapped_out += 1
+            self.swapped.appendleft(req)  # victims go newest first: the oldest stays in front
+            return
+        self.kv.free(req.request_id)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
     def finish(self, req: Request) -> None:
@@ -190,6 +257,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        elif req in self.swapped:
+            self.swapped.remove(req)
         self.kv.free(req.request_id)
         req.status = Status.FINISHED
 

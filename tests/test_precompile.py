@@ -8,15 +8,20 @@ from paged_jax import LLM, SamplingParams
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-@pytest.mark.parametrize("backend, chunked", [("auto", False), ("xla", False), ("xla", True)])
+@pytest.mark.parametrize("backend, chunked, swap", [
+    ("auto", False, False), ("xla", False, False), ("xla", True, False), ("auto", False, True)])
 def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend,
-                                                              chunked):
+                                                              chunked, swap):
     folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
-    llm = LLM(str(folder), num_kv_blocks=64, max_model_len=64, max_num_seqs=8,
+    # With swap, a cache of 11 usable blocks for up to 13 requests of up to 4 blocks each.
+    llm = LLM(str(folder), num_kv_blocks=12 if swap else 64, max_model_len=64, max_num_seqs=8,
               max_num_batched_tokens=32 if chunked else 128, enable_chunked_prefill=chunked,
-              enable_prefix_caching=not chunked, precompile=True, attention_backend=backend)
+              enable_prefix_caching=not chunked, precompile=True, attention_backend=backend,
+              preemption_mode="swap" if swap else "recompute", num_cpu_blocks=64)
     runner = llm.llm_engine.runner
     variants = runner.num_compiled
+    swap_variants = runner.swap_space.num_compiled if swap else 0
+    assert swap_variants == (10 if swap else 0)  # copies of 1, 2, 4, 8 and 12 blocks each way
     assert variants == len(list(llm.llm_engine.buckets.all_shapes()))
     compiles = []
 
@@ -44,6 +49,9 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert runner.num_compiled == variants
+    if swap:
+        assert runner.swap_space.num_compiled == swap_variants
+        assert llm.llm_engine.scheduler.num_swapped_out > 0
     if chunked:  # prompts of up to 39 tokens went through 32-token steps in chunks
         assert max(len(p["prompt_token_ids"]) for p in prompts) > 32
     else:

@@ -170,13 +170,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     MIXED = False
     CACHING = False  # prefix caching: prompts then come from a few shared stems
     CHUNKED = False  # chunked prefill: requests may be longer than a step's budget
+    SWAP = False  # preemption by swap, into a host pool that may run out
 
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
-                max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64))
-    def setup(self, block_size, num_blocks, max_num_seqs, budget):
+                max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64),
+                cpu_blocks=st.integers(1, 30))
+    def setup(self, block_size, num_blocks, max_num_seqs, budget, cpu_blocks):
         self.sched = Scheduler(KVCacheManager(num_blocks, block_size,
-                                              enable_caching=self.CACHING),
-                               max_num_seqs, budget, mixed=self.MIXED, chunked=self.CHUNKED)
+                                              enable_caching=self.CACHING,
+                                              num_cpu_blocks=cpu_blocks if self.SWAP else 0),
+                               max_num_seqs, budget, mixed=self.MIXED, chunked=self.CHUNKED,
+                               swap=self.SWAP)
         # Longest request that can always run alone, and be recomputed after a preemption.
         self.max_len = (num_blocks - 1) * block_size
         if not self.CHUNKED:
@@ -185,6 +189,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         # What each block holds, as a model of the device's pages: the token whose K/V a
         # step wrote into each slot. Every request must read back its own tokens.
         self.pages: dict[int, list] = {}
+        self.host_pages: dict[int, list] = {}  # the same for host blocks (swap)
 
     @precondition(lambda self: self.max_len >= 2)
     @rule(data=st.data())
@@ -214,24 +219,37 @@ class SchedulerMachine(RuleBasedStateMachine):
     def checked_step(self) -> None:
         sched, kv = self.sched, self.sched.kv
         old_running, old_waiting = list(sched.running), list(sched.waiting)
+        old_swapped = list(sched.swapped)
+        old_tables = {r.request_id: list(kv.block_table(r.request_id)) for r in old_running}
         # Running prompts part-way through a chunked prefill: more than one token to compute.
-        partial = [r for r in old_running if r.num_tokens - r.num_computed_tokens > 1]
+        partial = [r for r in old_running + old_swapped
+                   if r.num_tokens - r.num_computed_tokens > 1]
         assert self.CHUNKED or not partial
         batch = sched.schedule()
         if batch is None:
-            assert not old_running and not old_waiting, "requests waiting but nothing scheduled"
+            assert not old_running and not old_waiting and not old_swapped, \
+                "requests waiting but nothing scheduled"
             return
         assert len(sched.running) <= sched.max_num_seqs
+        # Swapped-out requests come back oldest first, never in a step that preempts, and no
+        # prompt is admitted while any is still out.
+        back = [r for r in old_swapped if r.status is Status.RUNNING]
+        assert back == old_swapped[:len(back)] and not (back and batch.preempted)
+        if not batch.preempted:
+            assert list(sched.swapped) == old_swapped[len(back):]
+        self.check_swaps(batch, back, old_tables)
         if batch.kind == "prefill":
             d = batch.num_decodes
             assert self.MIXED or d == 0
             decodes, prompts = batch.requests[:d], batch.requests[d:]
-            assert d == 0 or decodes == tuple(r for r in old_running if r not in partial)
+            assert d == 0 or decodes == tuple(r for r in old_running + back if r not in partial)
             assert prompts and not batch.preempted  # a step that preempts admits nothing
+            going_on = [r for r in old_running + back if r in partial]
             n_cont = sum(r in partial for r in prompts)  # chunks go on, oldest first ...
-            assert prompts[:n_cont] == tuple(partial[:n_cont])
+            assert prompts[:n_cont] == tuple(going_on[:n_cont])
             admitted = prompts[n_cont:]
             assert admitted == tuple(old_waiting[:len(admitted)])  # ... then FCFS
+            assert not (admitted and sched.swapped)
             assert batch.num_tokens <= sched.max_num_batched_tokens
             assert batch.num_new_tokens[:d] == (1,) * d
             news = batch.num_new_tokens[d:]
@@ -244,8 +262,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert r.num_computed_tokens % kv.block_size == 0
                 assert r.num_computed_tokens < r.num_tokens
                 assert self.CACHING or r.num_computed_tokens == 0
-            assert sched.running == old_running + list(admitted)
-            if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            assert sched.running == old_running + back + list(admitted)
+            if sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped:
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
                 hit = kv.find_cached(nxt.all_token_ids)
                 want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
@@ -257,11 +275,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             # The oldest keep running; the newest are preempted, newest first; prompts
             # part-way through wait (a step that preempted, or a budget the decodes fill).
             moved = [r for r in old_running if r in batch.requests or r in batch.preempted]
-            assert moved == list(batch.requests) + list(reversed(batch.preempted))
+            assert moved + back == (list(batch.requests) + list(reversed(batch.preempted)))
             assert all(r in partial for r in old_running if r not in moved)
-            assert list(sched.waiting) == list(reversed(batch.preempted)) + old_waiting
+            recomputed = [r for r in batch.preempted if r.status is Status.WAITING]
+            swapped = [r for r in batch.preempted if r.status is Status.SWAPPED]
+            assert len(recomputed) + len(swapped) == len(batch.preempted)
+            assert self.SWAP or not swapped
+            assert list(sched.waiting) == list(reversed(recomputed)) + old_waiting
+            assert list(sched.swapped) == list(reversed(swapped)) + old_swapped[len(back):]
             for r in batch.preempted:
-                assert r.status is Status.WAITING and r.num_computed_tokens == 0
+                assert r.status is Status.SWAPPED or r.num_computed_tokens == 0
                 assert kv.block_table(r.request_id) == []
         for r in batch.requests:
             assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_tokens
@@ -285,15 +308,39 @@ class SchedulerMachine(RuleBasedStateMachine):
             if req.num_tokens >= req.max_total_tokens:
                 sched.finish(req)
 
+    def check_swaps(self, batch, back, old_tables) -> None:
+        """The copies name exactly the computed blocks of the swapped-out requests' old
+        tables and the new tables of those swapped back in; made on the page models, reads
+        first, as SwapSpace makes them."""
+        kv = self.sched.kv
+        out = [(d, h) for d, h in batch.swap_out]
+        want_out = [d for r in batch.preempted if r.status is Status.SWAPPED
+                    for d in old_tables[r.request_id][:cdiv(r.num_computed_tokens,
+                                                            kv.block_size)]]
+        assert sorted(d for d, _ in out) == sorted(want_out)
+        want_in = [d for r in back for d in kv.block_table(r.request_id)[
+            :cdiv(r.num_computed_tokens, kv.block_size)]]
+        assert [d for _, d in batch.swap_in] == want_in
+        moved_out = {h: list(self.pages.get(d, [])) for d, h in out}
+        moved_in = {d: list(self.host_pages.get(h, [])) for h, d in batch.swap_in}
+        self.host_pages.update(moved_out)
+        self.pages.update(moved_in)
+
     @invariant()
     def nothing_lost_nothing_leaked(self):
         sched, kv = self.sched, self.sched.kv
         assert len(sched.running) <= sched.max_num_seqs
-        waiting, running = list(sched.waiting), sched.running
-        assert len(set(map(id, waiting + running))) == len(waiting) + len(running)
+        waiting, running, swapped = list(sched.waiting), sched.running, list(sched.swapped)
+        everyone = waiting + running + swapped
+        assert len(set(map(id, everyone))) == len(everyone)
         for r in self.added:
-            places = (r in waiting) + (r in running) + r.finished
+            places = (r in waiting) + (r in running) + (r in swapped) + r.finished
             assert places == 1, f"{r.request_id} is in {places} places"
+        for r in swapped:
+            assert r.status is Status.SWAPPED and kv.block_table(r.request_id) == []
+        if kv.cpu_pool is not None:
+            assert kv.num_swapped_blocks() == sum(
+                cdiv(r.num_computed_tokens, kv.block_size) for r in swapped)
         tables = [kv.block_table(r.request_id) for r in running]
         blocks = [b for t in tables for b in t]
         assert 0 not in blocks
@@ -328,6 +375,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.nothing_lost_nothing_leaked()
         assert all(r.finished for r in self.added), "a request never finished"
         assert self.sched.kv.pool.num_free == self.sched.kv.pool.num_usable
+        assert self.sched.kv.num_swapped_blocks() == 0
 
 
 def machine_test(machine, max_examples: int):
@@ -342,9 +390,10 @@ class ChunkedSchedulerMachine(SchedulerMachine):
     CHUNKED = True
 
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
-                max_num_seqs=st.integers(1, 6), budget=st.integers(1, 24))
-    def setup(self, block_size, num_blocks, max_num_seqs, budget):
-        super().setup(block_size, num_blocks, max_num_seqs, budget)
+                max_num_seqs=st.integers(1, 6), budget=st.integers(1, 24),
+                cpu_blocks=st.integers(1, 30))
+    def setup(self, block_size, num_blocks, max_num_seqs, budget, cpu_blocks):
+        super().setup(block_size, num_blocks, max_num_seqs, budget, cpu_blocks)
 
 
 def variant(name: str, **flags):
@@ -358,3 +407,8 @@ TestCachingSchedulerMachine = machine_test(
 TestCachingPrefillFirstMachine = machine_test(
     variant("CachingPrefillFirstMachine", CACHING=True), 100)
 TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 200)
+TestSwapSchedulerMachine = machine_test(variant("SwapSchedulerMachine", SWAP=True), 100)
+TestSwapMixedCachingMachine = machine_test(
+    variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 150)
+TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
+                                           dict(SWAP=True)), 150)

@@ -40,6 +40,10 @@ class ServerMetrics:
 
         self.running = gauge("num_requests_running", "Sequences in the running batch.")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.swapped = gauge("num_requests_swapped",
+                             "Sequences preempted by swap, their KV blocks in host memory.")
+        self.cpu_usage = gauge("cpu_cache_usage_perc",
+                               "Share of host (swap) KV blocks in use (0-1; 0 without swap).")
         self.kv_usage = gauge("kv_cache_usage_perc", "Share of KV blocks in use (0-1).")
         self.kv_fragmentation = gauge(
             "kv_cache_internal_fragmentation_perc",
@@ -50,7 +54,7 @@ class ServerMetrics:
         self.prompt_tokens = counter(
             "prompt_tokens", "Prompt tokens of prefills, cached ones included (as vLLM).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.preemptions = counter("num_preemptions", "Preemptions (by recompute).")
+        self.preemptions = counter("num_preemptions", "Preemptions (by recompute or swap).")
         # In tokens, as vLLM V1 counts them: hits / queries is the prefix cache's hit rate.
         self.prefix_queries = counter("prefix_cache_queries",
                                       "Prompt tokens looked up in the prefix cache.")
@@ -76,6 +80,9 @@ class ServerMetrics:
         sched = engine.scheduler
         self.running.set(len(sched.running))
         self.waiting.set(len(sched.waiting))
+        self.swapped.set(len(sched.swapped))
+        cpu = engine.kv.cpu_pool
+        self.cpu_usage.set(cpu.usage() if cpu is not None else 0.0)
         kv = engine.kv_usage()
         self.kv_usage.set(kv.usage)
         self.kv_fragmentation.set(kv.internal_fragmentation)

@@ -61,17 +61,22 @@ def tiny_dir(make_tiny_llama_dir):
 def tiny_run(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp_single")
     args = dict(model=str(tiny_dir), prompts=random_prompts(), max_tokens=12,
-                runs=[[1, "xla"], [2, "xla"], [4, "xla"], [8, "xla"], [4, "pallas"], [2, "cpu"]],
+                runs=[[1, "xla"], [2, "xla"], [4, "xla"], [8, "xla"], [4, "pallas"], [2, "cpu"],
+                      # 6 usable blocks of 8 tokens for 15 blocks' worth of requests:
+                      # preemption by swap, each device's KV heads to the host and back.
+                      [2, "cpu", dict(block_size=8, num_kv_blocks=7, preemption_mode="swap",
+                                      num_cpu_blocks=16)]],
                 checkpoint=str(tmp / "ckpt"), checkpoint_tp=4, restore_tps=[1, 2, 8],
                 restore_generate_tp=2)
     return run_worker("single", args, tmp, devices=8)
 
 
-@pytest.mark.parametrize("run", ["2-xla", "4-xla", "8-xla", "4-pallas", "2-cpu"])
+@pytest.mark.parametrize("run", ["2-xla", "4-xla", "8-xla", "4-pallas", "2-cpu", "2-cpu-swap"])
 def test_greedy_tokens_equal_tp_1(tiny_run, run):
     reference = tiny_run["tokens"]["1-xla"]
     assert all(len(t) == 12 for t in reference)
     assert tiny_run["tokens"][run] == reference
+    assert (tiny_run["swapped"][run] > 0) == run.endswith("swap")
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])

@@ -56,13 +56,15 @@ def single(a):
     from paged_jax.checkpoint.sharded import save_checkpoint
     from paged_jax.models.loader import load_model
 
-    out = {"tokens": {}, "shards": {}, "seconds": {}}
-    for tp, backend in a["runs"]:
+    out = {"tokens": {}, "shards": {}, "seconds": {}, "swapped": {}}
+    for tp, backend, *more in a["runs"]:  # more: engine options, named by preemption_mode
         start = time.perf_counter()
-        llm = LLM(a["model"], tensor_parallel_size=tp, attention_backend=backend, **ENGINE)
-        key = f"{tp}-{backend}"
+        opts = dict(ENGINE, **(more[0] if more else {}))
+        llm = LLM(a["model"], tensor_parallel_size=tp, attention_backend=backend, **opts)
+        key = f"{tp}-{backend}" + (f"-{more[0]['preemption_mode']}" if more else "")
         out["tokens"][key] = tokens(llm, a)
         engine = llm.llm_engine
+        out["swapped"][key] = engine.scheduler.num_swapped_out
         flat = flat_params(engine.model.params)
         out["shards"][key] = {name: shard_shapes(flat[name]) for name in WATCHED if name in flat}
         for layer, (k, v) in enumerate(engine.runner.kv_caches):
