@@ -42,7 +42,6 @@ paper's Fig. 13).
 """
 from __future__ import annotations
 
-import json
 import logging as pylogging
 import pathlib
 import time
@@ -52,6 +51,7 @@ from absl import app, flags, logging
 
 from experiments import paper
 from experiments.paper import POLICIES
+from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.prefix_cache import NoPrefixCache
@@ -269,9 +269,7 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
     results["paper"] = {"fig13_mean_batched_requests": PAPER_BATCH[dataset],
                         "fig13_rate": PAPER_RATE[dataset],
                         "fig12_rate_ratio_at_equal_latency": PAPER_RATE_RATIO}
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results(out_dir, results)
     plot(results, out / "batching.png")
     print(table(results))
     return results

@@ -27,7 +27,6 @@ The default capacity, 15728 slots, is OPT-13B's KV on a 40 GB A100 as in paper F
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
@@ -35,6 +34,7 @@ from absl import app, flags
 
 from experiments import paper
 from experiments.paper import POLICIES
+from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace  # noqa: F401 (draw_trace: re-exported)
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -154,9 +154,7 @@ def run(dataset: str, num_requests: int, block_size: int, kv_tokens: int, max_mo
     results["paper"] = {"fig13_mean_batched_requests": PAPER_BATCH[dataset]}
     if dataset == "sharegpt":
         results["paper"]["fig2"] = PAPER
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results(out_dir, results)
     plot(results, out / "memory_waste.png")
     print(table(results))
     return results

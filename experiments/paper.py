@@ -34,3 +34,9 @@ PARALLEL_SAVING = {"alpaca": {2: 0.0609, 4: 0.0853, 6: 0.0979},
 # Fig. 16 (LLaMA-13B): throughput with a shared few-shot prefix over no sharing, by prefix
 # length (80 tokens: 1-shot, 341 tokens: 5-shot).
 PREFIX_SPEEDUP = {"80": 1.67, "341": 3.58}
+
+# Fig. 19 (OPT-13B, ShareGPT): preemption by swap pays many small transfers when blocks are
+# small, and recompute costs the same at every block size; the two are comparable from 16 to
+# 64 tokens a block. The paper gives the figure as curves, not numbers.
+PREEMPTION = ("swap slow for small blocks (one transfer per block); recompute flat; "
+              "comparable for blocks of 16-64")

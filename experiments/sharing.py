@@ -26,14 +26,13 @@ block 16) save less here than in the paper. Beam search is not implemented.
 """
 from __future__ import annotations
 
-import json
-import pathlib
 import time
 
 import numpy as np
 from absl import app, flags
 
 from experiments import paper
+from experiments.results_file import write_results
 from experiments.workload import draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -193,9 +192,7 @@ def main(argv):
             suffix_len=FLAGS.suffix_len, max_tokens=FLAGS.max_tokens,
             block_size=FLAGS.block_size, seed=FLAGS.seed,
             attention_backend=FLAGS.attention_backend)
-    out = pathlib.Path(FLAGS.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    out = write_results(FLAGS.out_dir, results)
     print(report(results))
     print(f"wrote {out / 'results.json'}")
 

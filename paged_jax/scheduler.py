@@ -96,7 +96,8 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         batch = self._schedule()
         if self._swap_out or self._swap_in:
-            batch = dataclasses.replace(batch, swap_out=tuple(self._swap_out),
+            batch = dataclasses.replace(batch or ScheduledBatch("decode", (), ()),
+                                        swap_out=tuple(self._swap_out),
                                         swap_in=tuple(self._swap_in))
         return batch
 

@@ -5,9 +5,9 @@ The host store is one numpy array [L, 2, Hkv, Nh, B, D] (layer, K/V, KV head, ho
 slot, head dim); host block 0 is reserved, as the device's block 0, as the target of padded
 copies. A step's copies are batched: one jitted gather of all its swapped-out pages and one
 device-to-host transfer, one host-to-device transfer and one jitted scatter (donating the
-caches) of all its swapped-in pages. So the cost of a swap is one transfer per direction and
-step, whatever the block size; the paper's vLLM issued one cudaMemcpyAsync per block, which is
-why small blocks swapped slowly there (Fig. 19).
+caches) of all its swapped-in pages: one transfer per direction and step, however many
+blocks, where the paper's vLLM issued one cudaMemcpyAsync per block, which made its small
+blocks swap slowly (Fig. 19). experiments/preemption.py times both ways.
 
 The block counts are padded to powers of two (a compiled copy per bucket); padded entries
 read and write block 0 on both sides.
