@@ -1,6 +1,6 @@
 """Sharing KV blocks between sequences (paper Fig. 15 and 16), through the prefix cache.
 
-Two experiments (--experiments, comma-separated):
+Three experiments (--experiments, comma-separated):
 
   parallel_sampling  Fig. 15: every request of a seeded trace asks for n samples (n = 2, 4,
                      6). The real Scheduler and KVCacheManager (prefix caching on) run it with
@@ -9,6 +9,12 @@ Two experiments (--experiments, comma-separated):
                      in use with the blocks the same sequences would hold unshared (the sum of
                      their table lengths); the saving is 1 - used / unshared over the run, the
                      paper's "blocks saved by sharing / blocks without sharing".
+  beam_search        Fig. 15: LLM.beam_search (vLLM V1's algorithm, paged_jax/beam_search.py)
+                     on the real model over prompts with Alpaca's lengths, beam widths 2, 4
+                     and 6; each engine step compares the blocks in use with the beams'
+                     tables unshared, as for parallel sampling. A beam's tokens are a prefix
+                     of its children's, so each pass finds every full block of a beam in the
+                     prefix cache.
   shared_prefix      Fig. 16: the real engine and model (SmolLM2 by default) serve requests
                      that start with one shared few-shot prefix and end in a sentence of their
                      own, once with enable_prefix_caching and once without, in the same
@@ -20,7 +26,8 @@ Two experiments (--experiments, comma-separated):
 Our sharing is vLLM V1's: only full blocks are shared, and each sample computes its prompt's
 last partial block itself (no copy-on-write), while the paper's vLLM also shared that
 partial block until a sample wrote to it. So short prompts (Alpaca's 19 tokens on average,
-block 16) save less here than in the paper. Beam search is not implemented.
+block 16) save less here than in the paper. Beam search's passes likewise recompute each
+beam's last partial block, where the paper's beams copied it on write.
 
   python -m experiments.sharing --out_dir=/tmp/sharing
 """
@@ -42,6 +49,7 @@ from paged_jax.scheduler import Scheduler
 FLAGS = flags.FLAGS
 
 PAPER_PARALLEL, PAPER_PREFIX = paper.PARALLEL_SAVING, paper.PREFIX_SPEEDUP
+PAPER_BEAM = paper.BEAM_SAVING["alpaca"]
 
 
 # ---- Fig. 15: parallel sampling -------------------------------------------------------------
@@ -78,6 +86,43 @@ def parallel_sampling(dataset: str, n: int, *, num_requests: int, kv_tokens: int
     return {"saving": 1 - used / unshared, "steps": steps,
             "preemptions": sched.num_preemptions,
             "hit_rate": kv.cache_stats.hits / kv.cache_stats.queries}
+
+
+# ---- Fig. 15: beam search -------------------------------------------------------------------
+
+def beam_sharing(model, widths: list[int], *, dataset: str, num_prompts: int, max_tokens: int,
+                 block_size: int, seed: int, max_model_len: int = 1024,
+                 attention_backend: str = "auto") -> dict:
+    """LLM.beam_search on the real model over prompts with the dataset's lengths; each
+    engine step compares the blocks in use with the beams' tables unshared."""
+    from paged_jax import LLM, BeamSearchParams  # JAX only for this experiment
+
+    trace = draw_trace(dataset, num_prompts, seed, max_model_len - max_tokens)
+    out = {}
+    for width in widths:
+        llm = LLM(model, block_size=block_size, max_model_len=max_model_len,
+                  max_num_seqs=max(64, num_prompts * width), attention_backend=attention_backend)
+        engine = llm.llm_engine
+        kv, sched, schedule = engine.kv, engine.scheduler, engine.scheduler.schedule
+        tally = {"used": 0, "unshared": 0, "steps": 0}
+
+        def recording_schedule():
+            batch = schedule()
+            tally["used"] += kv.pool.num_used
+            tally["unshared"] += sum(len(kv.block_table(r.request_id)) for r in sched.running)
+            tally["steps"] += 1
+            return batch
+
+        sched.schedule = recording_schedule
+        vocab = engine.model.config.vocab_size
+        rng = np.random.default_rng(seed)
+        prompts = [{"prompt_token_ids": rng.integers(3, vocab, p).tolist()} for p, _ in trace]
+        start = time.perf_counter()
+        llm.beam_search(prompts, BeamSearchParams(width, max_tokens, ignore_eos=True))
+        out[str(width)] = {"saving": 1 - tally["used"] / tally["unshared"],
+                           "steps": tally["steps"], "seconds": time.perf_counter() - start,
+                           "hit_rate": kv.cache_stats.hits / kv.cache_stats.queries}
+    return out
 
 
 # ---- Fig. 16: shared prefix -----------------------------------------------------------------
@@ -147,6 +192,13 @@ def report(results: dict) -> str:
                 paper = f"{paper[int(n)]:.2%}" if isinstance(paper, dict) else "16.2-30.5%"
                 lines.append(f"  {dataset:9} {n:>2} {r['saving']:7.2%} {paper:>16} "
                              f"{r['hit_rate']:12.1%}")
+    if "beam_search" in results:
+        lines.append("Beam search: KV memory saved by sharing (paper Fig. 15)")
+        lines.append(f"  {'width':>5} {'ours':>7} {'paper (Alpaca)':>15} {'prefix hits':>12}")
+        for width, r in results["beam_search"].items():
+            paper = PAPER_BEAM.get(int(width))
+            paper = f"{paper:.2%}" if paper else "-"
+            lines.append(f"  {width:>5} {r['saving']:7.2%} {paper:>15} {r['hit_rate']:12.1%}")
     if "shared_prefix" in results:
         lines.append("Shared prefix: offline throughput with / without the prefix cache "
                      "(paper Fig. 16)")
@@ -160,13 +212,17 @@ def report(results: dict) -> str:
 
 
 def define_flags() -> None:
-    flags.DEFINE_list("experiments", ["parallel_sampling", "shared_prefix"], "which to run")
+    flags.DEFINE_list("experiments", ["parallel_sampling", "beam_search", "shared_prefix"],
+                      "which to run")
     flags.DEFINE_list("datasets", ["alpaca", "sharegpt"], "parallel_sampling: length distributions")
     flags.DEFINE_list("n", ["2", "4", "6"], "parallel_sampling: samples per request")
     flags.DEFINE_integer("num_requests", 300, "parallel_sampling: requests in the trace")
     flags.DEFINE_integer("kv_tokens", 15728, "parallel_sampling: KV slots (as memory_waste)")
     flags.DEFINE_integer("block_size", 16, "KV block size (tokens)")
     flags.DEFINE_integer("seed", 0, "seed of the traces and prompts")
+    flags.DEFINE_list("beam_widths", ["2", "4", "6"], "beam_search: beam widths")
+    flags.DEFINE_integer("beam_prompts", 8, "beam_search: prompts (Alpaca lengths)")
+    flags.DEFINE_integer("beam_max_tokens", 32, "beam_search: tokens generated per beam")
     flags.DEFINE_string("model", None, "shared_prefix: HF folder or .gguf (None: SmolLM2)")
     flags.DEFINE_list("prefix_lens", ["80", "341"], "shared_prefix: the 1-shot and 5-shot prefixes")
     flags.DEFINE_integer("num_prompts", 32, "shared_prefix: requests, all arriving at once")
@@ -186,6 +242,12 @@ def main(argv):
                                      kv_tokens=FLAGS.kv_tokens, block_size=FLAGS.block_size,
                                      seed=FLAGS.seed) for n in FLAGS.n}
             for d in FLAGS.datasets}
+    if "beam_search" in FLAGS.experiments:
+        results["beam_search"] = beam_sharing(
+            FLAGS.model, [int(w) for w in FLAGS.beam_widths], dataset="alpaca",
+            num_prompts=FLAGS.beam_prompts, max_tokens=FLAGS.beam_max_tokens,
+            block_size=FLAGS.block_size, seed=FLAGS.seed,
+            attention_backend=FLAGS.attention_backend)
     if "shared_prefix" in FLAGS.experiments:
         results["shared_prefix"] = shared_prefix(
             FLAGS.model, [int(x) for x in FLAGS.prefix_lens], num_prompts=FLAGS.num_prompts,

@@ -131,7 +131,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
+        text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         limit = self.max_model_len - len(ids)
         max_total = len(ids) + min(params.max_tokens or limit, limit)
@@ -150,7 +150,8 @@ class LLMEngine:
         if self._channel is not None:
             self._published.append(("add", request_id, prompt, params, arrival))
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """(the prompt's text if it had one, its token ids)"""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])

@@ -1,4 +1,4 @@
-"""The offline entry point, named as vLLM names it: LLM(...).generate / .chat."""
+"""The offline entry point, named as vLLM names it: LLM(...).generate / .chat / .beam_search."""
 from __future__ import annotations
 
 import itertools
@@ -7,6 +7,7 @@ from typing import Sequence
 import jax
 from tqdm.auto import tqdm
 
+from paged_jax import beam_search as beam
 from paged_jax.config import EngineConfig
 from paged_jax.engine import LLMEngine
 from paged_jax.request import RequestOutput
@@ -55,6 +56,36 @@ class LLM:
         tok = self.get_tokenizer()
         prompts = [{"prompt_token_ids": apply_chat_template(tok, c)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts, params: beam.BeamSearchParams) -> list[beam.BeamSearchOutput]:
+        """Beam search over each prompt (a string, token ids or {"prompt_token_ids": ...}),
+        vLLM V1's algorithm (paged_jax/beam_search.py): one pass of the engine per generated
+        position, the beams sharing their KV blocks through the prefix cache."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine = self.llm_engine
+        token_lists = [engine.tokenize(p)[1] for p in prompts]
+        for ids in token_lists:
+            if len(ids) + params.max_tokens > engine.max_model_len:
+                raise ValueError(f"a prompt of {len(ids)} tokens plus max_tokens "
+                                 f"{params.max_tokens} exceeds max_model_len "
+                                 f"{engine.max_model_len}")
+        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True,
+                              logprobs=2 * params.beam_width)
+
+        def top_logprobs(beams: list[list[int]]) -> list[dict[int, float]]:
+            outs = self.generate([{"prompt_token_ids": b} for b in beams], step, use_tqdm=False)
+            return [{t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()}
+                    for o in outs]
+
+        outputs = beam.beam_search(token_lists, params, top_logprobs,
+                                   engine.model.eos_token_ids)
+        tok = self.get_tokenizer()
+        for ids, out in zip(token_lists, outputs):
+            for seq in out.sequences:
+                if tok is not None:
+                    seq.text = tok.decode(seq.tokens[len(ids):], skip_special_tokens=True)
+        return outputs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine, wanted, done = self.llm_engine, set(ids), {}

@@ -24,3 +24,14 @@ def test_shared_prefix_run_reports_a_speedup_with_equal_outputs(make_tiny_llama_
     assert r["cached_prompt_tokens"] == 5 * 32 and r["prompt_tokens"] >= 6 * 41
     text = sharing.report({"shared_prefix": out})
     assert "prefix   40 tokens" in text
+
+
+def test_beam_search_run_saves_more_with_wider_beams(make_tiny_llama_dir):
+    model = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2, num_hidden_layers=2,
+                                hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    out = sharing.beam_sharing(str(model), [1, 2, 4], dataset="alpaca", num_prompts=3,
+                               max_tokens=20, block_size=8, seed=0, max_model_len=128)
+    assert out["1"]["saving"] == 0  # one beam shares with nobody
+    assert 0 < out["2"]["saving"] < out["4"]["saving"] < 1
+    assert out["4"]["steps"] == 20  # one engine step per generated position
+    assert "Beam search" in sharing.report({"beam_search": out})
