@@ -106,6 +106,12 @@ class BlockPool:
     def cached_block(self, block_hash: bytes) -> int | None:
         return self._block_of.get(block_hash)
 
+    def reset_cache(self) -> None:
+        """Forget every block's hash: no later request hits the blocks cached so far (their
+        owners keep them)."""
+        self._hash_of.clear()
+        self._block_of.clear()
+
     def register(self, block_id: int, block_hash: bytes) -> None:
         """Cache a held block under its prefix hash. Nothing changes when the hash already
         names another block, e.g. two requests that computed the same tokens."""

@@ -207,6 +207,20 @@ class LLMEngine:
                 self._channel.publish(self._published)
                 self._published = []
         batch = self.scheduler.schedule()
+        try:
+            return self._run_step(batch)
+        except BaseException:
+            # Scheduling registered the blocks this step was to compute in the prefix cache;
+            # their K/V may never have been written (an error, or Ctrl-C in a notebook), and
+            # the caller aborts the requests. Later requests must not hit those blocks.
+            self.kv.reset_prefix_cache()
+            raise
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (vLLM's reset_prefix_cache): e.g. between benchmark runs."""
+        self.kv.reset_prefix_cache()
+
+    def _run_step(self, batch) -> list[RequestOutput]:
         if batch is not None and (batch.swap_out or batch.swap_in):
             # Before the step: it may write blocks that swapped-out requests just freed.
             self.runner.swap(batch.swap_out, batch.swap_in)

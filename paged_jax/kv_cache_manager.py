@@ -110,6 +110,11 @@ class KVCacheManager:
         for i in range(done, len(known)):
             self.pool.register(table[i], known[i])
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached hash; the tables' own blocks stay. Held blocks computed so far
+        are not registered again (only blocks completed from now on are)."""
+        self.pool.reset_cache()
+
     def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
         if self.enable_caching:
             self.cache_stats.queries += num_prompt_tokens

@@ -23,6 +23,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every block kept by the prefix cache, as vLLM's LLM.reset_prefix_cache."""
+        self.llm_engine.reset_prefix_cache()
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None
                  = None, use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a string, a list of strings, or {"prompt_token_ids": [...]} dicts.

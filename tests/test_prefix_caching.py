@@ -203,3 +203,40 @@ def test_preempted_requests_come_back_through_the_cache(tiny_dir):
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == dense(llm, prompt, 40)
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_step_that_fails_leaves_no_unwritten_block_in_the_cache(tiny_dir, error):
+    """Scheduling registers the blocks a step is to compute; if the step never runs (an
+    error, Ctrl-C), a later request with the same prompt must not read them."""
+    llm = make_llm(tiny_dir)
+    engine = llm.llm_engine
+    prompts = shared_prefix_prompts(3, 20, seed=4)
+    run = engine.runner.run
+
+    def failing_run(inputs, sampling):
+        raise error("the device went away")
+
+    engine.runner.run = failing_run
+    with pytest.raises(error):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    engine.runner.run = run
+    assert engine.kv.pool.num_cached == 0
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable  # generate aborted them
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == dense(llm, prompt, 20)
+
+
+def test_reset_prefix_cache_forgets_every_block(tiny_dir):
+    llm = make_llm(tiny_dir)
+    prompts = shared_prefix_prompts(2, 20, seed=5)
+    llm.generate(prompts, GREEDY, use_tqdm=False)
+    kv = llm.llm_engine.kv
+    assert kv.pool.num_cached > 0
+    llm.reset_prefix_cache()
+    assert kv.pool.num_cached == 0 and kv.find_cached(prompts[0]["prompt_token_ids"]).blocks == ()
+    before = kv.cache_stats.hits
+    outs = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    assert kv.cache_stats.hits == before  # nothing found
+    assert outs[0].outputs[0].token_ids == dense(llm, prompts[0], 20)
