@@ -40,6 +40,13 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES  # host memory for swapped blocks
     num_cpu_blocks: int | None = None  # overrides swap_space_bytes
+    # Speculative decoding (spec_decode.py): "ngram" drafts up to num_speculative_tokens
+    # tokens a step by prompt lookup (the longest suffix of prompt_lookup_max down to
+    # prompt_lookup_min tokens seen before), verified in one step. Needs mixed_batches.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)
@@ -71,6 +78,19 @@ class EngineConfig:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 1:
             raise ValueError(f"num_cpu_blocks must be >= 1, got {self.num_cpu_blocks}")
+        if self.speculative_method not in (None, "ngram"):
+            raise ValueError(f"speculative_method must be None or 'ngram', got "
+                             f"{self.speculative_method!r}")
+        if self.speculative_method is not None:
+            if not 1 <= self.num_speculative_tokens <= 16:
+                raise ValueError(f"num_speculative_tokens must be in [1, 16] with "
+                                 f"speculative_method, got {self.num_speculative_tokens}")
+            if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+                raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+            if not self.mixed_batches:
+                raise ValueError("speculative decoding needs mixed_batches (a request's drafts "
+                                 "ride as a row of several tokens beside the decodes)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size}")

@@ -15,7 +15,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
-from paged_jax import kv_cache, multihost, sampler, sharding, step_inputs, swap
+from paged_jax import kv_cache, multihost, sampler, sharding, spec_decode, step_inputs, swap
 from paged_jax.config import EngineConfig
 from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
 from paged_jax.model_runner import ModelRunner
@@ -34,6 +34,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_steps: int = 0
+    spec_draft_tokens: int = 0  # speculative tokens computed ...
+    spec_accepted_tokens: int = 0  # ... and kept
     finished: dict = dataclasses.field(default_factory=dict)  # finish reason -> count
 
 
@@ -91,7 +93,10 @@ class LLMEngine:
                                                 table_ladder=self.backend == "pallas",
                                                 mixed_steps=self.backend == "xla" and (
                                                     config.enable_prefix_caching
-                                                    or config.enable_chunked_prefill))
+                                                    or config.enable_chunked_prefill),
+                                                num_speculative_tokens=(
+                                                    config.num_speculative_tokens
+                                                    if config.speculative_method else 0))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
         self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
@@ -206,6 +211,8 @@ class LLMEngine:
             if self._channel is not None:  # multi-host serving: the followers mirror this step
                 self._channel.publish(self._published)
                 self._published = []
+        if self.config.speculative_method:
+            self._propose_drafts()
         batch = self.scheduler.schedule()
         try:
             return self._run_step(batch)
@@ -219,6 +226,18 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (vLLM's reset_prefix_cache): e.g. between benchmark runs."""
         self.kv.reset_prefix_cache()
+
+    def _propose_drafts(self) -> None:
+        """n-gram drafts for every decoding request, as many as may still be generated less
+        the token the step samples anyway; none for requests with penalties."""
+        cfg = self.config
+        for req in self.scheduler.running:
+            room = min(cfg.num_speculative_tokens, req.max_total_tokens - req.num_tokens - 1)
+            decoding = req.num_tokens - req.num_computed_tokens == 1
+            req.spec_token_ids = (
+                spec_decode.propose_ngram(req.all_token_ids, room, cfg.prompt_lookup_min,
+                                          cfg.prompt_lookup_max)
+                if decoding and room > 0 and not req.params.uses_penalties else [])
 
     def _run_step(self, batch) -> list[RequestOutput]:
         if batch is not None and (batch.swap_out or batch.swap_in):
@@ -235,27 +254,39 @@ class LLMEngine:
             batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
         inputs = step_inputs.build(batch, self.kv, self.buckets)
-        rows = len(inputs.seq_lens)
-        sampling = sampler.build_inputs(list(batch.requests), rows, self.max_model_len)
+        sampling = sampler.build_inputs(list(batch.requests), len(inputs.logits_indices),
+                                        self.max_model_len, [list(d) for d in inputs.drafts])
         result = self.runner.run(inputs, sampling)
         self.stats.num_steps += 1
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
-        advanced = []
-        for i, (req, new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            req.num_computed_tokens += new
+        advanced, row = [], 0
+        for req, new, drafts in zip(batch.requests, batch.num_new_tokens, inputs.drafts):
+            rows = [{k: v[i] for k, v in result.items()}
+                    for i in range(row, row + len(drafts) + 1)]
+            row += len(rows)
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
+            # The tokens this step adds: one, or with drafts those kept up to the first one
+            # replaced (spec_decode.accepted_prefix); each follows a token whose K/V it wrote.
+            kept = spec_decode.accepted_prefix(list(drafts), [int(r["tokens"]) for r in rows])
+            req.num_computed_tokens += new - len(drafts)
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a chunk of a prompt: its sampled token is dropped
             advanced.append(req)
-            self.stats.generation_tokens += 1
-            if self.outputs.append_token(req, {k: v[i] for k, v in result.items()},
-                                         self.max_model_len):
-                self.scheduler.finish(req)
-                req.finished_time = time.monotonic()
-                self.stats.finished[req.finish_reason] = (
-                    self.stats.finished.get(req.finish_reason, 0) + 1)
+            if drafts:
+                self.stats.spec_draft_tokens += len(drafts)
+                self.stats.spec_accepted_tokens += len(kept) - 1
+            for i in range(len(kept)):
+                if i:
+                    req.num_computed_tokens += 1  # the kept draft before this token
+                self.stats.generation_tokens += 1
+                if self.outputs.append_token(req, rows[i], self.max_model_len):
+                    self.scheduler.finish(req)
+                    req.finished_time = time.monotonic()
+                    self.stats.finished[req.finish_reason] = (
+                        self.stats.finished.get(req.finish_reason, 0) + 1)
+                    break
         return self._collect(advanced)
 
     def _collect(self, updated) -> list[RequestOutput]:

@@ -72,12 +72,12 @@ class ModelRunner:
             # Their prefill attention is ragged over the pages already: one executable serves.
             key = ("prefill",) + key[1:]
         if key not in self._compiled:
-            mode, t, s, mb = key
+            mode, t, s, mb, r = key
             start = time.perf_counter()
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
                 self._compiled[key] = self._jits[mode].lower(
-                    self.params, self.kv_caches, _array_specs(t, s, mb),
-                    _sampling_specs(s, self.history_len)).compile()
+                    self.params, self.kv_caches, _array_specs(t, s, mb, r),
+                    _sampling_specs(r, self.history_len)).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
             log.info("compiled step %s in %.2fs (%d variants)", key, took, len(self._compiled))
@@ -98,14 +98,14 @@ class ModelRunner:
         arrays = {f: getattr(inputs, f) for f in _STEP_FIELDS}
         result, self.kv_caches = exe(self.params, self.kv_caches, arrays,
                                      SamplingInputs(**sampling))
-        n = inputs.num_seqs
+        n = inputs.num_rows
         return {k: np.asarray(v)[:n] for k, v in vars(result).items()}
 
 
-def _array_specs(t: int, s: int, mb: int) -> dict:
+def _array_specs(t: int, s: int, mb: int, r: int) -> dict:
     i32 = jnp.int32
     shapes = dict(input_ids=(t,), positions=(t,), slot_mapping=(t,), query_start_loc=(s + 1,),
-                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(s,), num_decodes=())
+                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(r,), num_decodes=())
     return {k: jax.ShapeDtypeStruct(v, i32) for k, v in shapes.items()}
 
 
@@ -117,4 +117,4 @@ def _sampling_specs(s: int, history_len: int) -> SamplingInputs:
         min_p=spec((s,), f32), repetition_penalty=spec((s,), f32),
         presence_penalty=spec((s,), f32), frequency_penalty=spec((s,), f32),
         seed=spec((s, 2), jnp.uint32), step=spec((s,), i32), prompt_lens=spec((s,), i32),
-        history=spec((s, history_len), i32), flags=spec((4,), jnp.bool_))
+        history=spec((s, history_len), i32), draft=spec((s,), i32), flags=spec((5,), jnp.bool_))

@@ -42,6 +42,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts for next step
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -2,7 +2,9 @@
 per-request seeds and top-N logprobs.
 
 Each request draws its random number from its own key, fold_in(seed, number of tokens it
-has generated), so a seeded request samples the same tokens whatever batch it lands in. Optional
+has generated), so a seeded request samples the same tokens whatever batch it lands in. Rows
+may carry a speculative draft token (spec_decode.py): the row's token is then the draft if
+the target distribution keeps it, else a draw from that distribution without it. Optional
 work (penalties, sorting for top-k/top-p, logprobs) sits behind lax.cond on runtime flags:
 one compiled variant per shape serves every mix of sampling options.
 """
@@ -32,7 +34,8 @@ class SamplingInputs:
     step: jax.Array  # [S] i32: tokens generated so far
     prompt_lens: jax.Array  # [S] i32
     history: jax.Array  # [S, L] i32: prompt then output tokens, -1 padded (penalties only)
-    flags: jax.Array  # [4] bool: any penalties, top-k/top-p, logprobs, random sampling
+    draft: jax.Array  # [S] i32: the speculative draft token this row verifies, or -1
+    flags: jax.Array  # [5] bool: any penalties, top-k/top-p, logprobs, random sampling, drafts
 
 
 @jax.tree_util.register_dataclass
@@ -45,8 +48,15 @@ class SampleResult:
     top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
 
 
-def build_inputs(reqs: list[Request], num_rows: int, history_len: int) -> dict[str, np.ndarray]:
-    """Host side: numpy arrays for the rows of `reqs`, padded to num_rows."""
+def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
+                 drafts: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Host side: numpy arrays for the rows of `reqs`, padded to num_rows. drafts: per
+    request, the speculative tokens its row computes after its last token; such a request
+    has len(drafts) + 1 rows, row j verifying draft j (the last row samples the bonus)."""
+    drafts = drafts or [[]] * len(reqs)
+    expanded = [(r, j, d[j] if j < len(d) else -1)
+                for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
+    reqs = [r for r, _, _ in expanded]
     p = [r.params for r in reqs]
     pad = num_rows - len(reqs)
 
@@ -71,13 +81,15 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int) -> dict[s
         frequency_penalty=col((x.frequency_penalty for x in p), np.float32),
         seed=np.asarray([[r.seed & 0xFFFFFFFF, r.seed >> 32] for r in reqs] + [[0, 0]] * pad,
                         np.uint32),
-        step=col((len(r.output_token_ids) for r in reqs), np.int32),
+        step=col((len(r.output_token_ids) + j for r, j, _ in expanded), np.int32),
         prompt_lens=col((len(r.prompt_token_ids) for r in reqs), np.int32),
         history=history,
+        draft=col((d for _, _, d in expanded), np.int32, -1),
         flags=np.asarray([penalties,
                           any(x.top_k > 0 or x.top_p < 1 for x in p),
                           any(x.logprobs is not None for x in p),
-                          any(not x.greedy for x in p)], bool),
+                          any(not x.greedy for x in p),
+                          any(d >= 0 for _, _, d in expanded)], bool),
     )
 
 
@@ -87,6 +99,9 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     greedy_tokens = argmax_rows(penalized)
     tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, penalized, si,
                           greedy_tokens)
+    # A greedy row keeps its draft exactly when the draft is the argmax: nothing to do.
+    tokens = jax.lax.cond(si.flags[3] & si.flags[4], _verify_drafts, lambda lg, _, t: t,
+                          penalized, si, tokens)
     # Logprobs cost three more passes over [S, V]: only when some request asked for them.
     chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
                                                  logits, tokens)
@@ -121,23 +136,49 @@ def _no_logprobs(logits, tokens):
             jnp.zeros((s, MAX_LOGPROBS), jnp.float32), jnp.zeros((s, MAX_LOGPROBS), jnp.int32))
 
 
-def _sample_random(logits, si: SamplingInputs, greedy_tokens):
+def _target_probs(logits, si: SamplingInputs):
+    """The distribution a random row samples from: temperature, min-p, top-k, top-p."""
     temp = jnp.where(si.temperature > 0, si.temperature, 1.0)[:, None]
     scaled = _min_p(logits / temp, si.min_p)
     scaled = jax.lax.cond(si.flags[1], _top_k_top_p, lambda lg, *_: lg, scaled, si.top_k,
                           si.top_p)
-    # Inverse-CDF sampling: one uniform draw per row instead of a Gumbel draw per vocabulary
-    # entry, which cost ~10x more on the CPU. Tokens filtered to -inf have zero mass and are
-    # never picked: the first index whose CDF reaches u always has positive probability.
-    probs = jax.nn.softmax(scaled, axis=-1)
+    return jax.nn.softmax(scaled, axis=-1)
+
+
+def _inverse_cdf(probs, u):
+    """Inverse-CDF sampling: one uniform draw per row instead of a Gumbel draw per vocabulary
+    entry, which cost ~10x more on the CPU. Tokens of zero mass are never picked: the first
+    index whose CDF reaches u always has positive probability."""
     cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(_uniform)(si.seed, si.step) * cdf[:, -1]
-    random_tokens = jnp.minimum(jnp.sum(cdf < u[:, None], axis=-1), logits.shape[-1] - 1)
-    return jnp.where(si.temperature > 0, random_tokens.astype(jnp.int32), greedy_tokens)
+    tokens = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+    return jnp.minimum(tokens, probs.shape[-1] - 1).astype(jnp.int32)
 
 
-def _uniform(seed, step):
+def _sample_random(logits, si: SamplingInputs, greedy_tokens):
+    probs = _target_probs(logits, si)
+    random_tokens = _inverse_cdf(probs, jax.vmap(_uniform)(si.seed, si.step))
+    return jnp.where(si.temperature > 0, random_tokens, greedy_tokens)
+
+
+def _verify_drafts(logits, si: SamplingInputs, tokens):
+    """Random rows with a draft d: keep d with probability p(d), else draw from p with d
+    removed (renormalized). The token's distribution is then p exactly."""
+    probs = _target_probs(logits, si)
+    d = jnp.maximum(si.draft, 0)
+    p_draft = jnp.take_along_axis(probs, d[:, None], axis=-1)[:, 0]
+    u_keep = jax.vmap(_uniform)(si.seed, si.step, jnp.ones_like(si.step))
+    u_other = jax.vmap(_uniform)(si.seed, si.step, jnp.full_like(si.step, 2))
+    others = probs.at[jnp.arange(probs.shape[0]), d].set(0.0)
+    replaced = _inverse_cdf(others, u_other)
+    verified = jnp.where(u_keep < p_draft, d, replaced)
+    return jnp.where((si.temperature > 0) & (si.draft >= 0), verified, tokens)
+
+
+def _uniform(seed, step, stream=0):
+    """A uniform draw of the request's key at `step`; stream > 0: independent others (the
+    draft checks)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed[0]), seed[1]), step)
+    key = jax.random.fold_in(key, stream)
     return jax.random.uniform(key, (), jnp.float32)
 
 

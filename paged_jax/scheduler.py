@@ -21,6 +21,11 @@ With chunked prefill (chunked=True, mixed only) a prompt that does not fit the r
 step's token budget is admitted with the part that fits, and goes on in the following steps
 (after the decodes, before new prompts) until all of it is computed; only then does it sample.
 
+Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only): a decoding
+request's drafts take blocks with its decode, given up before anyone is preempted, and tokens
+from what the budget leaves after the decodes; such a request is a row of 1 + drafts tokens
+after the one-token decodes.
+
 With prefix caching on (KVCacheManager(enable_caching=True)), an admitted request starts from
 the cached blocks its tokens begin with, and only the rest of its tokens are computed and
 counted against the budget; the full blocks a step will compute are registered as it is
@@ -115,12 +120,23 @@ class Scheduler:
             return self._schedule_prefill() or self._schedule_decode()
         decodes, continuing, preempted = self._decode_rows()
         if preempted:  # admits nothing, and prompts part-way through wait a step
+            for req in decodes:
+                req.spec_token_ids = []
             return _decode_batch(decodes, preempted)
         budget = self.max_num_batched_tokens - len(decodes)
         back_decodes, back_continuing = self._swap_in_rows(budget)
         decodes += back_decodes
         continuing += back_continuing
         budget -= len(back_decodes)
+        # Speculative drafts (the engine proposes them) take what the budget leaves, oldest
+        # request first; a request left with none decodes plainly.
+        spec = []
+        for req in [r for r in decodes if r.spec_token_ids]:
+            req.spec_token_ids = req.spec_token_ids[:max(0, budget)]
+            budget -= len(req.spec_token_ids)
+            if req.spec_token_ids:
+                spec.append(req)
+        decodes = [r for r in decodes if r not in spec]
         chunks, news = [], []
         for req in continuing:  # prompts part-way through chunked prefill, oldest first
             if budget <= 0:
@@ -132,11 +148,13 @@ class Scheduler:
             budget -= new
         prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
                                 else ((), ()))
-        if not chunks and not prompts:
+        if not spec and not chunks and not prompts:
             return _decode_batch(decodes, ())
-        return ScheduledBatch("prefill", tuple(decodes) + tuple(chunks) + prompts,
-                              (1,) * len(decodes) + tuple(news) + prompt_news,
-                              num_decodes=len(decodes))
+        # Rows of several new tokens each, after the one-token decodes: drafts, chunks, prompts.
+        return ScheduledBatch("prefill", tuple(decodes) + tuple(spec) + tuple(chunks) + prompts,
+                              (1,) * len(decodes)
+                              + tuple(1 + len(r.spec_token_ids) for r in spec)
+                              + tuple(news) + prompt_news, num_decodes=len(decodes))
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         batch, news = self._admit(self.max_num_batched_tokens)
@@ -184,6 +202,8 @@ class Scheduler:
             decodes += back
             continuing += back_continuing
         assert not continuing, "prompts part-way through exist only with chunked prefill"
+        for req in decodes:  # a prefill-first decode step has one token a row: no drafts
+            req.spec_token_ids = []
         return _decode_batch(decodes, preempted)
 
     def _swap_in_rows(self, budget: int) -> tuple[list[Request], list[Request]]:
@@ -219,7 +239,11 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
-            while not self.kv.allocate(req.request_id, req.num_tokens):
+            while not self.kv.allocate(req.request_id,
+                                       req.num_tokens + len(req.spec_token_ids)):
+                if req.spec_token_ids:  # drafts are given up before anyone is preempted
+                    req.spec_token_ids = []
+                    continue
                 # The newest running request not yet scheduled in this call: the blocks that
                 # scheduled requests registered (cache_blocks) are computed by this step.
                 victim = queue.pop() if queue else req
@@ -237,6 +261,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         copies = (self.kv.swap_out(req.request_id, req.num_computed_tokens) if self.swap

@@ -38,10 +38,14 @@ class Buckets:
     # an earlier chunk (chunked prefill) on the XLA path, whose prefill attention reads only
     # the step's own tokens.
     mixed_steps: bool = False
+    # Padded counts of sampled rows for steps with speculative drafts (a row per draft and
+    # one more per drafting request); empty without speculative decoding.
+    spec_rows: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, max_num_seqs, max_num_batched_tokens, max_model_len, block_size,
-             table_ladder: bool = True, mixed_steps: bool = False):
+             table_ladder: bool = True, mixed_steps: bool = False,
+             num_speculative_tokens: int = 0):
         """table_ladder=False: every step takes the full table width. For the XLA decode
         path, whose loop stops at the batch's longest sequence, a wider table costs nothing,
         and one width means a third as many compiled variants."""
@@ -53,19 +57,28 @@ class Buckets:
                    tokens=ladder(min(16, max_num_batched_tokens), max_num_batched_tokens),
                    blocks=(ladder(min(8, max_blocks), max_blocks) if table_ladder
                            else (max_blocks,)),
-                   mixed_steps=mixed_steps)
+                   mixed_steps=mixed_steps,
+                   spec_rows=(ladder(4, max_num_seqs * (num_speculative_tokens + 1))
+                              if num_speculative_tokens else ()))
+
+    def rows_bucket(self, rows: int, s_pad: int) -> int:
+        """Padded sampled rows: one a sequence (S), or with drafts a spec_rows bucket."""
+        return s_pad if rows <= s_pad else pick(self.spec_rows, rows)
 
     def all_shapes(self):
-        """Every (mode, T, S, MB) the runner can see: precompile iterates over this."""
+        """Every (mode, T, S, MB, R) the runner can see: precompile iterates over this."""
         for t in self.tokens:
             s = pick(self.seqs, min(t, self.seqs[-1]))
             for mb in self.blocks:
-                yield ("prefill", t, s, mb)
+                yield ("prefill", t, s, mb, s)
                 if self.mixed_steps:
-                    yield ("mixed", t, s, mb)
+                    yield ("mixed", t, s, mb, s)
+                for r in self.spec_rows:  # drafts ride in mixed steps; a row is a token
+                    if s < r <= t:
+                        yield ("mixed", t, s, mb, r)
         for s in self.seqs:
             for mb in self.blocks:
-                yield ("decode", s, s, mb)
+                yield ("decode", s, s, mb, s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +90,16 @@ class StepInputs:
     query_start_loc: np.ndarray  # [S + 1]
     seq_lens: np.ndarray  # [S]
     block_tables: np.ndarray  # [S, MB]
-    logits_indices: np.ndarray  # [S]
+    logits_indices: np.ndarray  # [R]: the tokens sampled at (one a sequence, or its drafts')
     num_decodes: np.ndarray  # int32 scalar: leading rows of a prefill step that are decodes
     num_seqs: int  # real sequences; rows past it are padding
+    drafts: tuple[tuple[int, ...], ...]  # per sequence, the speculative tokens it computes
+    num_rows: int  # real sampled rows; rows past it are padding
 
     @property
     def shape_key(self) -> tuple:
-        return (self.mode, len(self.input_ids), len(self.seq_lens), self.block_tables.shape[1])
+        return (self.mode, len(self.input_ids), len(self.seq_lens), self.block_tables.shape[1],
+                len(self.logits_indices))
 
 
 def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepInputs:
@@ -93,17 +109,21 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
     else:
         t_pad = pick(buckets.tokens, batch.num_tokens)
         s_pad = pick(buckets.seqs, min(t_pad, buckets.seqs[-1]))
-    ids, pos, slots, qsl, lens = [], [], [], [0], []
+    ids, pos, slots, qsl, lens, drafts, sampled = [], [], [], [0], [], [], []
     for req, new in zip(reqs, batch.num_new_tokens):
         # From the first token whose K/V are not cached: a decode's last token, a prompt's
-        # first uncached one, or where a chunked prefill left off.
+        # first uncached one, or where a chunked prefill left off; then its drafts, if any.
         start = req.num_computed_tokens
         end = start + new
-        ids.extend(req.all_token_ids[start:end])
+        spec = tuple(req.spec_token_ids[:max(0, end - req.num_tokens)])
+        ids.extend((req.all_token_ids + list(spec))[start:end])
         pos.extend(range(start, end))
         slots.extend(kv.slots(req.request_id, start, end))
+        # Sampled at its last token, or with drafts at the last token and every draft.
+        sampled.extend(range(qsl[-1] + new - 1 - len(spec), qsl[-1] + new))
         qsl.append(qsl[-1] + new)
         lens.append(end)
+        drafts.append(spec)
     mb = pick(buckets.blocks, max(len(kv.block_table(r.request_id)) for r in reqs))
     tables = np.zeros((s_pad, mb), np.int32)
     for i, req in enumerate(reqs):
@@ -122,9 +142,9 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         query_start_loc=_pad(qsl, s_pad + 1, qsl[-1]),
         seq_lens=_pad(lens, s_pad),
         block_tables=tables,
-        logits_indices=_pad([q - 1 for q in qsl[1:]], s_pad),
+        logits_indices=_pad(sampled, buckets.rows_bucket(len(sampled), s_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
-        num_seqs=n)
+        num_seqs=n, drafts=tuple(drafts), num_rows=len(sampled))
 
 
 def _pad(values, size: int, fill: int = 0) -> np.ndarray:

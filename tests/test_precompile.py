@@ -3,21 +3,28 @@ import jax
 import numpy as np
 import pytest
 
-from paged_jax import LLM, SamplingParams
+from paged_jax import LLM, SamplingParams, spec_decode
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-@pytest.mark.parametrize("backend, chunked, swap", [
-    ("auto", False, False), ("xla", False, False), ("xla", True, False), ("auto", False, True)])
+@pytest.mark.parametrize("backend, chunked, swap, spec", [
+    ("auto", False, False, False), ("xla", False, False, False), ("xla", True, False, False),
+    ("auto", False, True, False), ("xla", False, False, True)])
 def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend,
-                                                              chunked, swap):
+                                                              chunked, swap, spec, monkeypatch):
     folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
     # With swap, a cache of 11 usable blocks for up to 13 requests of up to 4 blocks each.
+    # With speculative decoding, drafts of 0 to 3 random tokens (a random tiny model seldom
+    # repeats itself, so n-gram lookup would rarely draft).
+    draw = np.random.default_rng(1)
+    monkeypatch.setattr(spec_decode, "propose_ngram", lambda tokens, k, *_: draw.integers(
+        3, 49152, int(draw.integers(0, k + 1))).tolist())
     llm = LLM(str(folder), num_kv_blocks=12 if swap else 64, max_model_len=64, max_num_seqs=8,
               max_num_batched_tokens=32 if chunked else 128, enable_chunked_prefill=chunked,
               enable_prefix_caching=not chunked, precompile=True, attention_backend=backend,
-              preemption_mode="swap" if swap else "recompute", num_cpu_blocks=64)
+              preemption_mode="swap" if swap else "recompute", num_cpu_blocks=64,
+              speculative_method="ngram" if spec else None, num_speculative_tokens=3)
     runner = llm.llm_engine.runner
     variants = runner.num_compiled
     swap_variants = runner.swap_space.num_compiled if swap else 0
@@ -49,6 +56,8 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert runner.num_compiled == variants
+    if spec:
+        assert llm.llm_engine.stats.spec_draft_tokens > 0
     if swap:
         assert runner.swap_space.num_compiled == swap_variants
         assert llm.llm_engine.scheduler.num_swapped_out > 0

@@ -55,6 +55,10 @@ class ServerMetrics:
             "prompt_tokens", "Prompt tokens of prefills, cached ones included (as vLLM).")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Preemptions (by recompute or swap).")
+        self.spec_drafts = counter("spec_decode_num_draft_tokens",
+                                   "Speculative draft tokens computed.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens",
+                                     "Speculative draft tokens kept.")
         # In tokens, as vLLM V1 counts them: hits / queries is the prefix cache's hit rate.
         self.prefix_queries = counter("prefix_cache_queries",
                                       "Prompt tokens looked up in the prefix cache.")
@@ -73,7 +77,7 @@ class ServerMetrics:
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Arrival to first scheduled.", LATENCY_BUCKETS)
         self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "prefix_queries": 0,
-                      "prefix_hits": 0, "finished": {}}
+                      "prefix_hits": 0, "spec_drafts": 0, "spec_accepted": 0, "finished": {}}
 
     def update_from_engine(self, engine) -> None:
         """Gauges from the engine's state and counters from its running totals (engine thread)."""
@@ -91,6 +95,8 @@ class ServerMetrics:
         self._advance(self.prompt_tokens, "prompt", stats.prompt_tokens)
         self._advance(self.generation_tokens, "generation", stats.generation_tokens)
         self._advance(self.preemptions, "preemptions", sched.num_preemptions)
+        self._advance(self.spec_drafts, "spec_drafts", stats.spec_draft_tokens)
+        self._advance(self.spec_accepted, "spec_accepted", stats.spec_accepted_tokens)
         cache = engine.kv.cache_stats
         self._advance(self.prefix_queries, "prefix_queries", cache.queries)
         self._advance(self.prefix_hits, "prefix_hits", cache.hits)
