@@ -93,7 +93,8 @@ class LLMEngine:
                                                 table_ladder=self.backend == "pallas",
                                                 mixed_steps=self.backend == "xla" and (
                                                     config.enable_prefix_caching
-                                                    or config.enable_chunked_prefill),
+                                                    or config.enable_chunked_prefill
+                                                    or config.speculative_method is not None),
                                                 num_speculative_tokens=(
                                                     config.num_speculative_tokens
                                                     if config.speculative_method else 0))
@@ -213,9 +214,8 @@ class LLMEngine:
                 self._published = []
         if self.config.speculative_method:
             self._propose_drafts()
-        batch = self.scheduler.schedule()
         try:
-            return self._run_step(batch)
+            return self._run_step(self.scheduler.schedule())
         except BaseException:
             # Scheduling registered the blocks this step was to compute in the prefix cache;
             # their K/V may never have been written (an error, or Ctrl-C in a notebook), and
@@ -274,13 +274,12 @@ class LLMEngine:
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a chunk of a prompt: its sampled token is dropped
             advanced.append(req)
-            if drafts:
-                self.stats.spec_draft_tokens += len(drafts)
-                self.stats.spec_accepted_tokens += len(kept) - 1
+            self.stats.spec_draft_tokens += len(drafts)
             for i in range(len(kept)):
                 if i:
                     req.num_computed_tokens += 1  # the kept draft before this token
                 self.stats.generation_tokens += 1
+                self.stats.spec_accepted_tokens += i < len(drafts) and kept[i] == drafts[i]
                 if self.outputs.append_token(req, rows[i], self.max_model_len):
                     self.scheduler.finish(req)
                     req.finished_time = time.monotonic()

@@ -132,20 +132,25 @@ class KVCacheManager:
 
     # ---- swapping (preemption by swap) ----------------------------------------------------
 
-    def swap_out(self, request_id: str, num_computed: int) -> list[tuple[int, int]] | None:
+    def swap_out(self, request_id: str, num_computed: int,
+                 copied: dict[int, int] | None = None) -> list[tuple[int, int]] | None:
         """Move the blocks holding the request's first num_computed tokens to host blocks and
         free its device table: the (device block, host block) pairs to copy, before any step
         writes the freed blocks. None, and nothing changes, if the host pool lacks room.
         Blocks shared with other requests are copied too: on the device they stay with their
-        other owners, or on the free list under their hash."""
+        other owners, or on the free list under their hash. copied: device -> host blocks
+        already being copied out this step; their host copies are shared, not made again."""
+        copied = copied or {}
         table = self._tables[request_id]
-        n = cdiv(num_computed, self.block_size)
-        if self.cpu_pool is None or n > self.cpu_pool.num_free:
+        blocks = table[:cdiv(num_computed, self.block_size)]
+        new = [b for b in blocks if b not in copied]
+        if self.cpu_pool is None or len(new) > self.cpu_pool.num_free:
             return None
-        host = self.cpu_pool.allocate(n)
+        fresh = dict(zip(new, self.cpu_pool.allocate(len(new))))
+        self.cpu_pool.share([copied[b] for b in blocks if b in copied])
         self.free(request_id)
-        self._swapped[request_id] = host
-        return list(zip(table[:n], host))
+        self._swapped[request_id] = [fresh.get(b) or copied[b] for b in blocks]
+        return list(fresh.items())
 
     def swap_in(self, request_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
         """A new device table for num_tokens tokens, and the (host block, device block) pairs
@@ -161,6 +166,11 @@ class KVCacheManager:
         del self._swapped[request_id]
         self.cpu_pool.free(host)
         return list(zip(host, self._tables[request_id]))
+
+    def host_blocks(self, request_id: str) -> list[int]:
+        """A swapped-out request's host blocks (shared with others swapped out in the same
+        step where their device blocks were shared)."""
+        return self._swapped.get(request_id, [])
 
     def num_swapped_blocks(self) -> int:
         return self.cpu_pool.num_used if self.cpu_pool is not None else 0

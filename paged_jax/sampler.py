@@ -4,7 +4,10 @@ per-request seeds and top-N logprobs.
 Each request draws its random number from its own key, fold_in(seed, number of tokens it
 has generated), so a seeded request samples the same tokens whatever batch it lands in. Rows
 may carry a speculative draft token (spec_decode.py): the row's token is then the draft if
-the target distribution keeps it, else a draw from that distribution without it. Optional
+the target distribution keeps it, else a draw from that distribution without it (other
+streams of the same key). The distribution stays the model's, but which positions get
+drafts depends on the batch, so seeded requests under speculative decoding are reproducible
+only for the same workload. Optional
 work (penalties, sorting for top-k/top-p, logprobs) sits behind lax.cond on runtime flags:
 one compiled variant per shape serves every mix of sampling options.
 """

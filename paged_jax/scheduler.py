@@ -21,10 +21,10 @@ With chunked prefill (chunked=True, mixed only) a prompt that does not fit the r
 step's token budget is admitted with the part that fits, and goes on in the following steps
 (after the decodes, before new prompts) until all of it is computed; only then does it sample.
 
-Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only): a decoding
-request's drafts take blocks with its decode, given up before anyone is preempted, and tokens
-from what the budget leaves after the decodes; such a request is a row of 1 + drafts tokens
-after the one-token decodes.
+Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only) come last:
+they take the tokens and blocks that the decodes, chunks and admitted prompts leave (never
+preempting anyone), cut short to fit; a drafting request is a row of 1 + drafts tokens after
+the one-token decodes.
 
 With prefix caching on (KVCacheManager(enable_caching=True)), an admitted request starts from
 the cached blocks its tokens begin with, and only the rest of its tokens are computed and
@@ -128,15 +128,6 @@ class Scheduler:
         decodes += back_decodes
         continuing += back_continuing
         budget -= len(back_decodes)
-        # Speculative drafts (the engine proposes them) take what the budget leaves, oldest
-        # request first; a request left with none decodes plainly.
-        spec = []
-        for req in [r for r in decodes if r.spec_token_ids]:
-            req.spec_token_ids = req.spec_token_ids[:max(0, budget)]
-            budget -= len(req.spec_token_ids)
-            if req.spec_token_ids:
-                spec.append(req)
-        decodes = [r for r in decodes if r not in spec]
         chunks, news = [], []
         for req in continuing:  # prompts part-way through chunked prefill, oldest first
             if budget <= 0:
@@ -148,6 +139,21 @@ class Scheduler:
             budget -= new
         prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
                                 else ((), ()))
+        budget -= sum(prompt_news)
+        # Speculative drafts (the engine proposes them) come last: the tokens and blocks left
+        # after everything else, oldest request first; a request left with none decodes
+        # plainly.
+        spec = []
+        for req in decodes:
+            drafts, req.spec_token_ids = req.spec_token_ids[:max(0, budget)], []
+            while drafts and not self.kv.allocate(req.request_id,
+                                                  req.num_tokens + len(drafts)):
+                drafts.pop()
+            if drafts:
+                req.spec_token_ids = drafts
+                budget -= len(drafts)
+                spec.append(req)
+        decodes = [r for r in decodes if r not in spec]
         if not spec and not chunks and not prompts:
             return _decode_batch(decodes, ())
         # Rows of several new tokens each, after the one-token decodes: drafts, chunks, prompts.
@@ -239,11 +245,7 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
-            while not self.kv.allocate(req.request_id,
-                                       req.num_tokens + len(req.spec_token_ids)):
-                if req.spec_token_ids:  # drafts are given up before anyone is preempted
-                    req.spec_token_ids = []
-                    continue
+            while not self.kv.allocate(req.request_id, req.num_tokens):
                 # The newest running request not yet scheduled in this call: the blocks that
                 # scheduled requests registered (cache_blocks) are computed by this step.
                 victim = queue.pop() if queue else req
@@ -264,8 +266,9 @@ class Scheduler:
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
-        copies = (self.kv.swap_out(req.request_id, req.num_computed_tokens) if self.swap
-                  else None)
+        # A block several victims share (prefix caching) is copied out once a step.
+        copies = (self.kv.swap_out(req.request_id, req.num_computed_tokens,
+                                   dict(self._swap_out)) if self.swap else None)
         if copies is not None:
             self._swap_out += copies
             req.status = Status.SWAPPED

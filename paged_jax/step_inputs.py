@@ -61,9 +61,10 @@ class Buckets:
                    spec_rows=(ladder(4, max_num_seqs * (num_speculative_tokens + 1))
                               if num_speculative_tokens else ()))
 
-    def rows_bucket(self, rows: int, s_pad: int) -> int:
-        """Padded sampled rows: one a sequence (S), or with drafts a spec_rows bucket."""
-        return s_pad if rows <= s_pad else pick(self.spec_rows, rows)
+    def rows_bucket(self, rows: int, s_pad: int, t_pad: int) -> int:
+        """Padded sampled rows: one a sequence (S), or with drafts a spec_rows bucket, at
+        most T (a row is a token)."""
+        return s_pad if rows <= s_pad else min(pick(self.spec_rows, rows), t_pad)
 
     def all_shapes(self):
         """Every (mode, T, S, MB, R) the runner can see: precompile iterates over this."""
@@ -73,9 +74,9 @@ class Buckets:
                 yield ("prefill", t, s, mb, s)
                 if self.mixed_steps:
                     yield ("mixed", t, s, mb, s)
-                for r in self.spec_rows:  # drafts ride in mixed steps; a row is a token
-                    if s < r <= t:
-                        yield ("mixed", t, s, mb, r)
+                # Drafts ride in mixed steps (rows_bucket's picks).
+                for r in sorted({min(r, t) for r in self.spec_rows if min(r, t) > s}):
+                    yield ("mixed", t, s, mb, r)
         for s in self.seqs:
             for mb in self.blocks:
                 yield ("decode", s, s, mb, s)
@@ -142,7 +143,7 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         query_start_loc=_pad(qsl, s_pad + 1, qsl[-1]),
         seq_lens=_pad(lens, s_pad),
         block_tables=tables,
-        logits_indices=_pad(sampled, buckets.rows_bucket(len(sampled), s_pad)),
+        logits_indices=_pad(sampled, buckets.rows_bucket(len(sampled), s_pad, t_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
         num_seqs=n, drafts=tuple(drafts), num_rows=len(sampled))
 

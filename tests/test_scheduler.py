@@ -314,10 +314,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         first, as SwapSpace makes them."""
         kv = self.sched.kv
         out = [(d, h) for d, h in batch.swap_out]
-        want_out = [d for r in batch.preempted if r.status is Status.SWAPPED
+        # A block that several victims share is copied once, their host tables sharing it.
+        want_out = {d for r in batch.preempted if r.status is Status.SWAPPED
                     for d in old_tables[r.request_id][:cdiv(r.num_computed_tokens,
-                                                            kv.block_size)]]
+                                                            kv.block_size)]}
         assert sorted(d for d, _ in out) == sorted(want_out)
+        host_of = dict(out)
+        for r in batch.preempted:
+            if r.status is Status.SWAPPED:
+                n = cdiv(r.num_computed_tokens, kv.block_size)
+                assert kv.host_blocks(r.request_id) == [
+                    host_of[d] for d in old_tables[r.request_id][:n]]
         want_in = [d for r in back for d in kv.block_table(r.request_id)[
             :cdiv(r.num_computed_tokens, kv.block_size)]]
         assert [d for _, d in batch.swap_in] == want_in
@@ -339,8 +346,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in swapped:
             assert r.status is Status.SWAPPED and kv.block_table(r.request_id) == []
         if kv.cpu_pool is not None:
-            assert kv.num_swapped_blocks() == sum(
-                cdiv(r.num_computed_tokens, kv.block_size) for r in swapped)
+            hosts = [kv.host_blocks(r.request_id) for r in swapped]
+            assert [len(h) for h in hosts] == [cdiv(r.num_computed_tokens, kv.block_size)
+                                               for r in swapped]
+            assert kv.num_swapped_blocks() == len({b for h in hosts for b in h})
+            for b in {b for h in hosts for b in h}:
+                assert kv.cpu_pool.ref_count(b) == sum(h.count(b) for h in hosts)
         tables = [kv.block_table(r.request_id) for r in running]
         blocks = [b for t in tables for b in t]
         assert 0 not in blocks

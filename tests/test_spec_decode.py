@@ -166,3 +166,49 @@ def test_sampled_requests_stop_at_max_tokens_and_stop_tokens(tiny_dir, monkeypat
 def test_bad_speculative_options_name_the_value(tiny_dir, opts, message):
     with pytest.raises(ValueError, match=message):
         LLM(str(tiny_dir), num_kv_blocks=16, max_model_len=64, **opts)
+
+
+# ---- the scheduler -------------------------------------------------------------------------
+
+def test_drafts_take_only_what_decodes_and_prompts_leave():
+    from test_scheduler import engine_step, make_request, make_scheduler
+
+    # 9 blocks of 4 tokens (8 usable), a budget of 8 tokens a step.
+    sched = make_scheduler(num_blocks=9, block_size=4, budget=8, mixed=True)
+    a, b = make_request(3, 20), make_request(3, 20)
+    sched.add(a)
+    sched.add(b)
+    engine_step(sched)  # both prefilled: 4 tokens each, one block each
+    a.spec_token_ids, b.spec_token_ids = [5, 6, 7], [5, 6, 7]
+    c = make_request(4, 2)  # a prompt that fits the budget beside the two decodes
+    sched.add(c)
+    batch = sched.schedule()
+    # Decodes (2 tokens) and the prompt (4) first; 2 tokens are left for drafts, oldest first.
+    assert batch.requests == (b, a, c) and batch.num_new_tokens == (1, 3, 4)
+    assert a.spec_token_ids == [5, 6] and b.spec_token_ids == [] and not batch.preempted
+    # Drafts never preempt: with the blocks nearly gone they are cut to what fits.
+    for req, new in zip(batch.requests, batch.num_new_tokens):
+        req.num_computed_tokens += new - len(req.spec_token_ids)
+        req.output_token_ids.append(7)
+    want = list(range(4 * (sched.kv.pool.num_free + 2)))  # more blocks than are free
+    a.spec_token_ids, b.spec_token_ids = list(want), list(want)
+    batch = sched.schedule()
+    assert not batch.preempted and len(a.spec_token_ids) < len(want)
+    for req in (a, b):  # what was kept fits the request's blocks
+        assert sched.kv.blocks_needed(req.request_id,
+                                      req.num_tokens + len(req.spec_token_ids)) == 0
+
+
+@pytest.mark.parametrize("max_len, seqs, k", [(100, 8, 16), (128, 4, 3), (64, 32, 2)])
+def test_every_row_count_a_step_can_sample_was_precompiled(max_len, seqs, k):
+    from paged_jax.step_inputs import Buckets, pick
+
+    b = Buckets.make(seqs, max_len, max_len, 16, table_ladder=False, mixed_steps=True,
+                     num_speculative_tokens=k)
+    shapes = set(b.all_shapes())
+    for t in b.tokens:
+        s = pick(b.seqs, min(t, b.seqs[-1]))
+        for rows in range(1, min(t, seqs * (k + 1)) + 1):  # a sampled row is a token
+            r = b.rows_bucket(rows, s, t)
+            assert rows <= r <= t or (rows <= s and r == s)
+            assert ("mixed", t, s, b.blocks[0], r) in shapes

@@ -12,7 +12,7 @@ from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.server.metrics import ServerMetrics
 from paged_jax.swap import SwapSpace
 
-from test_engine import make_llm, random_prompts, tiny_dir, token_ids  # noqa: F401 (fixture)
+from test_engine import dense, make_llm, random_prompts, tiny_dir, token_ids  # noqa: F401
 
 
 # ---- the copies ----------------------------------------------------------------------------
@@ -149,6 +149,24 @@ def test_swapping_under_a_small_cache_gives_the_outputs_of_a_large_one(tiny_dir,
     assert space.num_blocks_out == space.num_blocks_in > 0
     # Nothing was recomputed: every prompt was admitted once.
     assert engine.stats.prompt_tokens == sum(len(p["prompt_token_ids"]) for p in prompts)
+    assert_nothing_held(engine)
+
+
+def test_samples_sharing_their_prompt_swap_it_out_once_a_step(tiny_dir):
+    """n = 3 greedy samples share their prompt's blocks (and, being equal, their outputs'
+    full blocks); under a small cache they are preempted together, and each shared block
+    goes to the host once."""
+    prompts = random_prompts(3, 6, 40, 60)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=40, ignore_eos=True)
+    small = make_llm(tiny_dir, num_kv_blocks=12, preemption_mode="swap", num_cpu_blocks=64)
+    outs = small.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        want = dense(small, prompt, 40)
+        assert [c.token_ids for c in out.outputs] == [want] * 3
+    engine = small.llm_engine
+    assert engine.scheduler.num_swapped_out > 0
+    space = engine.runner.swap_space
+    assert space.num_blocks_out < space.num_blocks_in  # shared blocks went out once
     assert_nothing_held(engine)
 
 
