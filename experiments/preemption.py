@@ -31,7 +31,7 @@ from absl import app, flags
 
 from experiments import paper
 from experiments.batching import scaled_trace
-from experiments.results_file import write_results
+from experiments.results_file import publish
 
 FLAGS = flags.FLAGS
 
@@ -210,9 +210,7 @@ def main(argv):
             num_requests=FLAGS.num_requests, length_scale=FLAGS.length_scale,
             kv_share=FLAGS.kv_share, max_model_len=FLAGS.max_model_len, seed=FLAGS.seed,
             attention_backend=FLAGS.attention_backend)
-    out = write_results(FLAGS.out_dir, results)
-    print(report(results))
-    print(f"wrote {out / 'results.json'}")
+    publish(FLAGS.out_dir, results, report(results))
 
 
 if __name__ == "__main__":

@@ -11,3 +11,10 @@ def write_results(out_dir: str, results: dict) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return out
+
+
+def publish(out_dir: str, results: dict, report: str) -> None:
+    """write_results, then the report and where the numbers went, on stdout."""
+    out = write_results(out_dir, results)
+    print(report)
+    print(f"wrote {out / 'results.json'}")

@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import paper
-from experiments.results_file import write_results
+from experiments.results_file import publish
 from experiments.workload import draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -223,13 +223,14 @@ def define_flags() -> None:
     flags.DEFINE_list("beam_widths", ["2", "4", "6"], "beam_search: beam widths")
     flags.DEFINE_integer("beam_prompts", 8, "beam_search: prompts (Alpaca lengths)")
     flags.DEFINE_integer("beam_max_tokens", 32, "beam_search: tokens generated per beam")
-    flags.DEFINE_string("model", None, "shared_prefix: HF folder or .gguf (None: SmolLM2)")
+    flags.DEFINE_string("model", None,
+                        "beam_search, shared_prefix: HF folder or .gguf (None: SmolLM2)")
     flags.DEFINE_list("prefix_lens", ["80", "341"], "shared_prefix: the 1-shot and 5-shot prefixes")
     flags.DEFINE_integer("num_prompts", 32, "shared_prefix: requests, all arriving at once")
     flags.DEFINE_integer("suffix_len", 30, "shared_prefix: mean tokens of each request's own part")
     flags.DEFINE_integer("max_tokens", 32, "shared_prefix: tokens generated per request")
     flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "pallas", "cpu"],
-                      "shared_prefix: the engines' attention backend")
+                      "beam_search, shared_prefix: the engines' attention backend")
     flags.DEFINE_string("out_dir", "/tmp/sharing", "results.json goes here")
 
 
@@ -254,9 +255,7 @@ def main(argv):
             suffix_len=FLAGS.suffix_len, max_tokens=FLAGS.max_tokens,
             block_size=FLAGS.block_size, seed=FLAGS.seed,
             attention_backend=FLAGS.attention_backend)
-    out = write_results(FLAGS.out_dir, results)
-    print(report(results))
-    print(f"wrote {out / 'results.json'}")
+    publish(FLAGS.out_dir, results, report(results))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from experiments.results_file import write_results
+from experiments.results_file import publish
 
 FLAGS = flags.FLAGS
 
@@ -114,9 +114,7 @@ def main(argv):
                   k=FLAGS.num_speculative_tokens,
                   batch_sizes=[int(b) for b in FLAGS.batch_sizes],
                   attention_backend=FLAGS.attention_backend)
-    out = write_results(FLAGS.out_dir, results)
-    print(report(results, FLAGS.num_speculative_tokens))
-    print(f"wrote {out / 'results.json'}")
+    publish(FLAGS.out_dir, results, report(results, FLAGS.num_speculative_tokens))
 
 
 if __name__ == "__main__":

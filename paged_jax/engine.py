@@ -102,7 +102,7 @@ class LLMEngine:
         caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
         self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
                                   self.backend, self.max_model_len, self.mesh,
-                                  swap.SwapSpace(mcfg, num_cpu_blocks, caches) if swapping
+                                  swap.SwapSpace(num_cpu_blocks, caches) if swapping
                                   else None)
         self._channel = None  # multi-host serving: process 0's per-step command broadcast
         # Step publishes and the stop message may come from different threads (the engine

@@ -149,7 +149,7 @@ class KVCacheManager:
         fresh = dict(zip(new, self.cpu_pool.allocate(len(new))))
         self.cpu_pool.share([copied[b] for b in blocks if b in copied])
         self.free(request_id)
-        self._swapped[request_id] = [fresh.get(b) or copied[b] for b in blocks]
+        self._swapped[request_id] = [fresh[b] if b in fresh else copied[b] for b in blocks]
         return list(fresh.items())
 
     def swap_in(self, request_id: str, num_tokens: int) -> list[tuple[int, int]] | None:

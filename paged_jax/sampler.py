@@ -100,11 +100,10 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
     penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
     greedy_tokens = argmax_rows(penalized)
+    # A greedy row keeps its draft exactly when the draft is the argmax: nothing to do; random
+    # rows check theirs inside _sample_random.
     tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, penalized, si,
                           greedy_tokens)
-    # A greedy row keeps its draft exactly when the draft is the argmax: nothing to do.
-    tokens = jax.lax.cond(si.flags[3] & si.flags[4], _verify_drafts, lambda lg, _, t: t,
-                          penalized, si, tokens)
     # Logprobs cost three more passes over [S, V]: only when some request asked for them.
     chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
                                                  logits, tokens)
@@ -160,13 +159,15 @@ def _inverse_cdf(probs, u):
 def _sample_random(logits, si: SamplingInputs, greedy_tokens):
     probs = _target_probs(logits, si)
     random_tokens = _inverse_cdf(probs, jax.vmap(_uniform)(si.seed, si.step))
+    random_tokens = jax.lax.cond(si.flags[4], _verify_drafts, lambda p, _, t: t, probs, si,
+                                 random_tokens)
     return jnp.where(si.temperature > 0, random_tokens, greedy_tokens)
 
 
-def _verify_drafts(logits, si: SamplingInputs, tokens):
-    """Random rows with a draft d: keep d with probability p(d), else draw from p with d
-    removed (renormalized). The token's distribution is then p exactly."""
-    probs = _target_probs(logits, si)
+def _verify_drafts(probs, si: SamplingInputs, tokens):
+    """Rows with a draft d: keep d with probability p(d), else draw from p with d removed
+    (renormalized). The token's distribution is then p exactly. (Greedy rows' results are
+    discarded by the caller.)"""
     d = jnp.maximum(si.draft, 0)
     p_draft = jnp.take_along_axis(probs, d[:, None], axis=-1)[:, 0]
     u_keep = jax.vmap(_uniform)(si.seed, si.step, jnp.ones_like(si.step))
@@ -174,7 +175,7 @@ def _verify_drafts(logits, si: SamplingInputs, tokens):
     others = probs.at[jnp.arange(probs.shape[0]), d].set(0.0)
     replaced = _inverse_cdf(others, u_other)
     verified = jnp.where(u_keep < p_draft, d, replaced)
-    return jnp.where((si.temperature > 0) & (si.draft >= 0), verified, tokens)
+    return jnp.where(si.draft >= 0, verified, tokens)
 
 
 def _uniform(seed, step, stream=0):

@@ -95,7 +95,11 @@ class StepInputs:
     num_decodes: np.ndarray  # int32 scalar: leading rows of a prefill step that are decodes
     num_seqs: int  # real sequences; rows past it are padding
     drafts: tuple[tuple[int, ...], ...]  # per sequence, the speculative tokens it computes
-    num_rows: int  # real sampled rows; rows past it are padding
+
+    @property
+    def num_rows(self) -> int:
+        """Real sampled rows (a sequence's last token and its drafts); the rest is padding."""
+        return self.num_seqs + sum(map(len, self.drafts))
 
     @property
     def shape_key(self) -> tuple:
@@ -145,7 +149,7 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         block_tables=tables,
         logits_indices=_pad(sampled, buckets.rows_bucket(len(sampled), s_pad, t_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
-        num_seqs=n, drafts=tuple(drafts), num_rows=len(sampled))
+        num_seqs=n, drafts=tuple(drafts))
 
 
 def _pad(values, size: int, fill: int = 0) -> np.ndarray:

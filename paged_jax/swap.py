@@ -20,8 +20,6 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from paged_jax.models.config import ModelConfig
-
 
 def _bucket(n: int, limit: int) -> int:
     return min(1 << max(0, n - 1).bit_length(), limit)
@@ -40,14 +38,14 @@ def _scatter(caches, ids, pages):
 
 
 class SwapSpace:
-    def __init__(self, cfg: ModelConfig, num_cpu_blocks: int, caches):
+    def __init__(self, num_cpu_blocks: int, caches):
         """caches: the device KV caches, [(k, v)] per layer, each [Hkv, N, B, D], whose
         shapes, dtype and shardings the copies follow."""
         hkv, num_blocks, b, d = caches[0][0].shape
         self.num_device_blocks = num_blocks
         self.num_host_blocks = num_cpu_blocks + 1
         # np.zeros takes untouched pages from the OS: the store costs memory as it fills.
-        self.host = np.zeros((cfg.num_layers, 2, hkv, self.num_host_blocks, b, d),
+        self.host = np.zeros((len(caches), 2, hkv, self.num_host_blocks, b, d),
                              jnp.dtype(caches[0][0].dtype))
         cache_sharding = caches[0][0].sharding
         # Pages travel split as the caches are (on the KV heads under tensor parallelism).

@@ -1,7 +1,5 @@
 """Preemption by swap: the host-block bookkeeping, the device<->host copies against numpy, and
 the engine under a small cache against a run with no preemption at all."""
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +30,7 @@ def pages(caches, ids):
 def test_swap_out_then_in_moves_pages_and_touches_nothing_else(dtype):
     rng = np.random.default_rng(0)
     caches = random_caches(rng, dtype=dtype)
-    space = SwapSpace(types.SimpleNamespace(num_layers=3), 9, caches)
+    space = SwapSpace(9, caches)
     before = pages(caches, list(range(12)))
     out = [(5, 3), (2, 7), (11, 1)]  # 3 blocks: padded to a bucket of 4
     caches = space.apply(caches, out, [])
@@ -53,7 +51,7 @@ def test_a_step_reads_before_it_writes_on_both_sides():
     device block 4 from host block 5; the two copies must not see each other's writes."""
     rng = np.random.default_rng(1)
     caches = random_caches(rng)
-    space = SwapSpace(types.SimpleNamespace(num_layers=3), 6, caches)
+    space = SwapSpace(6, caches)
     space.host[:] = rng.standard_normal(space.host.shape)
     dev4, host5 = pages(caches, [4]), space.host[:, :, :, [5]].copy()
     caches = space.apply(caches, [(4, 2)], [(5, 4)])
@@ -71,7 +69,7 @@ def test_the_copies_keep_the_caches_sharding():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp"))
     caches = [tuple(jax.device_put(x, sharding) for x in kv)
               for kv in random_caches(np.random.default_rng(2))]
-    space = SwapSpace(types.SimpleNamespace(num_layers=3), 4, caches)
+    space = SwapSpace(4, caches)
     caches = space.apply(caches, [(3, 1)], [])
     caches = space.apply(caches, [], [(1, 5)])
     assert all(x.sharding == sharding for kv in caches for x in kv)
