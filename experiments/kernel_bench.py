@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
-from pallas_kernels.paged_attention_mgpu import paged_attention_mgpu
+from pallas_kernels.paged_attention_mgpu import MosaicDecodeConfig, paged_attention_mgpu
 from pallas_kernels import backend
 from paged_jax import cpu_kernels
 from pallas_kernels.reference import gather_pages
@@ -40,6 +40,9 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "cach
 flags.DEFINE_integer("iters", 20, "timed calls per repetition")
 flags.DEFINE_integer("reps", 5, "repetitions (the median is reported)")
 flags.DEFINE_bool("tune", False, "also sweep our kernel's DecodeConfig at every point")
+flags.DEFINE_bool("tune_mosaic", False, "also sweep the Mosaic GPU kernel's MosaicDecodeConfig")
+flags.DEFINE_float("max_rel_err", 2e-2, "an implementation whose output is further than this "
+                   "(relative L2) from a float32 dense reference is reported as wrong")
 flags.DEFINE_string("out", "", "write results as JSON here")
 
 PAPER_OVERHEAD = "20-26%"
@@ -148,6 +151,12 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, d
   return impls
 
 
+def rel_err(out, ref) -> float:
+  """||out - ref|| / ||ref||, in float32."""
+  out = jnp.asarray(out, jnp.float32)
+  return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
 def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
   q, k_cache, v_cache, tables, lens = make_inputs(rng, batch, context, block_size, dtype)
   scale = FLAGS.head_size ** -0.5
@@ -158,26 +167,37 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
   nbytes = (2 * batch * context * FLAGS.num_kv_heads + 2 * q.shape[0] * q.shape[1]) \
       * FLAGS.head_size * itemsize
   row = dict(batch=batch, context=context, block_size=block_size, bytes=nbytes)
+  # Every timing is of a function checked against float32 dense attention on the same data.
+  f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+  ref = jax.jit(functools.partial(_attend_xla, scale=scale))(
+      f32(q), f32(k_dense), f32(v_dense), lens)
   for name, (fn, layout) in implementations(on_gpu, scale, context, tables.shape[1], dtype).items():
     args = {"paged": (q, k_cache, v_cache, tables, lens), "dense": (q, k_dense, v_dense, lens),
             "contiguous": (q, k_cache, v_cache, contiguous, lens),
             "dense_token_major": (q, k_dense.transpose(0, 2, 1, 3),
                                   v_dense.transpose(0, 2, 1, 3), lens)}[layout]
     try:
+      err = rel_err(jax.jit(fn)(*args), ref)
       seconds = time_fn(fn, *args)
     except Exception as e:  # noqa: BLE001
-      print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}")
+      print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
       continue
+    if not err <= FLAGS.max_rel_err:  # NaN too
+      print(f"  {name}: WRONG: relative error {err:.3g} > {FLAGS.max_rel_err}")
     row[name] = dict(us=seconds * 1e6, gbps=nbytes / seconds / 1e9,
-                     pct_copy=100 * nbytes / seconds / copy_bw)
+                     pct_copy=100 * nbytes / seconds / copy_bw, rel_err=err)
   if on_gpu and FLAGS.tune:
     row["tuning"] = tune(q, k_cache, v_cache, tables, lens, scale, nbytes)
+  if on_gpu and FLAGS.tune_mosaic and "ours_mosaic" in row:
+    row["tuning_mosaic"] = tune_mosaic((q, k_cache, v_cache, tables, lens), ref, scale, nbytes)
   dense = [row[n]["us"] for n in ("pallas_dense", "xla_dense") if n in row]
   paged = row.get("ours", row.get("ours_cpu", row.get("xla_gather")))
   if dense and paged:
     row["paged_overhead_pct"] = 100 * (paged["us"] / min(dense) - 1)
   if "ours" in row and "jax_paged" in row:
     row["speedup_vs_jax_paged"] = row["jax_paged"]["us"] / row["ours"]["us"]
+  if "ours" in row and "ours_mosaic" in row:
+    row["mosaic_speedup_vs_ours"] = row["ours"]["us"] / row["ours_mosaic"]["us"]
   return row
 
 
@@ -200,6 +220,28 @@ def tune(q, k_cache, v_cache, tables, lens, scale, nbytes):
   results.sort(key=lambda r: r["us"])
   for r in results[:5]:
     print(f"  tune: {r}")
+  return results
+
+
+def tune_mosaic(args, ref, scale, nbytes):
+  """Sweeps MosaicDecodeConfig (keys per step, ring depth, splits); each output checked."""
+  results = []
+  for tokens in (64, 128):
+    for slots in (2, 3, 4):
+      for splits in (None, 1):
+        config = MosaicDecodeConfig(tokens_per_step=tokens, num_slots=slots, k_splits=splits)
+        fn = functools.partial(paged_attention_mgpu, scale=scale, config=config)
+        try:
+          err = rel_err(jax.jit(fn)(*args), ref)
+          seconds = time_fn(fn, *args)
+        except Exception as e:  # noqa: BLE001
+          print(f"  tune_mosaic {config}: failed: {type(e).__name__}: {str(e)[:200]}")
+          continue
+        results.append(dict(tokens_per_step=tokens, num_slots=slots, k_splits=splits,
+                            us=seconds * 1e6, gbps=nbytes / seconds / 1e9, rel_err=err))
+  results.sort(key=lambda r: r["us"])
+  for r in results[:6]:
+    print(f"  tune_mosaic: {r}")
   return results
 
 
@@ -229,6 +271,8 @@ def main(argv):
           extra += f"  paged overhead {row['paged_overhead_pct']:.0f}% (paper {PAPER_OVERHEAD})"
         if "speedup_vs_jax_paged" in row:
           extra += f"  vs jax_paged {row['speedup_vs_jax_paged']:.2f}x"
+        if "mosaic_speedup_vs_ours" in row:
+          extra += f"  mosaic vs ours {row['mosaic_speedup_vs_ours']:.2f}x"
         print(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:

@@ -66,3 +66,58 @@ def test_pallas_backend_with_chunked_prefill_gives_the_xla_backends_tokens(make_
                               enable_chunked_prefill=True, attention_backend=backend)
         outs[backend] = run(LLMEngine(config, model=model), prompts, 6)
     assert outs["pallas"] == outs["xla"]
+
+
+
+def assert_same_greedy_choices(ref, out, tie: float = 0.05, atol: float = 0.1):
+    """Greedy token lists equal up to the first position where the reference itself nearly
+    tied (its top two within `tie` nats): there a bfloat16 rounding may pick either, and the
+    continuations part. The log-probabilities of the shared tokens agree within `atol`."""
+    for want, got in zip(ref, out):
+        for step, (a, b) in enumerate(zip(want.token_ids, got.token_ids)):
+            np.testing.assert_allclose(got.logprobs[step][b].logprob,
+                                       want.logprobs[step][a].logprob, atol=atol)
+            if a != b:
+                assert b in want.logprobs[step], (step, a, b)
+                gap = want.logprobs[step][a].logprob - want.logprobs[step][b].logprob
+                assert gap < tie, f"step {step}: {b} chosen over {a}, {gap:.4f} nats apart"
+                break
+
+
+def test_mosaic_decode_kernel_gives_the_xla_backends_tokens(make_tiny_llama_dir, monkeypatch):
+    """backend.COMPILED_BACKEND = "mosaic_gpu": the engine's bfloat16 decode steps run the
+    Mosaic GPU kernel (compiled on a Hopper GPU, Mosaic's interpreter elsewhere)."""
+    import jax
+
+    from pallas_kernels import backend, dispatch
+
+    if jax.default_backend() != "gpu":
+        from kernels import mgpu_interpret  # the interpreter's transposed wgmma operands
+        mgpu_interpret.install()
+    folder = make_tiny_llama_dir(hidden_size=64, head_dim=64, num_attention_heads=4,
+                                 num_key_value_heads=2, initializer_range=0.2)
+    model = load_model(str(folder), "bfloat16", with_tokenizer=False)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (1, 7, 20, 33)]
+    calls = []
+    real = dispatch.paged_attention_mgpu
+    monkeypatch.setattr(dispatch, "paged_attention_mgpu",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(backend, "COMPILED_BACKEND", backend.MOSAIC_GPU)
+    outs = {}
+    for name in ("xla", "pallas"):
+        config = EngineConfig(dtype="bfloat16", num_kv_blocks=32, max_model_len=64,
+                              max_num_seqs=4, max_num_batched_tokens=64,
+                              attention_backend=name)
+        engine = LLMEngine(config, model=model)
+        engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=5)  # scattered
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(
+                temperature=0, max_tokens=10, ignore_eos=True, logprobs=2))
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+        outs[name] = [done[str(i)].outputs[0] for i in range(len(prompts))]
+    assert calls, "the decode steps did not reach the Mosaic GPU kernel"
+    assert_same_greedy_choices(outs["xla"], outs["pallas"])
