@@ -141,8 +141,9 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, d
     from jax.experimental.pallas.ops.gpu import decode_attention, paged_attention as jax_paged
     splits = max(k for k in (1, 2, 4, 8, 16) if max_blocks % k == 0)
     pages = max(p for p in (1, 2, 4, 8) if (max_blocks // splits) % p == 0)
+    # It takes no softmax scale: q is scaled first (one small fused multiply per call).
     impls["jax_paged"] = (lambda q, k, v, t, l: jax_paged.paged_attention(
-        q, k, v, t, l, k_splits=splits, pages_per_compute_block=pages), "paged")
+        q * scale, k, v, t, l, k_splits=splits, pages_per_compute_block=pages), "paged")
     dense_splits = max(k for k in (1, 2, 4, 8, 16) if context % k == 0 and context // k >= 16)
     impls["pallas_dense"] = (lambda q, k, v, l: decode_attention.gqa(
         q, k, v, kv_seq_len=l, sm_scale=scale, k_splits=dense_splits), "dense_token_major")
@@ -167,17 +168,20 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
   nbytes = (2 * batch * context * FLAGS.num_kv_heads + 2 * q.shape[0] * q.shape[1]) \
       * FLAGS.head_size * itemsize
   row = dict(batch=batch, context=context, block_size=block_size, bytes=nbytes)
-  # Every timing is of a function checked against float32 dense attention on the same data.
+  # Every timing is of a function checked against float32 dense attention on the same data
+  # (the contiguous layout reads other pages, so it has its own reference).
   f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
-  ref = jax.jit(functools.partial(_attend_xla, scale=scale))(
-      f32(q), f32(k_dense), f32(v_dense), lens)
+  attend = jax.jit(functools.partial(_attend_xla, scale=scale))
+  ref = attend(f32(q), f32(k_dense), f32(v_dense), lens)
+  ref_contiguous = attend(f32(q), f32(gather_pages(k_cache, contiguous)[:, :, :context]),
+                          f32(gather_pages(v_cache, contiguous)[:, :, :context]), lens)
   for name, (fn, layout) in implementations(on_gpu, scale, context, tables.shape[1], dtype).items():
     args = {"paged": (q, k_cache, v_cache, tables, lens), "dense": (q, k_dense, v_dense, lens),
             "contiguous": (q, k_cache, v_cache, contiguous, lens),
             "dense_token_major": (q, k_dense.transpose(0, 2, 1, 3),
                                   v_dense.transpose(0, 2, 1, 3), lens)}[layout]
     try:
-      err = rel_err(jax.jit(fn)(*args), ref)
+      err = rel_err(jax.jit(fn)(*args), ref_contiguous if layout == "contiguous" else ref)
       seconds = time_fn(fn, *args)
     except Exception as e:  # noqa: BLE001
       print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
@@ -224,12 +228,14 @@ def tune(q, k_cache, v_cache, tables, lens, scale, nbytes):
 
 
 def tune_mosaic(args, ref, scale, nbytes):
-  """Sweeps MosaicDecodeConfig (keys per step, ring depth, splits); each output checked."""
+  """Sweeps MosaicDecodeConfig (keys per step, ring depth, output chunk, p from registers);
+  each configuration's output is checked before it is timed."""
   results = []
-  for tokens in (64, 128):
-    for slots in (2, 3, 4):
-      for splits in (None, 1):
-        config = MosaicDecodeConfig(tokens_per_step=tokens, num_slots=slots, k_splits=splits)
+  for tokens, slots in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3)):
+    for out_cols in (64, 128):
+      for p_regs in (False, True):
+        config = MosaicDecodeConfig(tokens_per_step=tokens, num_slots=slots,
+                                    out_cols=out_cols, p_from_registers=p_regs)
         fn = functools.partial(paged_attention_mgpu, scale=scale, config=config)
         try:
           err = rel_err(jax.jit(fn)(*args), ref)
@@ -237,8 +243,11 @@ def tune_mosaic(args, ref, scale, nbytes):
         except Exception as e:  # noqa: BLE001
           print(f"  tune_mosaic {config}: failed: {type(e).__name__}: {str(e)[:200]}")
           continue
-        results.append(dict(tokens_per_step=tokens, num_slots=slots, k_splits=splits,
-                            us=seconds * 1e6, gbps=nbytes / seconds / 1e9, rel_err=err))
+        if not err <= FLAGS.max_rel_err:
+          print(f"  tune_mosaic {config}: WRONG: relative error {err:.3g}")
+        results.append(dict(tokens_per_step=tokens, num_slots=slots, out_cols=out_cols,
+                            p_from_registers=p_regs, us=seconds * 1e6,
+                            gbps=nbytes / seconds / 1e9, rel_err=err))
   results.sort(key=lambda r: r["us"])
   for r in results[:6]:
     print(f"  tune_mosaic: {r}")

@@ -36,8 +36,8 @@ from pallas_kernels.paged_attention import (LOG2E, MASK_VALUE, merge_splits,
                                             validate_cache_args)
 
 ROWS = 64  # wgmma's M: a KV group's query heads padded to this many rows
-OUT_COLS = 128  # the float32 output leaves through SMEM this many columns at a time
 MAX_SMEM_BYTES = 232448  # shared memory a block may use on H100 / H200 (227 KiB)
+MAX_BARRIERS = 32  # per barrier group in Mosaic GPU: bounds pieces per step x ring slots
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
@@ -47,6 +47,12 @@ class MosaicDecodeConfig:
   tokens_per_step: int = 64  # keys per step: wgmma's N for q K^T, a multiple of 64
   num_slots: int = 3  # SMEM buffers in the TMA ring (steps in flight)
   k_splits: int | None = None  # None: split until the SMs are covered (tuning.resolve_decode)
+  # The float32 output leaves through SMEM this many columns at a time: 64 halves that
+  # buffer, which with a 2-slot ring lets two programs share an SM at head size 128.
+  out_cols: int = 128
+  # Compiled only: wgmma reads the probabilities p from registers instead of SMEM (the
+  # interpreter takes SMEM operands only, so interpret mode always stages p in SMEM).
+  p_from_registers: bool = False
 
   def __post_init__(self):
     if self.tokens_per_step % 64 or self.tokens_per_step < 64:
@@ -55,20 +61,25 @@ class MosaicDecodeConfig:
       raise ValueError(f"num_slots must be >= 2, got {self.num_slots}")
     if self.k_splits is not None and self.k_splits < 1:
       raise ValueError(f"k_splits must be >= 1, got {self.k_splits}")
+    if self.out_cols not in (64, 128):
+      raise ValueError(f"out_cols must be 64 or 128, got {self.out_cols}")
 
 
-def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype) -> int:
+def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype,
+               out_cols: int = 128, p_in_smem: bool = True) -> int:
   """Shared memory of one program: q, the K/V ring, p, an output chunk, m and l."""
   item = jnp.dtype(dtype).itemsize
   return (ROWS * head_size * item + 2 * num_slots * tokens_per_step * head_size * item
-          + ROWS * tokens_per_step * item + ROWS * min(head_size, OUT_COLS) * 4 + 2 * ROWS * 4
+          + p_in_smem * ROWS * tokens_per_step * item + ROWS * min(head_size, out_cols) * 4
+          + 2 * ROWS * 4
           + 8 * (1 + 2 * num_slots * tokens_per_step))  # barriers, at most one per token
 
 
-def fitting_slots(head_size: int, tokens_per_step: int, num_slots: int, dtype) -> int:
+def fitting_slots(head_size: int, tokens_per_step: int, num_slots: int, dtype,
+                  out_cols: int = 128, p_in_smem: bool = True) -> int:
   """The deepest ring, up to num_slots, that fits in shared memory (0 if not even 2 do)."""
-  while num_slots >= 2 and smem_bytes(head_size, tokens_per_step, num_slots,
-                                      dtype) > MAX_SMEM_BYTES:
+  while num_slots >= 2 and smem_bytes(head_size, tokens_per_step, num_slots, dtype,
+                                      out_cols, p_in_smem) > MAX_SMEM_BYTES:
     num_slots -= 1
   return num_slots if num_slots >= 2 else 0
 
@@ -94,12 +105,13 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
                    q_bar, k_bars, v_bars,
                    *, scale, block_size, tokens_per_step, num_slots, steps_per_split,
                    interpret):
+  # p_smem is None when wgmma reads p from registers (compiled, p_from_registers)
   # tables_ref [S, MBp] int32, MBp covering every step of every split; lens_ref [S] int32
   # q_ref [S, Hkv, ROWS, D]: each group's query heads, zero-padded to ROWS rows
   # k_ref, v_ref [Hkv, N, B, D] (the engine's cache, read in place)
   # o_ref [K, S, Hkv, ROWS, D] f32 unnormalised; m_ref, l_ref [K, S, Hkv, ROWS] f32 (base 2)
   # q_smem [ROWS, D]; k_smem, v_smem [num_slots, tokens_per_step, D];
-  # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, OUT_COLS] f32
+  # p_smem [ROWS, tokens_per_step] (the step's probabilities); o_smem [ROWS, out_cols] f32
   # m_smem, l_smem [ROWS] f32; q_bar: 1 barrier; k_bars, v_bars: num_slots * pieces barriers
   seq, head, split = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("k")
   # A step holds `pieces` whole pages, or (pages longer than a step) a slice of one page.
@@ -136,7 +148,7 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
       plgpu.barrier_wait(k_bars.at[slot * pieces + p])
 
     def scores(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
       return acc_ref[...]
     s = pl.run_scoped(scores, plgpu.ACC((ROWS, tokens_per_step), jnp.float32))
     s = s * (scale * LOG2E)
@@ -149,12 +161,15 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
     for p in range(pieces):
       plgpu.barrier_wait(v_bars.at[slot * pieces + p])
 
-    # p goes through SMEM: wgmma can take it from registers, the interpreter cannot.
-    p_smem[...] = p16.astype(p_smem.dtype)
-    plgpu.commit_smem()
+    if p_smem is None:  # wgmma's A operand straight from registers
+      p_operand = p16.astype(v_smem.dtype)
+    else:  # through SMEM, the only way the interpreter takes it
+      p_smem[...] = p16.astype(p_smem.dtype)
+      plgpu.commit_smem()
+      p_operand = p_smem
 
     def values(acc_ref):
-      plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+      plgpu.wgmma(acc_ref, p_operand, v_smem.at[slot])
       return acc_ref[...]
     # A fresh accumulator (run_state, accumulating in place, has no interpreter rule yet).
     pv = pl.run_scoped(values, plgpu.ACC((ROWS, acc.shape[1]), jnp.float32))
@@ -173,7 +188,7 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   m_smem[...] = m
   l_smem[...] = l
   cols = o_smem.shape[1]
-  for c in range(0, head_size, cols):  # a 256-wide float32 tile would not fit beside the ring
+  for c in range(0, head_size, cols):  # a whole float32 tile would crowd out the ring
     o_smem[...] = acc[:, c:c + cols]
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, seq, head, :, pl.ds(c, cols)])
@@ -201,7 +216,9 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
   width = max(pl.cdiv(splits * steps_per_split * step, block_size), block_tables.shape[1])
   tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
   transforms = _smem_transforms(q4.dtype)
-  slots = fitting_slots(head_size, step, config.num_slots, q4.dtype)
+  p_in_smem = interpret or not config.p_from_registers
+  slots = min(fitting_slots(head_size, step, config.num_slots, q4.dtype, config.out_cols,
+                            p_in_smem), MAX_BARRIERS // pieces)
   kernel = functools.partial(_decode_kernel, scale=scale, block_size=block_size,
                              tokens_per_step=step, num_slots=slots,
                              steps_per_split=steps_per_split, interpret=interpret)
@@ -213,8 +230,8 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
       plgpu.SMEM((ROWS, head_size), q4.dtype, transforms=transforms),
       plgpu.SMEM((slots, step, head_size), q4.dtype, transforms=transforms),
       plgpu.SMEM((slots, step, head_size), q4.dtype, transforms=transforms),
-      plgpu.SMEM((ROWS, step), q4.dtype, transforms=transforms),
-      plgpu.SMEM((ROWS, min(head_size, OUT_COLS)), f32),
+      plgpu.SMEM((ROWS, step), q4.dtype, transforms=transforms) if p_in_smem else None,
+      plgpu.SMEM((ROWS, min(head_size, config.out_cols)), f32),
       plgpu.SMEM((ROWS,), f32),
       plgpu.SMEM((ROWS,), f32),
       plgpu.Barrier(num_barriers=1),
@@ -261,6 +278,9 @@ def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if config.tokens_per_step % block_size and block_size % config.tokens_per_step:
     raise ValueError(f"tokens_per_step {config.tokens_per_step} and the block size "
                      f"{block_size} must divide one another")
+  if MAX_BARRIERS // max(1, config.tokens_per_step // block_size) < 2:
+    raise ValueError(f"tokens_per_step {config.tokens_per_step} at block size {block_size}: "
+                     f"two steps of pages need more than {MAX_BARRIERS} barriers")
   if not fitting_slots(head_size, config.tokens_per_step, 2, q.dtype):
     raise ValueError(f"tokens_per_step {config.tokens_per_step} at head size {head_size}: "
                      f"two steps of K and V exceed {MAX_SMEM_BYTES} bytes of shared memory")

@@ -78,9 +78,48 @@ def test_mgpu_decode_full(heads, head_size, block_size, dtype):
                   max_len=4 * 64 + 1)
 
 
-@pytest.mark.parametrize("head_size,block_size,dtype,splits", [
-    (128, 16, jnp.bfloat16, 2), (64, 8, jnp.float16, 1), (256, 64, jnp.bfloat16, 3)])
-def test_mgpu_kernel_lowers_to_mosaic_gpu_for_cuda(head_size, block_size, dtype, splits):
+def test_mgpu_decode_p_from_registers():
+  # Compiled, wgmma reads p from registers; the interpreter stages it in SMEM regardless.
+  kt.check_decode(paged_attention_mgpu, (16, 2), 64, 16, jnp.bfloat16, num_seqs=3,
+                  max_len=200, config=MosaicDecodeConfig(p_from_registers=True, k_splits=1))
+
+
+def test_mgpu_decode_output_in_64_column_chunks():
+  # out_cols=64: the float32 output leaves SMEM in two chunks at head size 128.
+  kt.check_decode(paged_attention_mgpu, (8, 2), 128, 16, jnp.bfloat16, num_seqs=3,
+                  max_len=200, config=MosaicDecodeConfig(num_slots=2, out_cols=64, k_splits=2))
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(tokens_per_step=96), "multiple of 64"),
+    (dict(num_slots=1), "num_slots"),
+    (dict(out_cols=32), "out_cols must be 64 or 128, got 32"),
+])
+def test_mgpu_config_refuses_bad_fields(fields, message):
+  with pytest.raises(ValueError, match=message):
+    MosaicDecodeConfig(**fields)
+
+
+def test_mgpu_refuses_more_barriers_than_a_group_holds():
+  # 256 keys a step over 8-token pages: 32 copies a slot, 64 for the two-slot ring.
+  rng = np.random.default_rng(3)
+  case = kt.make_case(rng, num_kv_heads=1, head_size=64, block_size=8, dtype=jnp.bfloat16,
+                      seq_lens=np.array([5], np.int32))
+  q = kt.random_q(rng, 1, 4, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match="tokens_per_step 256 at block size 8: .* 32 barriers"):
+    paged_attention_mgpu(q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+                         jnp.asarray(case.seq_lens), scale=0.125,
+                         config=MosaicDecodeConfig(tokens_per_step=256))
+
+
+@pytest.mark.parametrize("head_size,block_size,dtype,config", [
+    (128, 16, jnp.bfloat16, MosaicDecodeConfig(k_splits=2)),
+    (64, 8, jnp.float16, MosaicDecodeConfig(k_splits=1, p_from_registers=True)),
+    (128, 16, jnp.bfloat16, MosaicDecodeConfig(num_slots=2, out_cols=64, p_from_registers=True)),
+    (256, 64, jnp.bfloat16, MosaicDecodeConfig(k_splits=3)),
+    (64, 8, jnp.bfloat16, MosaicDecodeConfig(tokens_per_step=128, num_slots=4)),  # 16 pieces
+])
+def test_mgpu_kernel_lowers_to_mosaic_gpu_for_cuda(head_size, block_size, dtype, config):
   """The compiled path (layout casts, WGMMA-layout reductions, TMA, barriers) goes through
   Mosaic GPU's lowering for CUDA, which runs here without a GPU; only PTX generation and the
   run itself need one."""
@@ -90,8 +129,7 @@ def test_mgpu_kernel_lowers_to_mosaic_gpu_for_cuda(head_size, block_size, dtype,
   q = kt.random_q(rng, 3, 16, head_size, dtype)
   traced = paged_attention_mgpu.trace(
       q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
-      jnp.asarray(case.seq_lens), scale=head_size ** -0.5,
-      config=MosaicDecodeConfig(k_splits=splits), interpret=False)
+      jnp.asarray(case.seq_lens), scale=head_size ** -0.5, config=config, interpret=False)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
