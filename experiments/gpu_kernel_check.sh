@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What is left of issue 4 that only a Hopper GPU can show, as one prepared device run:
+# The Pallas kernels compiled on a Hopper GPU, as one prepared device run (run on an H200
+# on 2026-11-26; results in docs/RESULTS.md):
 #   1. the Mosaic GPU decode kernel's tests, compiled;
 #   2. kernel_bench at the issue's target point (bf16, batch 64, context 2048, 8 KV heads,
 #      head 128) and at batch 8, every implementation checked against float32 dense attention
@@ -7,7 +8,8 @@
 #   3. the engine on the compiled kernels (Triton, and the Mosaic decode kernel in bfloat16)
 #      against the XLA path;
 #   4. the Mosaic kernel's full decode product, compiled;
-#   5. the ragged kernel's (16, 1)-head cases of the full product not yet run compiled.
+#   5. the ragged kernel's (16, 1)-head cases with head sizes 128 and 256 (the full product
+#      runs longer than one device call: pick its cases with -k).
 # Usage on the device machine (nothing to install: its image has jax, flax, pytest, ...):
 #   bash experiments/gpu_kernel_check.sh        # logs and JSON go to $OUT (default /tmp/out)
 # Budget: at most about 8 minutes; each part has its own timeout so the rest still runs.

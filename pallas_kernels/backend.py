@@ -16,8 +16,9 @@ TRITON = "triton"
 MOSAIC_GPU = "mosaic_gpu"
 
 # The lowering of the engine's decode kernel (dispatch.paged_decode). MOSAIC_GPU sends the
-# decode steps it supports to paged_attention_mgpu; switch once that kernel has been measured
-# on a GPU, or when the Triton lowering leaves JAX (the ragged kernel is Triton-only so far).
+# decode steps it supports to paged_attention_mgpu. Measured on an H200 it was slower than
+# the Triton kernel (docs/RESULTS.md); switch when it wins, or when the Triton lowering
+# leaves JAX (the ragged kernel is Triton-only so far).
 COMPILED_BACKEND = TRITON
 
 

@@ -45,7 +45,7 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 class MosaicDecodeConfig:
   # Defaults: the fastest of 20 configurations on an H200 at bf16, batch 64, context 2048,
   # 8 KV heads, head size 128 (docs/RESULTS.md): a 2-slot ring and 64-column output chunks
-  # keep a program near 110 KB of SMEM, so two share an SM.
+  # keep a program near 100 KiB of SMEM, so two share an SM.
   tokens_per_step: int = 64  # keys per step: wgmma's N for q K^T, a multiple of 64
   num_slots: int = 2  # SMEM buffers in the TMA ring (steps in flight)
   k_splits: int | None = None  # None: split until the SMs are covered (tuning.resolve_decode)
