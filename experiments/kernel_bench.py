@@ -24,7 +24,8 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
-from pallas_kernels.paged_attention_mgpu import MosaicDecodeConfig, paged_attention_mgpu
+from pallas_kernels.paged_attention_mgpu import (MosaicDecodeConfig, paged_attention_mgpu,
+                                                 ring_slots)
 from pallas_kernels import backend
 from paged_jax import cpu_kernels
 from pallas_kernels.reference import gather_pages
@@ -186,22 +187,25 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
     except Exception as e:  # noqa: BLE001
       print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
       continue
-    if not err <= FLAGS.max_rel_err:  # NaN too
+    wrong = not err <= FLAGS.max_rel_err  # NaN too
+    if wrong:
       print(f"  {name}: WRONG: relative error {err:.3g} > {FLAGS.max_rel_err}")
     row[name] = dict(us=seconds * 1e6, gbps=nbytes / seconds / 1e9,
-                     pct_copy=100 * nbytes / seconds / copy_bw, rel_err=err)
+                     pct_copy=100 * nbytes / seconds / copy_bw, rel_err=err, wrong=wrong)
   if on_gpu and FLAGS.tune:
     row["tuning"] = tune(q, k_cache, v_cache, tables, lens, scale, nbytes)
   if on_gpu and FLAGS.tune_mosaic and "ours_mosaic" in row:
     row["tuning_mosaic"] = tune_mosaic((q, k_cache, v_cache, tables, lens), ref, scale, nbytes)
-  dense = [row[n]["us"] for n in ("pallas_dense", "xla_dense") if n in row]
-  paged = row.get("ours", row.get("ours_cpu", row.get("xla_gather")))
+  # Ratios only between implementations whose output passed the check.
+  ok = {n: v for n, v in row.items() if isinstance(v, dict) and not v["wrong"]}
+  dense = [ok[n]["us"] for n in ("pallas_dense", "xla_dense") if n in ok]
+  paged = ok.get("ours", ok.get("ours_cpu", ok.get("xla_gather")))
   if dense and paged:
     row["paged_overhead_pct"] = 100 * (paged["us"] / min(dense) - 1)
-  if "ours" in row and "jax_paged" in row:
-    row["speedup_vs_jax_paged"] = row["jax_paged"]["us"] / row["ours"]["us"]
-  if "ours" in row and "ours_mosaic" in row:
-    row["mosaic_speedup_vs_ours"] = row["ours"]["us"] / row["ours_mosaic"]["us"]
+  if "ours" in ok and "jax_paged" in ok:
+    row["speedup_vs_jax_paged"] = ok["jax_paged"]["us"] / ok["ours"]["us"]
+  if "ours" in ok and "ours_mosaic" in ok:
+    row["mosaic_speedup_vs_ours"] = ok["ours"]["us"] / ok["ours_mosaic"]["us"]
   return row
 
 
@@ -229,13 +233,21 @@ def tune(q, k_cache, v_cache, tables, lens, scale, nbytes):
 
 def tune_mosaic(args, ref, scale, nbytes):
   """Sweeps MosaicDecodeConfig (keys per step, ring depth, output chunk, p from registers);
-  each configuration's output is checked before it is timed."""
-  results = []
+  each configuration's output is checked before it is timed. A ring that does not fit is
+  cut (ring_slots): such configurations are the same kernel as a shallower one, and skipped."""
+  q, k_cache = args[0], args[1]
+  head_size, block_size = k_cache.shape[3], k_cache.shape[2]
+  results, seen = [], set()
   for tokens, slots in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3)):
     for out_cols in (64, 128):
       for p_regs in (False, True):
         config = MosaicDecodeConfig(tokens_per_step=tokens, num_slots=slots,
                                     out_cols=out_cols, p_from_registers=p_regs)
+        runs = ring_slots(config, head_size, block_size, q.dtype, interpret=False)
+        if (tokens, runs, out_cols, p_regs) in seen:
+          print(f"  tune_mosaic {config}: runs with {runs} slots, already timed")
+          continue
+        seen.add((tokens, runs, out_cols, p_regs))
         fn = functools.partial(paged_attention_mgpu, scale=scale, config=config)
         try:
           err = rel_err(jax.jit(fn)(*args), ref)
@@ -245,7 +257,7 @@ def tune_mosaic(args, ref, scale, nbytes):
           continue
         if not err <= FLAGS.max_rel_err:
           print(f"  tune_mosaic {config}: WRONG: relative error {err:.3g}")
-        results.append(dict(tokens_per_step=tokens, num_slots=slots, out_cols=out_cols,
+        results.append(dict(tokens_per_step=tokens, num_slots=runs, out_cols=out_cols,
                             p_from_registers=p_regs, us=seconds * 1e6,
                             gbps=nbytes / seconds / 1e9, rel_err=err))
   results.sort(key=lambda r: r["us"])
@@ -274,6 +286,7 @@ def main(argv):
         row = bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
         rows.append(row)
         timings = "  ".join(f"{n} {v['us']:.0f}us {v['pct_copy']:.0f}%"
+                            + (" (WRONG)" if v["wrong"] else "")
                             for n, v in row.items() if isinstance(v, dict))
         extra = ""
         if "paged_overhead_pct" in row:

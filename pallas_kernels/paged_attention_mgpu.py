@@ -8,7 +8,8 @@ matrix instructions apply. Grid (sequence, KV head, split), one warpgroup per pr
   - each step covers `tokens_per_step` (64) keys: its pages of K and V (or the slice of one
     page, for pages of 128 tokens) are copied by TMA from where they lie in the cache, one
     copy and one barrier per piece, into a ring of `num_slots` SMEM buffers (fewer if shared
-    memory is short), so the copies of the next steps overlap this step's math;
+    memory or a barrier group of 32 is short), so the copies of the next steps overlap this
+    step's math;
   - scores = wgmma(q, K^T) and out += wgmma(p, V), float32 accumulators, with an online
     softmax in base 2 between them; each page is read once per KV head and shared by the
     whole group;
@@ -37,23 +38,24 @@ from pallas_kernels.paged_attention import (LOG2E, MASK_VALUE, merge_splits,
 ROWS = 64  # wgmma's M: a KV group's query heads padded to this many rows
 MAX_SMEM_BYTES = 232448  # shared memory a block may use on H100 / H200 (227 KiB)
 MAX_BARRIERS = 32  # per barrier group in Mosaic GPU: bounds pieces per step x ring slots
+SMEM_ALIGN = 1024  # Mosaic GPU aligns every SMEM allocation to this many bytes
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicDecodeConfig:
-  # Defaults: the fastest of 20 configurations on an H200 at bf16, batch 64, context 2048,
-  # 8 KV heads, head size 128 (docs/RESULTS.md): a 2-slot ring and 64-column output chunks
-  # keep a program near 100 KiB of SMEM, so two share an SM.
+  # Defaults from a sweep on an H200 at bf16, batch 64, context 2048, 8 KV heads, head size
+  # 128 (docs/RESULTS.md): a 2-slot ring and 64-column output chunks keep a program near
+  # 109 KiB of SMEM, room for two an SM, and ran fastest there.
   tokens_per_step: int = 64  # keys per step: wgmma's N for q K^T, a multiple of 64
-  num_slots: int = 2  # SMEM buffers in the TMA ring (steps in flight)
+  num_slots: int = 2  # SMEM buffers in the TMA ring (steps in flight), cut to what fits
   k_splits: int | None = None  # None: split until the SMs are covered (tuning.resolve_decode)
   # The float32 output leaves through SMEM this many columns at a time (64 or 128).
   out_cols: int = 64
   # Compiled only: wgmma reads the probabilities p from registers instead of SMEM (the
   # interpreter takes SMEM operands only, so interpret mode always stages p in SMEM).
-  p_from_registers: bool = True
+  p_from_registers: bool = False
 
   def __post_init__(self):
     if self.tokens_per_step % 64 or self.tokens_per_step < 64:
@@ -66,23 +68,31 @@ class MosaicDecodeConfig:
       raise ValueError(f"out_cols must be 64 or 128, got {self.out_cols}")
 
 
-def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype,
-               out_cols: int = 128, p_in_smem: bool = True) -> int:
-  """Shared memory of one program: q, the K/V ring, p, an output chunk, m and l."""
+def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype, *,
+               out_cols: int, p_in_smem: bool, pieces: int) -> int:
+  """Shared memory of one program, as _decode_call allocates it: q, the K and V rings, p
+  (unless wgmma reads it from registers), an output chunk, m, l and the three barrier
+  groups, each allocation rounded up to the 1024 bytes Mosaic GPU aligns it to."""
   item = jnp.dtype(dtype).itemsize
-  return (ROWS * head_size * item + 2 * num_slots * tokens_per_step * head_size * item
-          + p_in_smem * ROWS * tokens_per_step * item + ROWS * min(head_size, out_cols) * 4
-          + 2 * ROWS * 4
-          + 8 * (1 + 2 * num_slots * tokens_per_step))  # barriers, at most one per token
+  sizes = [ROWS * head_size * item, num_slots * tokens_per_step * head_size * item,
+           num_slots * tokens_per_step * head_size * item,
+           p_in_smem * ROWS * tokens_per_step * item, ROWS * min(head_size, out_cols) * 4,
+           ROWS * 4, ROWS * 4, 8, 8 * num_slots * pieces, 8 * num_slots * pieces]
+  return sum(-(-size // SMEM_ALIGN) * SMEM_ALIGN for size in sizes)
 
 
-def fitting_slots(head_size: int, tokens_per_step: int, num_slots: int, dtype,
-                  out_cols: int = 128, p_in_smem: bool = True) -> int:
-  """The deepest ring, up to num_slots, that fits in shared memory (0 if not even 2 do)."""
-  while num_slots >= 2 and smem_bytes(head_size, tokens_per_step, num_slots, dtype,
-                                      out_cols, p_in_smem) > MAX_SMEM_BYTES:
-    num_slots -= 1
-  return num_slots if num_slots >= 2 else 0
+def ring_slots(config: MosaicDecodeConfig, head_size: int, block_size: int, dtype,
+               interpret: bool) -> int:
+  """The ring depth the kernel runs with: config.num_slots, cut to what fits in shared
+  memory and in one barrier group; 0 if not even two slots do."""
+  pieces = max(1, config.tokens_per_step // block_size)
+  slots = min(config.num_slots, MAX_BARRIERS // pieces)
+  p_in_smem = interpret or not config.p_from_registers
+  while slots >= 2 and smem_bytes(head_size, config.tokens_per_step, slots, dtype,
+                                  out_cols=config.out_cols, p_in_smem=p_in_smem,
+                                  pieces=pieces) > MAX_SMEM_BYTES:
+    slots -= 1
+  return slots if slots >= 2 else 0
 
 
 def supports(q: jax.Array, k_cache: jax.Array) -> str | None:
@@ -218,8 +228,7 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
   tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
   transforms = _smem_transforms(q4.dtype)
   p_in_smem = interpret or not config.p_from_registers
-  slots = min(fitting_slots(head_size, step, config.num_slots, q4.dtype, config.out_cols,
-                            p_in_smem), MAX_BARRIERS // pieces)
+  slots = ring_slots(config, head_size, block_size, q4.dtype, interpret)
   kernel = functools.partial(_decode_kernel, scale=scale, block_size=block_size,
                              tokens_per_step=step, num_slots=slots,
                              steps_per_split=steps_per_split, interpret=interpret)
@@ -279,10 +288,11 @@ def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   if config.tokens_per_step % block_size and block_size % config.tokens_per_step:
     raise ValueError(f"tokens_per_step {config.tokens_per_step} and the block size "
                      f"{block_size} must divide one another")
+  interpret = backend.use_interpret(interpret)
   if MAX_BARRIERS // max(1, config.tokens_per_step // block_size) < 2:
     raise ValueError(f"tokens_per_step {config.tokens_per_step} at block size {block_size}: "
                      f"two steps of pages need more than {MAX_BARRIERS} barriers")
-  if not fitting_slots(head_size, config.tokens_per_step, 2, q.dtype):
+  if not ring_slots(config, head_size, block_size, q.dtype, interpret):
     raise ValueError(f"tokens_per_step {config.tokens_per_step} at head size {head_size}: "
                      f"two steps of K and V exceed {MAX_SMEM_BYTES} bytes of shared memory")
   if config.k_splits is None:
@@ -292,7 +302,7 @@ def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     config = dataclasses.replace(config, k_splits=splits)
   q4 = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_size)
   o, m, l = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                         config=config, interpret=backend.use_interpret(interpret))
+                         config=config, interpret=interpret)
   group = num_q_heads // num_kv_heads
   out = merge_splits(o[..., :group, :], m[..., :group], l[..., :group])
   return out.reshape(q.shape).astype(q.dtype)

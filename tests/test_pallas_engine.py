@@ -73,7 +73,9 @@ def assert_same_greedy_choices(ref, out, tie: float = 0.05, atol: float = 0.1):
     """Greedy token lists equal up to the first position where the reference itself nearly
     tied (its top two within `tie` nats): there a bfloat16 rounding may pick either, and the
     continuations part. The log-probabilities of the shared tokens agree within `atol`."""
+    assert len(ref) == len(out)
     for want, got in zip(ref, out):
+        assert len(want.token_ids) == len(got.token_ids)
         for step, (a, b) in enumerate(zip(want.token_ids, got.token_ids)):
             np.testing.assert_allclose(got.logprobs[step][b].logprob,
                                        want.logprobs[step][a].logprob, atol=atol)
@@ -84,7 +86,7 @@ def assert_same_greedy_choices(ref, out, tie: float = 0.05, atol: float = 0.1):
                 break
 
 
-def test_mosaic_decode_kernel_gives_the_xla_backends_tokens(make_tiny_llama_dir, monkeypatch):
+def test_mosaic_decode_kernel_makes_the_xla_backends_choices(make_tiny_llama_dir, monkeypatch):
     """backend.COMPILED_BACKEND = "mosaic_gpu": the engine's bfloat16 decode steps run the
     Mosaic GPU kernel (compiled on a Hopper GPU, Mosaic's interpreter elsewhere)."""
     import jax

@@ -1,7 +1,7 @@
 """Lets Mosaic GPU's interpreter (jax 0.10.2) run wgmma on transposed SMEM operands.
 
-The interpreter's wgmma reads its operands through index transforms only and fails on
-`plgpu.transpose_ref` ("'TransposeTransform' object has no attribute 'indices'"), although
+The interpreter's wgmma reads its operands through index transforms only and fails on a
+transposed ref (`ref.T`, a TransposeTransform: "object has no attribute 'indices'"), although
 wgmma itself takes K-major B operands and every Hopper attention kernel uses one (q K^T).
 `install()` replaces the interpreter's wgmma callback with one that applies a trailing
 transpose after reading the buffer and is otherwise the same computation

@@ -12,8 +12,9 @@ import pytest
 
 import kernel_testing as kt
 import mgpu_interpret
-from pallas_kernels.paged_attention_mgpu import (HEAD_SIZES, MosaicDecodeConfig,
-                                                 paged_attention_mgpu)
+from pallas_kernels.paged_attention_mgpu import (HEAD_SIZES, MAX_SMEM_BYTES,
+                                                 MosaicDecodeConfig, paged_attention_mgpu,
+                                                 ring_slots, smem_bytes)
 
 if jax.default_backend() != "gpu":
   mgpu_interpret.install()  # transposed wgmma operands (q K^T) for the interpreter
@@ -84,10 +85,29 @@ def test_mgpu_decode_p_from_registers():
                   max_len=200, config=MosaicDecodeConfig(p_from_registers=True, k_splits=1))
 
 
-def test_mgpu_decode_output_in_64_column_chunks():
-  # out_cols=64: the float32 output leaves SMEM in two chunks at head size 128.
+@pytest.mark.parametrize("out_cols", [64, 128])
+def test_mgpu_decode_output_chunks(out_cols):
+  # The float32 output leaves SMEM in head_size / out_cols chunks (two or one at 128).
   kt.check_decode(paged_attention_mgpu, (8, 2), 128, 16, jnp.bfloat16, num_seqs=3,
-                  max_len=200, config=MosaicDecodeConfig(num_slots=2, out_cols=64, k_splits=2))
+                  max_len=200, config=MosaicDecodeConfig(num_slots=3, out_cols=out_cols,
+                                                         k_splits=2))
+
+
+def test_ring_slots_cut_to_shared_memory_and_barriers():
+  bf16 = jnp.bfloat16
+  # 128 keys a step at head size 128: three slots need about 250 KiB, two fit.
+  assert ring_slots(MosaicDecodeConfig(tokens_per_step=128, num_slots=3), 128, 16, bf16,
+                    interpret=False) == 2
+  # 16 pages of 8 tokens a step: 32 barriers hold two slots, whatever memory allows.
+  assert ring_slots(MosaicDecodeConfig(tokens_per_step=128, num_slots=4), 64, 8, bf16,
+                    interpret=False) == 2
+  # Small steps keep the ring asked for; what they allocate is within the limit.
+  config = MosaicDecodeConfig(num_slots=4)
+  assert ring_slots(config, 128, 16, bf16, interpret=False) == 4
+  assert smem_bytes(128, 64, 4, bf16, out_cols=64, p_in_smem=True, pieces=4) <= MAX_SMEM_BYTES
+  # The defaults leave room for two programs an SM (228 KiB, 1 KiB reserved for each).
+  default = smem_bytes(128, 64, 2, bf16, out_cols=64, p_in_smem=True, pieces=4)
+  assert 2 * (default + 1024) <= 228 * 1024
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -116,6 +136,8 @@ def test_mgpu_refuses_more_barriers_than_a_group_holds():
     (128, 16, jnp.bfloat16, MosaicDecodeConfig(k_splits=2)),
     (64, 8, jnp.float16, MosaicDecodeConfig(k_splits=1, p_from_registers=True)),
     (128, 16, jnp.bfloat16, MosaicDecodeConfig(num_slots=2, out_cols=64, p_from_registers=True)),
+    (128, 16, jnp.bfloat16, MosaicDecodeConfig(num_slots=3, out_cols=128)),
+    (128, 16, jnp.bfloat16, MosaicDecodeConfig(tokens_per_step=128, num_slots=3)),  # cut to 2
     (256, 64, jnp.bfloat16, MosaicDecodeConfig(k_splits=3)),
     (64, 8, jnp.bfloat16, MosaicDecodeConfig(tokens_per_step=128, num_slots=4)),  # 16 pieces
 ])
@@ -132,6 +154,30 @@ def test_mgpu_kernel_lowers_to_mosaic_gpu_for_cuda(head_size, block_size, dtype,
       jnp.asarray(case.seq_lens), scale=head_size ** -0.5, config=config, interpret=False)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_smem_bytes_is_what_mosaic_allocates(monkeypatch):
+  """smem_bytes (which cuts the ring) against Mosaic GPU's own count: with our limit lifted,
+  a 3-slot ring of 128 keys at head size 128 is refused by Mosaic's lowering, whose error
+  names the bytes it needed; ours may round up a little, never down."""
+  import importlib
+  import re
+  mgpu = importlib.import_module("pallas_kernels.paged_attention_mgpu")
+  monkeypatch.setattr(mgpu, "MAX_SMEM_BYTES", 1 << 20)
+  config = MosaicDecodeConfig(tokens_per_step=128, num_slots=3, p_from_registers=True)
+  rng = np.random.default_rng(7)
+  case = kt.make_case(rng, num_kv_heads=2, head_size=128, block_size=16, dtype=jnp.bfloat16,
+                      seq_lens=np.array([300, 70], np.int32))
+  q = kt.random_q(rng, 2, 16, 128, jnp.bfloat16)
+  traced = paged_attention_mgpu.trace(
+      q, case.k_cache, case.v_cache, jnp.asarray(case.block_tables),
+      jnp.asarray(case.seq_lens), scale=0.1, config=config, interpret=False)
+  with pytest.raises(Exception, match="exceeds available shared memory") as error:
+    traced.lower(lowering_platforms=("cuda",))
+  theirs = int(re.search(r"smem_bytes=(\d+)", str(error.value)).group(1))
+  ours = smem_bytes(128, 128, 3, jnp.bfloat16, out_cols=64, p_in_smem=False, pieces=8)
+  assert theirs <= ours <= theirs * 1.02
+  assert ours > MAX_SMEM_BYTES  # so the real ring_slots cuts this ring to 2
 
 
 @pytest.mark.full
