@@ -60,6 +60,14 @@ class KVCacheManager:
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         return max(0, cdiv(num_tokens, self.block_size) - len(self.block_table(request_id)))
 
+    def room(self, request_id: str, hit: PrefixHit | None = None) -> int:
+        """Tokens the request's table could hold if it took every free block: a new table
+        starting from `hit`'s cached blocks (those no request holds come off the free list)."""
+        if hit is not None and hit.blocks:
+            reclaimed = sum(1 for b in set(hit.blocks) if self.pool.ref_count(b) == 0)
+            return (len(hit.blocks) + self.pool.num_free - reclaimed) * self.block_size
+        return (len(self.block_table(request_id)) + self.pool.num_free) * self.block_size
+
     def find_cached(self, token_ids: list[int]) -> PrefixHit:
         """The longest run of cached full blocks that token_ids start with. The last token is
         never a hit (its logits are needed), so a hit ends at least one token early; empty

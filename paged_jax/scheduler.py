@@ -19,7 +19,11 @@ ScheduledBatch (swap_out, swap_in), to be made before the step runs.
 
 With chunked prefill (chunked=True, mixed only) a prompt that does not fit the rest of a
 step's token budget is admitted with the part that fits, and goes on in the following steps
-(after the decodes, before new prompts) until all of it is computed; only then does it sample.
+(after the decodes, before swapped-out requests and new prompts) until all of it is computed;
+only then does it sample. Its blocks are taken chunk by chunk, as vLLM V1 does: a chunk is cut
+to the blocks that are free, a prompt that finds none waits (and no new prompt is admitted
+before it), and a step in which nothing at all can run preempts the newest running request,
+so that the older ones go on.
 
 Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only) come last:
 they take the tokens and blocks that the decodes, chunks and admitted prompts leave (never
@@ -72,6 +76,9 @@ class Scheduler:
         if chunked and not mixed:
             raise ValueError("chunked prefill needs mixed batches (decodes and prompt chunks "
                              "in one step)")
+        if chunked and reservation is not paged_reservation:
+            raise ValueError("chunked prefill takes blocks chunk by chunk; a reservation "
+                             "policy needs whole prompts admitted at once")
         if swap and kv.cpu_pool is None:
             raise ValueError("preemption by swap needs host blocks (KVCacheManager "
                              "num_cpu_blocks > 0)")
@@ -124,20 +131,19 @@ class Scheduler:
                 req.spec_token_ids = []
             return _decode_batch(decodes, preempted)
         budget = self.max_num_batched_tokens - len(decodes)
+        # Running prompts part-way through go on first, oldest first: their chunks take
+        # blocks before swapped-out requests and new prompts do.
+        chunks, news, budget, starved = self._chunks(continuing, budget)
         back_decodes, back_continuing = self._swap_in_rows(budget)
         decodes += back_decodes
-        continuing += back_continuing
         budget -= len(back_decodes)
-        chunks, news = [], []
-        for req in continuing:  # prompts part-way through chunked prefill, oldest first
-            if budget <= 0:
-                break
-            new = min(req.num_tokens - req.num_computed_tokens, budget)
-            self.kv.cache_blocks(req.request_id, req.all_token_ids[:req.num_computed_tokens + new])
-            chunks.append(req)
-            news.append(new)
-            budget -= new
-        prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
+        back_chunks, back_news, budget, back_starved = self._chunks(back_continuing, budget)
+        chunks += back_chunks
+        news += back_news
+        starved = starved or back_starved
+        # A prompt that found no blocks keeps new prompts from taking the ones freed later.
+        prompts, prompt_news = (self._admit(budget)
+                                if budget > 0 and not self.swapped and not starved
                                 else ((), ()))
         budget -= sum(prompt_news)
         # Speculative drafts (the engine proposes them) come last: the tokens and blocks left
@@ -154,6 +160,13 @@ class Scheduler:
                 budget -= len(drafts)
                 spec.append(req)
         decodes = [r for r in decodes if r not in spec]
+        if not decodes and not spec and not chunks and not prompts and starved \
+                and not self._swap_in:
+            # Only prompts part-way through run, and none found a block: the newest gives
+            # its blocks up so that the older go on (else none would ever finish).
+            victim = self.running[-1]
+            self._preempt(victim)
+            return _decode_batch([], [victim])
         if not spec and not chunks and not prompts:
             return _decode_batch(decodes, ())
         # Rows of several new tokens each, after the one-token decodes: drafts, chunks, prompts.
@@ -161,6 +174,31 @@ class Scheduler:
                               (1,) * len(decodes)
                               + tuple(1 + len(r.spec_token_ids) for r in spec)
                               + tuple(news) + prompt_news, num_decodes=len(decodes))
+
+    def _chunks(self, reqs: list[Request], budget: int
+                ) -> tuple[list[Request], list[int], int, bool]:
+        """The next chunk of each prompt part-way through, in order, within the budget and
+        the free blocks (a chunk is cut to the blocks it can get): the requests, their
+        tokens, the budget left, and whether any found no block at all."""
+        chunks: list[Request] = []
+        news: list[int] = []
+        starved = False
+        for req in reqs:
+            if budget <= 0:
+                break
+            start = req.num_computed_tokens
+            new = min(req.num_tokens - start, budget,
+                      self.kv.room(req.request_id) - start)
+            if new <= 0:
+                starved = True
+                continue
+            if not self.kv.allocate(req.request_id, start + new):
+                raise AssertionError("a chunk cut to the free blocks did not fit")
+            self.kv.cache_blocks(req.request_id, req.all_token_ids[:start + new])
+            chunks.append(req)
+            news.append(new)
+            budget -= new
+        return chunks, news, budget, starved
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         batch, news = self._admit(self.max_num_batched_tokens)
@@ -183,9 +221,12 @@ class Scheduler:
                 if not self.chunked or tokens >= budget:
                     break
                 new = budget - tokens  # a first chunk; the rest in later steps
-            # The whole prompt's blocks are taken now, so later chunks never wait for blocks.
-            if not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
-                                    hit):
+            if self.chunked:  # blocks for this chunk only, cut to those free
+                new = min(new, self.kv.room(req.request_id, hit) - hit.num_tokens)
+                if new <= 0 or not self.kv.allocate(req.request_id, hit.num_tokens + new, hit):
+                    break
+            elif not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
+                                      hit):
                 break
             self.kv.cache_blocks(req.request_id, req.all_token_ids[:hit.num_tokens + new])
             self.kv.record_admission(req.num_tokens, hit)
@@ -221,14 +262,17 @@ class Scheduler:
         while (self.swapped and len(self.running) < self.max_num_seqs
                and len(decodes) + len(continuing) < budget):
             req = self.swapped[0]
-            copies = self.kv.swap_in(req.request_id, req.num_tokens)
+            partial = req.num_tokens - req.num_computed_tokens > 1
+            # A prompt part-way through takes back its computed blocks; its chunk, more.
+            copies = self.kv.swap_in(req.request_id,
+                                     req.num_computed_tokens if partial else req.num_tokens)
             if copies is None:
                 break
             self._swap_in += copies
             self.swapped.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            if req.num_tokens - req.num_computed_tokens > 1:
+            if partial:
                 continuing.append(req)
             else:
                 self.kv.cache_blocks(req.request_id, req.all_token_ids)
@@ -238,13 +282,17 @@ class Scheduler:
     def _decode_rows(self) -> tuple[list[Request], list[Request], list[Request]]:
         """Running requests in order: those that decode (one block more if their table is
         full, preempting the newest running requests when none is free), those part-way
-        through a chunked prefill (their blocks are all held), and the preempted."""
+        through a chunked prefill (blocks for their next chunk come later, in _chunks), and
+        the preempted."""
         decodes: list[Request] = []
         continuing: list[Request] = []
         preempted: list[Request] = []
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
+            if req.num_tokens - req.num_computed_tokens > 1:
+                continuing.append(req)  # its chunk takes its blocks (_chunks)
+                continue
             while not self.kv.allocate(req.request_id, req.num_tokens):
                 # The newest running request not yet scheduled in this call: the blocks that
                 # scheduled requests registered (cache_blocks) are computed by this step.
@@ -254,11 +302,8 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                if req.num_tokens - req.num_computed_tokens > 1:
-                    continuing.append(req)
-                else:
-                    self.kv.cache_blocks(req.request_id, req.all_token_ids)
-                    decodes.append(req)
+                self.kv.cache_blocks(req.request_id, req.all_token_ids)
+                decodes.append(req)
         return decodes, continuing, preempted
 
     def _preempt(self, req: Request) -> None:

@@ -63,3 +63,29 @@ def test_chunked_prefill_options_are_checked():
     with pytest.raises(ValueError, match="max_num_batched_tokens 64 is below max_model_len 128"):
         EngineConfig(max_num_batched_tokens=64, max_model_len=128)
     EngineConfig(max_num_batched_tokens=64, max_model_len=128, enable_chunked_prefill=True)
+
+
+def test_chunked_prompts_under_block_pressure_equal_dense(tiny_dir):
+    """A pool far smaller than the prompts' total: a prompt part-way through holds the blocks
+    of its chunks so far (not its whole prompt), chunks are cut to the free blocks, requests
+    are preempted, and every output still equals a dense run's."""
+    llm = make_llm(tiny_dir, enable_chunked_prefill=True, max_num_batched_tokens=24,
+                   num_kv_blocks=13, max_num_seqs=8)
+    engine = llm.llm_engine
+    engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)
+    block = engine.kv.block_size
+    prompts = random_prompts(6, 33, 30, 60)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    done, holds_part = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+        holds_part += sum(
+            r.num_computed_tokens < r.num_tokens - 1
+            and len(engine.kv.block_table(r.request_id)) < -(-r.num_tokens // block)
+            for r in engine.scheduler.running)
+    assert holds_part > 0 and engine.scheduler.num_preemptions > 0
+    for i, prompt in enumerate(prompts):
+        assert done[str(i)].outputs[0].token_ids == dense(llm, prompt, 20), i
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable

@@ -166,6 +166,60 @@ def test_mixed_step_that_preempts_admits_nothing():
     assert list(sched.waiting) == [b, c]
 
 
+def test_a_chunked_prompt_takes_its_blocks_chunk_by_chunk():
+    sched = make_scheduler(num_blocks=64, block_size=4, budget=8, mixed=True, chunked=True)
+    req = make_request(30, 2)
+    sched.add(req)
+    held = []
+    for _ in range(4):  # chunks of 8, 8, 8 and 6 tokens
+        batch = sched.schedule()
+        held.append(len(sched.kv.block_table(req.request_id)))
+        req.num_computed_tokens += batch.num_new_tokens[0]
+    assert held == [2, 4, 6, 8]  # not all 8 at admission
+
+
+def test_a_chunk_is_cut_to_the_free_blocks_and_new_prompts_wait_behind_it():
+    sched = make_scheduler(num_blocks=9, block_size=4, budget=16, mixed=True, chunked=True)
+    hog = make_request(12, 20)  # decodes, holding 3 blocks, then 4
+    sched.add(hog)
+    engine_step(sched)
+    long_prompt, short = make_request(24, 1), make_request(2, 1)
+    sched.add(long_prompt)
+    sched.add(short)
+    batch = sched.schedule()  # hog decodes (block 4); the prompt gets the 4 blocks left
+    assert batch.requests == (hog, long_prompt) and batch.num_new_tokens == (1, 15)
+    assert sched.kv.pool.num_free == 0 and list(sched.waiting) == [short]
+    for r, new in zip(batch.requests, batch.num_new_tokens):
+        r.num_computed_tokens += new
+    hog.output_token_ids.append(7)
+    batch = sched.schedule()  # the prompt's last block has room for 1 token; short waits
+    assert batch.requests == (hog, long_prompt) and batch.num_new_tokens == (1, 1)
+    assert list(sched.waiting) == [short]
+
+
+def test_prompts_part_way_through_that_find_no_block_preempt_the_newest():
+    # Two prompts part-way through hold every block (as after swapping one back in): with
+    # nothing else to run, the newer gives its blocks up and the older goes on.
+    sched = make_scheduler(num_blocks=5, block_size=4, budget=16, mixed=True, chunked=True)
+    older, newer = make_request(12, 1), make_request(12, 1)
+    for req, computed in ((older, 8), (newer, 8)):
+        assert sched.kv.allocate(req.request_id, computed)
+        req.num_computed_tokens, req.status = computed, Status.RUNNING
+        sched.running.append(req)
+    assert sched.kv.pool.num_free == 0
+    batch = sched.schedule()
+    assert batch.requests == () and batch.preempted == (newer,)
+    assert newer.status is Status.WAITING and newer.num_computed_tokens == 0
+    batch = sched.schedule()  # the older's last chunk first, then the newer starts again
+    assert batch.requests == (older, newer) and batch.num_new_tokens == (4, 4)
+
+
+def test_chunked_prefill_refuses_a_reservation_policy():
+    import pytest
+    with pytest.raises(ValueError, match="chunk by chunk"):
+        make_scheduler(mixed=True, chunked=True, reservation=lambda req: 99)
+
+
 class SchedulerMachine(RuleBasedStateMachine):
     MIXED = False
     CACHING = False  # prefix caching: prompts then come from a few shared stems
@@ -246,29 +300,42 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert prompts and not batch.preempted  # a step that preempts admits nothing
             going_on = [r for r in old_running + back if r in partial]
             n_cont = sum(r in partial for r in prompts)  # chunks go on, oldest first ...
-            assert prompts[:n_cont] == tuple(going_on[:n_cont])
+            rest = iter(going_on)  # (in order; one that found no block is passed over)
+            assert all(any(r is g for g in rest) for r in prompts[:n_cont])
+            passed_over = [r for r in going_on[:going_on.index(prompts[n_cont - 1]) + 1]
+                           if r not in prompts] if n_cont else []
             admitted = prompts[n_cont:]
             assert admitted == tuple(old_waiting[:len(admitted)])  # ... then FCFS
-            assert not (admitted and sched.swapped)
+            assert not (admitted and (sched.swapped or passed_over))
             assert batch.num_tokens <= sched.max_num_batched_tokens
             assert batch.num_new_tokens[:d] == (1,) * d
             news = batch.num_new_tokens[d:]
             for i, (r, new) in enumerate(zip(prompts, news)):
                 left = r.num_tokens - r.num_computed_tokens
-                # All of what is left, except with chunked prefill for the step's last prompt.
+                table = kv.block_table(r.request_id)
+                # All of what is left, except with chunked prefill for the step's last
+                # prompt, or a chunk cut to the blocks there were (it fills its table).
                 assert 1 <= new <= left
-                assert new == left or (self.CHUNKED and i == len(prompts) - 1)
+                assert new == left or (self.CHUNKED and (
+                    i == len(prompts) - 1 or (kv.pool.num_free == 0 and
+                                              r.num_computed_tokens + new
+                                              == len(table) * kv.block_size)))
+                if self.CHUNKED:  # blocks for what is computed by the end of this step only
+                    assert len(table) == cdiv(r.num_computed_tokens + new, kv.block_size)
             for r in admitted:  # a cache hit: whole blocks, and never the last token
                 assert r.num_computed_tokens % kv.block_size == 0
                 assert r.num_computed_tokens < r.num_tokens
                 assert self.CACHING or r.num_computed_tokens == 0
             assert sched.running == old_running + back + list(admitted)
-            if sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped:
+            if (sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped
+                    and not passed_over):
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
                 hit = kv.find_cached(nxt.all_token_ids)
                 want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
                 assert (batch.num_tokens + want > sched.max_num_batched_tokens
-                        or kv.blocks_needed(nxt.request_id, nxt.num_tokens) - len(hit.blocks)
+                        or kv.blocks_needed(nxt.request_id, hit.num_tokens + want
+                                            if self.CHUNKED else nxt.num_tokens)
+                        - len(hit.blocks)
                         + sum(kv.pool.ref_count(b) == 0 for b in hit.blocks) > kv.pool.num_free)
         else:
             assert batch.num_new_tokens == (1,) * len(batch.requests)
@@ -286,8 +353,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             for r in batch.preempted:
                 assert r.status is Status.SWAPPED or r.num_computed_tokens == 0
                 assert kv.block_table(r.request_id) == []
-        for r in batch.requests:
-            assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_tokens
+        for r, new in zip(batch.requests, batch.num_new_tokens):
+            assert len(kv.block_table(r.request_id)) * kv.block_size \
+                >= r.num_computed_tokens + new
         # The step writes its K/V; a token's K/V depend on every token up to it, so a slot
         # holds that whole prefix.
         for r, new in zip(batch.requests, batch.num_new_tokens):
@@ -372,6 +440,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in running:
             assert r.status is Status.RUNNING
             assert len(kv.block_table(r.request_id)) * kv.block_size >= r.num_computed_tokens
+            if self.CHUNKED and r.num_tokens - r.num_computed_tokens > 1:
+                # A prompt part-way through holds the blocks of what it computed, no more.
+                assert len(kv.block_table(r.request_id)) == cdiv(r.num_computed_tokens,
+                                                                 kv.block_size)
         for r in waiting:
             assert r.status is Status.WAITING and r.num_computed_tokens == 0
 
