@@ -96,6 +96,9 @@ def install_policy(engine, policy: str) -> None:
     sched = engine.scheduler
     if sched.has_unfinished() or engine.kv.pool.num_used:
         raise RuntimeError("switch policies only between runs")
+    if sched.chunked and policy != "paged":
+        raise ValueError(f"policy {policy!r} reserves whole requests at admission; chunked "
+                         "prefill takes blocks chunk by chunk")
     if policy == "paged":
         sched.kv, sched.reservation = engine.kv, paged_reservation
     else:

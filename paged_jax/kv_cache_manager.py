@@ -68,15 +68,20 @@ class KVCacheManager:
             return (len(hit.blocks) + self.pool.num_free - reclaimed) * self.block_size
         return (len(self.block_table(request_id)) + self.pool.num_free) * self.block_size
 
-    def find_cached(self, token_ids: list[int]) -> PrefixHit:
+    def find_cached(self, token_ids: list[int], known: list[bytes] | None = None) -> PrefixHit:
         """The longest run of cached full blocks that token_ids start with. The last token is
         never a hit (its logits are needed), so a hit ends at least one token early; empty
-        when caching is off."""
+        when caching is off. known: the hashes of token_ids' first blocks from an earlier
+        call (a request's tokens only grow, so they stay true), extended in place; a prompt
+        waiting many steps at the head of the queue is then hashed once."""
         if not self.enable_caching:
             return PrefixHit(block_size=self.block_size)
+        limit = (len(token_ids) - 1) // self.block_size
+        hashes_now = block_hashes(token_ids, self.block_size, known, limit=limit)
+        if known is not None:
+            known[:] = hashes_now
         blocks, hashes = [], []
-        for h in block_hashes(token_ids, self.block_size,
-                              limit=(len(token_ids) - 1) // self.block_size):
+        for h in hashes_now[:limit]:
             b = self.pool.cached_block(h)
             if b is None:
                 break
@@ -103,6 +108,15 @@ class KVCacheManager:
         if need:
             self._tables.setdefault(request_id, []).extend(self.pool.allocate(need))
         return True
+
+    def new_full_blocks(self, request_id: str, num_tokens: int) -> bool:
+        """Whether cache_blocks would register anything for the request's first num_tokens
+        tokens: lets a decode step skip building a request's token list (O(length)) in the
+        steps that fill no block."""
+        if not self.enable_caching:
+            return False
+        full = min(len(self._tables.get(request_id, ())), num_tokens // self.block_size)
+        return full > len(self._hashes.get(request_id, ()))
 
     def cache_blocks(self, request_id: str, token_ids: list[int]) -> None:
         """Register the request's full blocks among token_ids, the tokens whose K/V will be in
@@ -173,7 +187,7 @@ class KVCacheManager:
             return None
         del self._swapped[request_id]
         self.cpu_pool.free(host)
-        return list(zip(host, self._tables[request_id]))
+        return list(zip(host, self._tables.setdefault(request_id, [])))  # [] if none computed
 
     def host_blocks(self, request_id: str) -> list[int]:
         """A swapped-out request's host blocks (shared with others swapped out in the same

@@ -49,8 +49,11 @@ class NoPrefixCache:
 
     block_size = 0
 
-    def find_cached(self, token_ids) -> PrefixHit:
+    def find_cached(self, token_ids, known=None) -> PrefixHit:
         return PrefixHit()
+
+    def new_full_blocks(self, request_id: str, num_tokens: int) -> bool:
+        return False
 
     def cache_blocks(self, request_id: str, token_ids) -> None:
         pass

@@ -43,6 +43,8 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts for next step
+    # Prefix-cache hashes of its first full blocks, kept between lookups (tokens only grow).
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list, repr=False)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -20,10 +20,10 @@ ScheduledBatch (swap_out, swap_in), to be made before the step runs.
 With chunked prefill (chunked=True, mixed only) a prompt that does not fit the rest of a
 step's token budget is admitted with the part that fits, and goes on in the following steps
 (after the decodes, before swapped-out requests and new prompts) until all of it is computed;
-only then does it sample. Its blocks are taken chunk by chunk, as vLLM V1 does: a chunk is cut
-to the blocks that are free, a prompt that finds none waits (and no new prompt is admitted
-before it), and a step in which nothing at all can run preempts the newest running request,
-so that the older ones go on.
+only then does it sample. Its blocks are taken chunk by chunk, as vLLM V1 allocates them: a chunk is
+cut to the blocks that are free (where V1 would preempt others), a prompt that finds none
+waits, and a step in which nothing at all can run preempts the newest running request, so
+that the older ones go on.
 
 Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only) come last:
 they take the tokens and blocks that the decodes, chunks and admitted prompts leave (never
@@ -120,7 +120,7 @@ class Scheduler:
         if (not self.chunked and head is not None and self.running
                 and len(self.running) < self.max_num_seqs
                 and len(self.running) + head.num_tokens
-                - self.kv.find_cached(head.all_token_ids).num_tokens
+                - self.kv.find_cached(head.all_token_ids, head.block_hashes).num_tokens
                 > self.max_num_batched_tokens):
             # The head prompt's uncached part fits the budget only without the decodes:
             # prefill first.
@@ -141,9 +141,8 @@ class Scheduler:
         chunks += back_chunks
         news += back_news
         starved = starved or back_starved
-        # A prompt that found no blocks keeps new prompts from taking the ones freed later.
-        prompts, prompt_news = (self._admit(budget)
-                                if budget > 0 and not self.swapped and not starved
+        # (A prompt that found no block leaves none free: no new prompt is admitted either.)
+        prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
                                 else ((), ()))
         budget -= sum(prompt_news)
         # Speculative drafts (the engine proposes them) come last: the tokens and blocks left
@@ -194,7 +193,7 @@ class Scheduler:
                 continue
             if not self.kv.allocate(req.request_id, start + new):
                 raise AssertionError("a chunk cut to the free blocks did not fit")
-            self.kv.cache_blocks(req.request_id, req.all_token_ids[:start + new])
+            self._cache(req, start + new)
             chunks.append(req)
             news.append(new)
             budget -= new
@@ -209,13 +208,14 @@ class Scheduler:
     def _admit(self, budget: int) -> tuple[tuple[Request, ...], tuple[int, ...]]:
         """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow, and
         the tokens each computes now: all but its cache hit, or with chunked prefill, for the
-        last one admitted, what is left of the budget."""
+        last one admitted, what is left of the budget or of the free blocks (a first chunk,
+        holding blocks for that chunk only)."""
         batch: list[Request] = []
         news: list[int] = []
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             req = self.waiting[0]
-            hit = self.kv.find_cached(req.all_token_ids)
+            hit = self.kv.find_cached(req.all_token_ids, req.block_hashes)
             new = req.num_tokens - hit.num_tokens
             if tokens + new > budget:
                 if not self.chunked or tokens >= budget:
@@ -228,7 +228,7 @@ class Scheduler:
             elif not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
                                       hit):
                 break
-            self.kv.cache_blocks(req.request_id, req.all_token_ids[:hit.num_tokens + new])
+            self._cache(req, hit.num_tokens + new)
             self.kv.record_admission(req.num_tokens, hit)
             self.num_prompt_tokens += req.num_tokens
             self.waiting.popleft()
@@ -263,6 +263,8 @@ class Scheduler:
                and len(decodes) + len(continuing) < budget):
             req = self.swapped[0]
             partial = req.num_tokens - req.num_computed_tokens > 1
+            if partial and req.num_computed_tokens >= self.kv.pool.num_free * self.kv.block_size:
+                break  # its blocks would fit but no chunk after them: it stays out for now
             # A prompt part-way through takes back its computed blocks; its chunk, more.
             copies = self.kv.swap_in(req.request_id,
                                      req.num_computed_tokens if partial else req.num_tokens)
@@ -275,7 +277,7 @@ class Scheduler:
             if partial:
                 continuing.append(req)
             else:
-                self.kv.cache_blocks(req.request_id, req.all_token_ids)
+                self._cache(req, req.num_tokens)
                 decodes.append(req)
         return decodes, continuing
 
@@ -302,9 +304,15 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                self.kv.cache_blocks(req.request_id, req.all_token_ids)
+                self._cache(req, req.num_tokens)
                 decodes.append(req)
         return decodes, continuing, preempted
+
+    def _cache(self, req: Request, num_tokens: int) -> None:
+        """Registers the full blocks among the request's first num_tokens tokens (the prefix
+        cache), building its token list only in the steps that fill a block."""
+        if self.kv.new_full_blocks(req.request_id, num_tokens):
+            self.kv.cache_blocks(req.request_id, req.all_token_ids[:num_tokens])
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

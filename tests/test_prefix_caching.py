@@ -23,6 +23,41 @@ def admit(kv, rid, tokens):
     return hit
 
 
+def test_a_waiting_prompt_is_hashed_once(monkeypatch):
+    from paged_jax import prefix_cache
+    kv = manager()
+    admit(kv, "a", list(range(12)))
+    calls = []
+    real = prefix_cache.hash_block
+    monkeypatch.setattr(prefix_cache, "hash_block", lambda *a: calls.append(1) or real(*a))
+    tokens, known = list(range(8)) + [50] * 9, []
+    first = kv.find_cached(tokens, known)
+    assert len(calls) == 4 and len(known) == 4  # the last token's block is never looked up
+    again = kv.find_cached(tokens, known)
+    assert len(calls) == 4 and again == first == kv.find_cached(tokens)
+    assert again.num_tokens == 8  # blocks 0 and 1 are cached, block 2 differs
+    kv.find_cached(tokens + [7] * 4, known)  # tokens only grow: one more block is hashed
+    assert len(calls) == 4 + 4 + 1
+
+
+def test_decode_steps_register_blocks_only_when_they_fill_one(monkeypatch):
+    import test_scheduler as ts
+    sched = ts.make_scheduler(block_size=4, mixed=True)
+    sched.kv.enable_caching = True
+    registered = []
+    real = sched.kv.cache_blocks
+    monkeypatch.setattr(sched.kv, "cache_blocks",
+                        lambda rid, toks: registered.append(len(toks)) or real(rid, toks))
+    req = ts.make_request(6, 10)
+    sched.add(req)
+    for _ in range(9):  # the prompt, then decodes at 7, 8, ..., 14 tokens
+        ts.engine_step(sched)
+    # Registered at admission (6 tokens: block 1) and when tokens 8 and 12 fill blocks 2, 3.
+    assert registered == [6, 8, 12]
+    hit = sched.kv.find_cached(req.all_token_ids)
+    assert hit.num_tokens == 12 and hit.blocks == tuple(sched.kv.block_table(req.request_id)[:3])
+
+
 def test_hashes_chain_through_the_prefix():
     a = block_hashes([1, 2, 3, 4, 5, 6, 7, 8], B)
     b = block_hashes([9, 9, 9, 9, 5, 6, 7, 8], B)

@@ -178,7 +178,7 @@ def test_a_chunked_prompt_takes_its_blocks_chunk_by_chunk():
     assert held == [2, 4, 6, 8]  # not all 8 at admission
 
 
-def test_a_chunk_is_cut_to_the_free_blocks_and_new_prompts_wait_behind_it():
+def test_a_chunk_is_cut_to_the_free_blocks_and_new_prompts_wait_for_blocks():
     sched = make_scheduler(num_blocks=9, block_size=4, budget=16, mixed=True, chunked=True)
     hog = make_request(12, 20)  # decodes, holding 3 blocks, then 4
     sched.add(hog)
@@ -192,7 +192,7 @@ def test_a_chunk_is_cut_to_the_free_blocks_and_new_prompts_wait_behind_it():
     for r, new in zip(batch.requests, batch.num_new_tokens):
         r.num_computed_tokens += new
     hog.output_token_ids.append(7)
-    batch = sched.schedule()  # the prompt's last block has room for 1 token; short waits
+    batch = sched.schedule()  # the prompt's last block has room for 1 token; none is free
     assert batch.requests == (hog, long_prompt) and batch.num_new_tokens == (1, 1)
     assert list(sched.waiting) == [short]
 
@@ -279,6 +279,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         partial = [r for r in old_running + old_swapped
                    if r.num_tokens - r.num_computed_tokens > 1]
         assert self.CHUNKED or not partial
+        old_free = kv.pool.num_free
+        old_computed = {r.request_id: r.num_computed_tokens for r in old_running}
         batch = sched.schedule()
         if batch is None:
             assert not old_running and not old_waiting and not old_swapped, \
@@ -304,6 +306,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert all(any(r is g for g in rest) for r in prompts[:n_cont])
             passed_over = [r for r in going_on[:going_on.index(prompts[n_cont - 1]) + 1]
                            if r not in prompts] if n_cont else []
+            for r in passed_over:  # only when no block was left and its own table was full
+                assert kv.pool.num_free == 0 and r.num_computed_tokens % kv.block_size == 0
             admitted = prompts[n_cont:]
             assert admitted == tuple(old_waiting[:len(admitted)])  # ... then FCFS
             assert not (admitted and (sched.swapped or passed_over))
@@ -316,10 +320,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 # All of what is left, except with chunked prefill for the step's last
                 # prompt, or a chunk cut to the blocks there were (it fills its table).
                 assert 1 <= new <= left
-                assert new == left or (self.CHUNKED and (
-                    i == len(prompts) - 1 or (kv.pool.num_free == 0 and
-                                              r.num_computed_tokens + new
-                                              == len(table) * kv.block_size)))
+                cut_by_blocks = (kv.pool.num_free == 0
+                                 and r.num_computed_tokens + new == len(table) * kv.block_size)
+                assert new == left or (self.CHUNKED and (cut_by_blocks or (
+                    i == len(prompts) - 1
+                    and batch.num_tokens == sched.max_num_batched_tokens)))
                 if self.CHUNKED:  # blocks for what is computed by the end of this step only
                     assert len(table) == cdiv(r.num_computed_tokens + new, kv.block_size)
             for r in admitted:  # a cache hit: whole blocks, and never the last token
@@ -327,8 +332,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert r.num_computed_tokens < r.num_tokens
                 assert self.CACHING or r.num_computed_tokens == 0
             assert sched.running == old_running + back + list(admitted)
-            if (sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped
-                    and not passed_over):
+            if sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped:
                 nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
                 hit = kv.find_cached(nxt.all_token_ids)
                 want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
@@ -342,8 +346,18 @@ class SchedulerMachine(RuleBasedStateMachine):
             # The oldest keep running; the newest are preempted, newest first; prompts
             # part-way through wait (a step that preempted, or a budget the decodes fill).
             moved = [r for r in old_running if r in batch.requests or r in batch.preempted]
-            assert moved + back == (list(batch.requests) + list(reversed(batch.preempted)))
+            # A prompt part-way through may come back and find no block for a chunk yet.
+            back_waiting = [r for r in back if r not in batch.requests]
+            assert all(r in partial and kv.pool.num_free == 0 for r in back_waiting)
+            assert moved + [r for r in back if r in batch.requests] == (
+                list(batch.requests) + list(reversed(batch.preempted)))
             assert all(r in partial for r in old_running if r not in moved)
+            if old_running and all(r in partial for r in old_running) and batch.preempted:
+                # Only prompts part-way through, none with a block: the newest gave way.
+                assert batch.requests == () and batch.preempted == (old_running[-1],)
+                assert old_free == 0 and not back
+                assert all(old_computed[r.request_id] % kv.block_size == 0
+                           for r in old_running)
             recomputed = [r for r in batch.preempted if r.status is Status.WAITING]
             swapped = [r for r in batch.preempted if r.status is Status.SWAPPED]
             assert len(recomputed) + len(swapped) == len(batch.preempted)
