@@ -8,6 +8,8 @@ def test_parallel_sampling_saves_memory_only_when_sequences_share():
     alone = sharing.parallel_sampling("sharegpt", 1, **kw)
     assert alone["saving"] == 0  # hits then come only from recomputing preempted requests
     assert alone["preemptions"] > 0 or alone["hit_rate"] == 0
+    roomy = sharing.parallel_sampling("sharegpt", 1, **dict(kw, kv_tokens=1 << 20))
+    assert roomy["preemptions"] == 0 and roomy["hit_rate"] == 0 and roomy["saving"] == 0
     two, six = (sharing.parallel_sampling("sharegpt", n, **kw) for n in (2, 6))
     assert 0 < two["saving"] < six["saving"] < 1
     assert 0 < two["hit_rate"] < six["hit_rate"] < 1
