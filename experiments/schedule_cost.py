@@ -22,11 +22,6 @@ from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_requests", 256, "running requests (max_num_seqs)")
-flags.DEFINE_integer("prompt_len", 2000, "prompt tokens per request")
-flags.DEFINE_integer("block_size", 16, "KV block size")
-flags.DEFINE_integer("steps", 50, "decode steps timed")
-flags.DEFINE_string("out_dir", "/tmp/schedule_cost", "where results.json goes")
 
 
 def decode_schedule_ms(num_requests: int, prompt_len: int, block_size: int, steps: int,
@@ -66,6 +61,15 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def define_flags() -> None:
+    """Only when run as a script: tests import several experiments into one process."""
+    flags.DEFINE_integer("num_requests", 256, "running requests (max_num_seqs)")
+    flags.DEFINE_integer("prompt_len", 2000, "prompt tokens per request")
+    flags.DEFINE_integer("block_size", 16, "KV block size")
+    flags.DEFINE_integer("steps", 50, "decode steps timed")
+    flags.DEFINE_string("out_dir", "/tmp/schedule_cost", "where results.json goes")
+
+
 def main(argv):
     del argv
     results = dict(num_requests=FLAGS.num_requests, prompt_len=FLAGS.prompt_len,
@@ -77,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
