@@ -64,9 +64,13 @@ class KVCacheManager:
         """Tokens the request's table could hold if it took every free block: a new table
         starting from `hit`'s cached blocks (those no request holds come off the free list)."""
         if hit is not None and hit.blocks:
-            reclaimed = sum(1 for b in set(hit.blocks) if self.pool.ref_count(b) == 0)
-            return (len(hit.blocks) + self.pool.num_free - reclaimed) * self.block_size
+            free = self.pool.num_free - self._reclaimed(hit.blocks)
+            return (len(hit.blocks) + free) * self.block_size
         return (len(self.block_table(request_id)) + self.pool.num_free) * self.block_size
+
+    def _reclaimed(self, hit_blocks) -> int:
+        """Hit blocks that no request holds sit on the free list: taking them shrinks it."""
+        return sum(1 for b in set(hit_blocks) if self.pool.ref_count(b) == 0)
 
     def find_cached(self, token_ids: list[int], known: list[bytes] | None = None) -> PrefixHit:
         """The longest run of cached full blocks that token_ids start with. The last token is
@@ -97,9 +101,7 @@ class KVCacheManager:
             raise ValueError(f"request {request_id!r} already has blocks; a prefix hit "
                              "only starts a new table")
         need = max(0, self.blocks_needed(request_id, num_tokens) - len(hit_blocks))
-        # Hit blocks that no request holds sit on the free list: taking them shrinks it.
-        reclaimed = sum(1 for b in set(hit_blocks) if self.pool.ref_count(b) == 0)
-        if need + reclaimed > self.pool.num_free:
+        if need + self._reclaimed(hit_blocks) > self.pool.num_free:
             return False
         if hit_blocks:
             self.pool.share(hit_blocks)

@@ -312,7 +312,7 @@ class Scheduler:
         """Registers the full blocks among the request's first num_tokens tokens (the prefix
         cache), building its token list only in the steps that fill a block."""
         if self.kv.new_full_blocks(req.request_id, num_tokens):
-            self.kv.cache_blocks(req.request_id, req.all_token_ids[:num_tokens])
+            self.kv.cache_blocks(req.request_id, req.tokens_between(0, num_tokens))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

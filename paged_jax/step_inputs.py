@@ -121,7 +121,8 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         start = req.num_computed_tokens
         end = start + new
         spec = tuple(req.spec_token_ids[:max(0, end - req.num_tokens)])
-        ids.extend((req.all_token_ids + list(spec))[start:end])
+        ids.extend(req.tokens_between(start, end - len(spec)))
+        ids.extend(spec)
         pos.extend(range(start, end))
         slots.extend(kv.slots(req.request_id, start, end))
         # Sampled at its last token, or with drafts at the last token and every draft.

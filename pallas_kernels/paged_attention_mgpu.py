@@ -81,13 +81,19 @@ def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype, *,
   return sum(-(-size // SMEM_ALIGN) * SMEM_ALIGN for size in sizes)
 
 
+def _p_in_smem(config: MosaicDecodeConfig, interpret: bool) -> bool:
+  """Whether wgmma reads p from SMEM: always in the interpreter, which takes no register
+  operands."""
+  return interpret or not config.p_from_registers
+
+
 def ring_slots(config: MosaicDecodeConfig, head_size: int, block_size: int, dtype,
                interpret: bool) -> int:
   """The ring depth the kernel runs with: config.num_slots, cut to what fits in shared
   memory and in one barrier group; 0 if not even two slots do."""
   pieces = max(1, config.tokens_per_step // block_size)
   slots = min(config.num_slots, MAX_BARRIERS // pieces)
-  p_in_smem = interpret or not config.p_from_registers
+  p_in_smem = _p_in_smem(config, interpret)
   while slots >= 2 and smem_bytes(head_size, config.tokens_per_step, slots, dtype,
                                   out_cols=config.out_cols, p_in_smem=p_in_smem,
                                   pieces=pieces) > MAX_SMEM_BYTES:
@@ -227,7 +233,7 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
   width = max(pl.cdiv(splits * steps_per_split * step, block_size), block_tables.shape[1])
   tables = jnp.pad(block_tables, ((0, 0), (0, width - block_tables.shape[1])))
   transforms = _smem_transforms(q4.dtype)
-  p_in_smem = interpret or not config.p_from_registers
+  p_in_smem = _p_in_smem(config, interpret)
   slots = ring_slots(config, head_size, block_size, q4.dtype, interpret)
   kernel = functools.partial(_decode_kernel, scale=scale, block_size=block_size,
                              tokens_per_step=step, num_slots=slots,

@@ -8,15 +8,21 @@ from paged_jax.config import EngineConfig
 from paged_jax.models.loader import load_model
 
 
-def run(engine, prompts, max_tokens):
+def run_outputs(engine, prompts, max_tokens, logprobs=None):
+    """Greedy completions of the prompts, in order; no block left held afterwards."""
     for i, p in enumerate(prompts):
         engine.add_request(str(i), {"prompt_token_ids": p},
-                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                                          logprobs=logprobs))
     done = {}
     while engine.has_unfinished_requests():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable
-    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+    return [done[str(i)].outputs[0] for i in range(len(prompts))]
+
+
+def run(engine, prompts, max_tokens):
+    return [o.token_ids for o in run_outputs(engine, prompts, max_tokens)]
 
 
 def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
@@ -113,13 +119,6 @@ def test_mosaic_decode_kernel_makes_the_xla_backends_choices(make_tiny_llama_dir
                               attention_backend=name)
         engine = LLMEngine(config, model=model)
         engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=5)  # scattered
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(
-                temperature=0, max_tokens=10, ignore_eos=True, logprobs=2))
-        done = {}
-        while engine.has_unfinished_requests():
-            done.update({o.request_id: o for o in engine.step() if o.finished})
-        assert engine.kv.pool.num_free == engine.kv.pool.num_usable
-        outs[name] = [done[str(i)].outputs[0] for i in range(len(prompts))]
+        outs[name] = run_outputs(engine, prompts, 10, logprobs=2)
     assert calls, "the decode steps did not reach the Mosaic GPU kernel"
     assert_same_greedy_choices(outs["xla"], outs["pallas"])

@@ -166,6 +166,15 @@ def test_mixed_step_that_preempts_admits_nothing():
     assert list(sched.waiting) == [b, c]
 
 
+def test_tokens_between_is_a_slice_of_all_token_ids():
+    req = make_request(5, 4)
+    req.prompt_token_ids = [10, 11, 12, 13, 14]
+    req.output_token_ids = [20, 21, 22]
+    for start in range(9):
+        for end in range(start, 9):
+            assert req.tokens_between(start, end) == req.all_token_ids[start:end], (start, end)
+
+
 def test_a_chunked_prompt_takes_its_blocks_chunk_by_chunk():
     sched = make_scheduler(num_blocks=64, block_size=4, budget=8, mixed=True, chunked=True)
     req = make_request(30, 2)
