@@ -21,7 +21,7 @@ import logging
 import re
 import sys
 
-from paged_jax.config import EngineConfig
+from paged_jax.config import EngineConfig, ServerLimits
 
 _SIZE_SUFFIXES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -53,6 +53,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
+def server_limits(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(max_request_body_bytes=args.max_request_body_bytes,
+                        shutdown_timeout=args.shutdown_timeout,
+                        header_read_timeout=args.header_read_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +73,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
+    serve.add_argument("--max-request-body-bytes", type=parse_int,
+                       default=ServerLimits.max_request_body_bytes,
+                       help="larger request bodies get a 413 (default: %(default)s)")
+    serve.add_argument("--shutdown-timeout", type=float, default=ServerLimits.shutdown_timeout,
+                       help="seconds running requests get to finish after SIGTERM / SIGINT; "
+                       "then streams end with an error event and others get a 503 "
+                       "(default: %(default)s)")
+    serve.add_argument("--header-read-timeout", type=float,
+                       default=ServerLimits.header_read_timeout,
+                       help="seconds a new connection gets to send its request headers "
+                       "(default: %(default)s)")
+    serve.add_argument("--timeout-keep-alive", type=int, default=5,
+                       help="seconds an idle kept-alive connection stays open "
+                       "(default: %(default)s)")
+    serve.add_argument("--limit-concurrency", type=int, default=None,
+                       help="open connections and requests beyond which new requests get a "
+                       "503 (default: no limit)")
+    serve.add_argument("--disable-fastapi-docs", action="store_true",
+                       help="serve no /docs, /redoc or /openapi.json (otherwise they are "
+                       "behind --api-key like /v1)")
     add_engine_options(serve)
 
     gen = commands.add_parser("generate", help="generate once with paged_jax.LLM and print it")
@@ -83,24 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace, config: EngineConfig) -> None:
-    import uvicorn
-
+def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from paged_jax.engine import LLMEngine
     from paged_jax.server import create_app
+    from paged_jax.server.uvicorn_server import serve as run_server
 
     from paged_jax import multihost
 
+    limits = server_limits(args)
     engine = LLMEngine(config)
     if engine.multihost and not multihost.is_leader():
         engine.follow()  # mirror process 0's steps until its server stops
-        return
+        return 0
     engine.lead()  # multi-host: publish every step's adds and aborts to the other processes
-    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key)
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
+                     limits=limits, disable_docs=args.disable_fastapi_docs)
     try:
-        # Streams still open at shutdown would otherwise keep the process up.
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.no_access_log, timeout_graceful_shutdown=5)
+        return run_server(app, host=args.host, port=args.port, log_level=args.log_level,
+                          access_log=not args.no_access_log,
+                          timeout_keep_alive=args.timeout_keep_alive,
+                          limit_concurrency=args.limit_concurrency)
     finally:
         # The engine thread tells the followers as it stops; this covers a server whose
         # engine thread never started or is stuck in a step (the engine serializes the two
@@ -138,16 +166,20 @@ def convert(args: argparse.Namespace, config: EngineConfig) -> None:
         print(folder)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The process's exit code: 0, or 1 when the server stopped because its engine died."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = engine_config(args)
+        if args.command == "serve":
+            server_limits(args)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    {"serve": serve, "generate": generate, "convert": convert}[args.command](args, config)
+    code = {"serve": serve, "generate": generate, "convert": convert}[args.command](args, config)
+    return code or 0
 
 
 if __name__ == "__main__":

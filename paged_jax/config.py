@@ -123,3 +123,20 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s) {unknown}; known: {sorted(names)}")
         return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """The HTTP server's limits (paged-jax serve flags of the same names)."""
+    max_request_body_bytes: int = 16 << 20  # a 128k-token prompt as ids is about 1 MB of JSON
+    max_json_depth: int = 64
+    shutdown_timeout: float = 30.0  # seconds running requests get to finish at SIGTERM
+    header_read_timeout: float = 15.0  # seconds a new connection gets to send its headers
+
+    def __post_init__(self):
+        for name in ("max_request_body_bytes", "max_json_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("shutdown_timeout", "header_read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

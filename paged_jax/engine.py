@@ -29,6 +29,23 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MODEL_LEN = 2048  # cap on the model's own context when max_model_len is not given
 
 
+class StepError(RuntimeError):
+    """A step failed while it was built or run. The requests it held (request_ids: the ids
+    add_request was given) are finished with finish_reason "error" and their blocks freed;
+    every other request is untouched and the engine goes on with the next step()."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the step failed ({type(cause).__name__}: {cause}); it held "
+                         f"{len(request_ids)} request(s)")
+        self.request_ids = request_ids
+        self.cause = cause
+
+
+class EngineBrokenError(RuntimeError):
+    """The KV cache was lost in a failed step (donated to a computation that did not return
+    it): no request can go on, and the engine must be rebuilt."""
+
+
 @dataclasses.dataclass
 class EngineStats:
     prompt_tokens: int = 0
@@ -135,10 +152,7 @@ class LLMEngine:
         """prompt: a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
         Raises ValueError for a request that can never run; other requests are untouched."""
         params = params or SamplingParams()
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        text, ids = self.tokenize(prompt)
-        self._validate(ids, params)
+        text, ids = self.check_request(prompt, params, request_id)
         limit = self.max_model_len - len(ids)
         max_total = len(ids) + min(params.max_tokens or limit, limit)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -155,6 +169,17 @@ class LLMEngine:
             self.scheduler.add(req)
         if self._channel is not None:
             self._published.append(("add", request_id, prompt, params, arrival))
+
+    def check_request(self, prompt, params: SamplingParams,
+                      request_id: str | None = None) -> tuple[str | None, list[int]]:
+        """What add_request checks, without adding: raises ValueError for a request that can
+        never run, so a batch can be refused as a whole before any of it is queued. Returns
+        (the prompt's text if it had one, its token ids)."""
+        if request_id is not None and request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, params)
+        return text, ids
 
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         """(the prompt's text if it had one, its token ids)"""
@@ -177,6 +202,18 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if params.top_k > vocab:
+            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1 for "
+                             f"no limit), got {params.top_k}")
+        # A backstop behind the checks above: the request's sampling row is built as a step
+        # would build it, so a value the device arrays cannot hold is refused here, alone,
+        # and never fails a step that other requests share.
+        probe = Request("probe", ids[-1:], params, len(ids) + 1, seed=params.seed or 0)
+        try:
+            sampler.build_inputs([probe], 1, 1)
+        except (OverflowError, TypeError, ValueError) as err:
+            raise ValueError(f"sampling parameters {params} cannot be put on the device: "
+                             f"{type(err).__name__}: {err}") from err
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is "
                              f"{self.max_model_len}, which leaves no room to generate")
@@ -212,16 +249,46 @@ class LLMEngine:
             if self._channel is not None:  # multi-host serving: the followers mirror this step
                 self._channel.publish(self._published)
                 self._published = []
-        if self.config.speculative_method:
-            self._propose_drafts()
+        batch = None
         try:
-            return self._run_step(self.scheduler.schedule())
-        except BaseException:
+            if self.config.speculative_method:
+                self._propose_drafts()
+            batch = self.scheduler.schedule()
+            return self._run_step(batch)
+        except BaseException as err:
             # Scheduling registered the blocks this step was to compute in the prefix cache;
-            # their K/V may never have been written (an error, or Ctrl-C in a notebook), and
-            # the caller aborts the requests. Later requests must not hit those blocks.
+            # their K/V may never have been written (an error, or Ctrl-C in a notebook). Later
+            # requests must not hit those blocks.
             self.kv.reset_prefix_cache()
-            raise
+            if not isinstance(err, Exception):
+                raise  # Ctrl-C: the caller aborts what it started
+            failed = self._fail_step(batch, err)
+            if not self.runner.caches_alive():
+                raise EngineBrokenError(f"the KV cache was lost in a failed step: {err!r}"
+                                        ) from err
+            raise StepError(failed, err) from err
+
+    def _fail_step(self, batch, err: Exception) -> list[str]:
+        """Finishes, with reason "error", every request group that had a sequence in the
+        failed step (scheduled, or swapped out or in by it): the step may have left their
+        state half-advanced. Without a batch (scheduling itself failed) that is every
+        unfinished request. Returns their ids."""
+        if batch is None:
+            touched = [r for g in self._groups.values() for r in g]
+        else:
+            touched = [*batch.requests, *batch.swap_out, *batch.swap_in]
+        failed = list(dict.fromkeys(self._group_of[r.request_id] for r in touched
+                                    if r.request_id in self._group_of))
+        log.error("a step failed (%s: %s); failing its %d request(s): %s",
+                  type(err).__name__, err, len(failed), ", ".join(failed))
+        for gid in failed:
+            for req in self._groups.pop(gid):
+                if not req.finished:
+                    self.scheduler.finish(req)
+                    req.finish_reason = "error"
+                    self.stats.finished["error"] = self.stats.finished.get("error", 0) + 1
+                self._forget(req)
+        return failed
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (vLLM's reset_prefix_cache): e.g. between benchmark runs."""
@@ -329,7 +396,10 @@ class LLMEngine:
                     self.add_request(rid, prompt, params, arrival)
                 else:
                     self.abort_request(command[1])
-            self.step()
+            try:
+                self.step()
+            except StepError:
+                pass  # the leader's step failed the same way and failed the same requests
 
     def stop_followers(self) -> None:
         with self._channel_lock:

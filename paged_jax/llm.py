@@ -42,6 +42,8 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
+        for prompt, p in zip(prompts, params):  # a bad prompt refuses the batch before any runs
+            engine.check_request(prompt, p)
         ids = []
         try:
             for prompt, p in zip(prompts, params):

@@ -89,6 +89,11 @@ class ModelRunner:
         if self.swap_space is not None:
             self.swap_space.precompile(self.kv_caches)
 
+    def caches_alive(self) -> bool:
+        """False once the KV caches were donated to a step or a swap that raised instead of
+        returning them: their pages are gone and no request can go on."""
+        return not any(x.is_deleted() for x in jax.tree.leaves(self.kv_caches))
+
     def swap(self, swap_out, swap_in) -> None:
         """Copy a step's swapped blocks between device pages and host blocks (swap.py)."""
         self.kv_caches = self.swap_space.apply(self.kv_caches, swap_out, swap_in)

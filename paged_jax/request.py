@@ -39,7 +39,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave at admission
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts for next step

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 MAX_LOGPROBS = 20  # top-N logprobs are computed for this many ranks on device
+INT32_MAX = 2**31 - 1  # the device holds top_k and token ids as int32
+FLOAT32_MAX = 3.4028234663852886e38  # the device holds the float parameters as float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +30,19 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
+        # First: every float the sampler puts on the device is a finite float32, so that
+        # the range checks below never compare NaN and Infinity never reaches a step.
+        for name in ("temperature", "top_p", "min_p", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and math.isfinite(value)
+                   and abs(value) <= FLOAT32_MAX, name, value,
+                   f"must be a finite number of at most {FLOAT32_MAX:.4g} in magnitude")
         _check(self.n >= 1, "n", self.n, "must be >= 1")
         _check(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        _check(self.top_k >= -1, "top_k", self.top_k, "must be -1 (disabled) or >= 1")
+        _check(-1 <= self.top_k <= INT32_MAX, "top_k", self.top_k,
+               f"must be -1 (disabled) or in [1, {INT32_MAX}]")
         _check(0 <= self.min_p <= 1, "min_p", self.min_p, "must be in [0, 1]")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", self.presence_penalty,
                "must be in [-2, 2]")
@@ -42,6 +54,8 @@ class SamplingParams:
                "must be >= 1")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        _check(all(0 <= t <= INT32_MAX for t in self.stop_token_ids or ()), "stop_token_ids",
+               self.stop_token_ids, f"must be token ids in [0, {INT32_MAX}]")
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed,
                "must be a non-negative integer below 2**63")
         if isinstance(self.stop, str):

@@ -35,3 +35,51 @@ def apply_chat_template(
         [dict(message) for message in messages], tokenize=False, add_generation_prompt=add_generation_prompt
     )
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# Normalizers and pre-tokenizers that never drop text nor shrink its bytes, so every byte of
+# the text lies in some token and no token covers more bytes than its vocabulary string.
+_KEEPING_NORMALIZERS = {"Prepend", "Replace", "Sequence"}
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Split", "Digits", "Punctuation",
+                           "Sequence"}
+
+
+def max_bytes_per_token(tokenizer: Any) -> int | None:
+    """An upper bound on the UTF-8 bytes of text one token can stand for, or None where the
+    tokenizer can drop or shrink text (whitespace splitting, unknown-word tokens, Unicode
+    composition), so that no such bound holds.
+
+    With it a prompt of C characters is at least C / bound tokens before it is tokenized:
+    a prompt far over the context length is refused without spending seconds on it. Each
+    vocabulary string is at least as long in UTF-8 as the text it stands for (byte-level
+    BPE maps each byte to one character; '▁' is 3 bytes for 1; '<0x41>' 6 for 1)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer")
+    byte_level = any(p.get("type") == "ByteLevel" for p in _flatten(pre, "pretokenizers"))
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        return None  # unknown text may fold into one <unk> token
+    for norm in _flatten(spec.get("normalizer"), "normalizers"):
+        if norm.get("type") not in _KEEPING_NORMALIZERS:
+            return None
+        if norm.get("type") == "Replace" and len(norm.get("content", "").encode()) < len(
+                str((norm.get("pattern") or {}).get("String", "\0" * 99)).encode()):
+            return None  # a Replace that may shrink the text (or a regex pattern)
+    for part in _flatten(pre, "pretokenizers"):
+        if part.get("type") not in _KEEPING_PRE_TOKENIZERS or (
+                part.get("type") == "Split" and part.get("behavior") == "Removed"):
+            return None
+    return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab())
+
+
+def _flatten(node: dict | None, key: str) -> list[dict]:
+    if node is None:
+        return []
+    if node.get("type") == "Sequence":
+        return [node] + [x for child in node.get(key, []) for x in _flatten(child, key)]
+    return [node]

@@ -229,7 +229,14 @@ def test_eos_stops_unless_ignored(tiny_dir):
     (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
     (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
     (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
-    (dict(top_k=-2), "top_k must be -1 (disabled) or >= 1, got -2"),
+    (dict(top_k=-2), "top_k must be -1 (disabled) or in [1, 2147483647], got -2"),
+    (dict(top_k=2**31), "top_k must be -1 (disabled) or in [1, 2147483647], got 2147483648"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=1e308), "temperature must be a finite number of at most 3.403e+38"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (dict(top_p=float("nan")), "top_p must be a finite number"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids must be token ids in [0, 2147483647]"),
 ])
 def test_bad_sampling_params_name_the_value(params, message):
     with pytest.raises(ValueError) as err:

@@ -8,10 +8,14 @@ that asked for it (call_soon_threadsafe). HTTP handlers never touch the engine.
     async for prompt_index, output in handle:   # cumulative outputs, the last one finished
         ...
 
-A ValueError from add_request (a bad request) is raised by submit() before any output, and
-the batch's other prompts are aborted. Leaving the iteration early (a disconnected client:
-the generator is cancelled or closed) aborts what is unfinished, which frees its KV blocks
-at the engine's next iteration.
+A ValueError from the engine's checks (a bad request) is raised by submit() before any
+output, and nothing of the batch is queued: every prompt is checked before any is added. A
+step that fails (engine.StepError) fails the requests it held with RequestFailedError and
+the loop goes on; anything else the engine raises stops the loop for good: every request
+fails with EngineDeadError, `healthy` turns False and `on_death` is called, so the server can
+exit and be restarted. Leaving the iteration early (a disconnected client: the generator is
+cancelled or closed) aborts what is unfinished, which frees its KV blocks at the engine's
+next iteration.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import threading
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
+from paged_jax.engine import StepError
 from paged_jax.request import RequestOutput
 from paged_jax.sampling_params import SamplingParams
 
@@ -33,14 +38,18 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+class RequestFailedError(RuntimeError):
+    """This request's step failed on the engine (a 500 for this request alone)."""
+
+
 class ClientDisconnected(Exception):
     pass
 
 
 @dataclasses.dataclass
-class _Add:
-    request_id: str
-    prompt: object
+class _AddBatch:
+    """One HTTP request's prompts: checked all, then added all, or none."""
+    prompts: list[tuple[str, object]]  # (engine request id, prompt)
     params: SamplingParams
     arrival: float
     deliver: Callable[[object], None]
@@ -54,8 +63,10 @@ class _Timing:
 
 
 class EngineLoop:
-    def __init__(self, engine, metrics=None):
+    def __init__(self, engine, metrics=None, on_death: Callable[[], None] | None = None):
+        """on_death: called from the engine thread once, if the loop stops for an error."""
         self.engine = engine
+        self.on_death = on_death
         engine.outputs.text_every_step = True  # streamed outputs carry their text so far
         self.metrics = metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -92,24 +103,16 @@ class EngineLoop:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         arrival = time.monotonic() if arrival is None else arrival
         handle = GenerationHandle(self, asyncio.Queue())
-        accepted = []
-        for i, prompt in enumerate(prompts):
-            rid = f"{request_id}-{i}" if len(prompts) > 1 else request_id
-            accepted.append(self._loop.create_future())
-            self._commands.put(_Add(rid, prompt, params, arrival, handle._deliver_from_thread(),
-                                    accepted[-1]))
-            handle.request_ids.append(rid)
-            handle._unfinished.add(rid)
+        rids = [f"{request_id}-{i}" if len(prompts) > 1 else request_id
+                for i in range(len(prompts))]
+        accepted = self._loop.create_future()
+        self._commands.put(_AddBatch(list(zip(rids, prompts)), params, arrival,
+                                     handle._deliver_from_thread(), accepted))
         if not self.healthy:  # the thread stopped after the check above: nobody will answer
             self._fail_pending_commands()
-        try:
-            # One engine iteration takes the whole batch; the first refusal fails it all.
-            for result in await asyncio.gather(*accepted, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
-        except BaseException:
-            handle.abort()
-            raise
+        await accepted  # raises the refusal; nothing of the batch was queued then
+        handle.request_ids.extend(rids)
+        handle._unfinished.update(rids)
         return handle
 
     def abort(self, request_ids: list[str]) -> None:
@@ -125,11 +128,15 @@ class EngineLoop:
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
                 started, steps = time.monotonic(), self.engine.stats.num_steps
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except StepError as err:  # only that step's requests fail; the loop goes on
+                    self._fail_requests(err)
+                    outputs = []
                 self._publish(outputs, started)
                 if self.metrics is not None:
                     self.metrics.update_from_engine(self.engine)
-                if self.engine.stats.num_steps == steps:
+                if self.engine.stats.num_steps == steps and not outputs:
                     # Nothing ran (e.g. all preempted): do not spin. A step of prompt chunks
                     # only has no outputs either, but it ran: go straight on.
                     time.sleep(0.001)
@@ -139,11 +146,23 @@ class EngineLoop:
             for deliver in list(self._deliver.values()):
                 deliver(EngineDeadError(f"the engine failed: {type(err).__name__}: {err}"))
             self._deliver.clear()
+            if self.on_death is not None:
+                self.on_death()
         finally:
             # Adds queued behind the stop (or the failure) are refused, not left waiting, and
             # a multi-host leader tells its followers from this thread, between steps.
             self._fail_pending_commands()
             self.engine.stop_followers()
+
+    def _fail_requests(self, err: StepError) -> None:
+        cause = f"{type(err.cause).__name__}: {err.cause}"
+        for rid in err.request_ids:
+            deliver = self._deliver.pop(rid, None)
+            self._timing.pop(rid, None)
+            if deliver is not None:
+                deliver(RequestFailedError(
+                    f"the engine step that computed this request failed ({cause}); the "
+                    f"request was stopped and its KV blocks freed"))
 
     def _fail_pending_commands(self) -> None:
         while True:
@@ -151,7 +170,7 @@ class EngineLoop:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, _AddBatch):
                 self._resolve(cmd.accepted, EngineDeadError("the engine is not running"))
 
     def _apply_commands(self, block: bool) -> None:
@@ -161,7 +180,7 @@ class EngineLoop:
             return
         applied_abort = False
         while cmd is not None:
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, _AddBatch):
                 self._add(cmd)
             else:
                 self.engine.abort_request(cmd)
@@ -176,14 +195,24 @@ class EngineLoop:
         if applied_abort and self.metrics is not None:
             self.metrics.update_from_engine(self.engine)  # freed blocks show at once
 
-    def _add(self, cmd: _Add) -> None:
+    def _add(self, cmd: _AddBatch) -> None:
+        engine = self.engine
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival)
+            for rid, prompt in cmd.prompts:  # one refusal refuses the whole batch, unqueued
+                engine.check_request(prompt, cmd.params, rid)
+            for rid, prompt in cmd.prompts:
+                engine.add_request(rid, prompt, cmd.params, cmd.arrival)
+                self._deliver[rid] = cmd.deliver
+                self._timing[rid] = _Timing(cmd.arrival)
         except Exception as err:  # ValueError: a bad request; anything else is reported too
+            added = [rid for rid, _ in cmd.prompts if rid in self._deliver]
+            if added:  # a check that passed and an add that did not: undo the partial batch
+                self.engine.abort_request(added)
+                for rid in added:
+                    self._deliver.pop(rid, None)
+                    self._timing.pop(rid, None)
             self._resolve(cmd.accepted, err)
             return
-        self._deliver[cmd.request_id] = cmd.deliver
-        self._timing[cmd.request_id] = _Timing(cmd.arrival)
         self._resolve(cmd.accepted, None)
 
     def _resolve(self, fut: asyncio.Future, err: BaseException | None) -> None:
@@ -239,6 +268,7 @@ class GenerationHandle:
         self._sink = sink
         self.request_ids: list[str] = []
         self._unfinished: set[str] = set()
+        self._ended: BaseException | None = None
         self._watcher: asyncio.Task | None = None
 
     def _deliver_from_thread(self) -> Callable[[object], None]:
@@ -247,6 +277,17 @@ class GenerationHandle:
         def deliver(item):
             loop._call_in_loop(sink.put_nowait, item)
         return deliver
+
+    @property
+    def done(self) -> bool:
+        """Every prompt finished, failed or was aborted."""
+        return not self._unfinished
+
+    def end(self, err: BaseException) -> None:
+        """Ends the iteration with `err` (event loop) and aborts what is unfinished."""
+        self._ended = err
+        self._sink.put_nowait(err)  # wakes the reader
+        self.abort()
 
     def abort(self) -> None:
         """Aborts what is still running (safe to call more than once)."""
@@ -260,15 +301,20 @@ class GenerationHandle:
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass
-            self.abort()
-            self._sink.put_nowait(ClientDisconnected())
+            self.end(ClientDisconnected())
         self._watcher = asyncio.ensure_future(watch())
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         index = {rid: i for i, rid in enumerate(self.request_ids)}
         try:
-            while self._unfinished:
+            while True:
+                if self._ended is not None:
+                    raise self._ended
+                if not self._unfinished:
+                    break
                 batch = [await self._sink.get()]
+                if self._ended is not None:
+                    raise self._ended
                 while not self._sink.empty():  # a slow reader skips to the latest outputs
                     batch.append(self._sink.get_nowait())
                 latest: dict[str, RequestOutput] = {}

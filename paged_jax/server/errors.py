@@ -9,6 +9,7 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,10 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type, param, code), status_code=status)
+                   param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status,
+                        headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -61,6 +64,35 @@ def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | 
     return bad_request(message, param=param, code="context_length_exceeded")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _documented(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+# The error statuses the generation routes answer with, for the OpenAPI schema.
+ERROR_RESPONSES = {
+    400: _documented("Invalid request: a parameter out of range, malformed or non-standard "
+                     "JSON, invalid Unicode, a prompt over the context length."),
+    401: _documented("Missing or wrong API key."),
+    404: _documented("Unknown model."),
+    413: _documented("The request body exceeds --max-request-body-bytes."),
+    422: _documented("The body is not the request object the route expects."),
+    500: _documented("The engine step that computed this request failed; other requests go "
+                     "on."),
+    503: _documented("The engine is not running, or the server is shutting down."),
+}
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError):
@@ -73,16 +105,23 @@ def install_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(400, f"Malformed JSON body: {first.get('msg', '')}",
                                   code="json_invalid")
+        if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
+            return error_response(400, "the request body is empty; expected a JSON object",
+                                  code="empty_body")
+
+        def where(e: dict) -> str:
+            return ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = loc[0] if loc else None
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
-                            f"{e.get('msg', '')}" for e in errors[:5])
+        message = "; ".join(f"{where(e)}: {e.get('msg', '')}" for e in errors[:5])
         return error_response(400, message or "invalid request", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type=kind)
+        return error_response(exc.status_code, str(exc.detail), type=kind,
+                              code=getattr(exc, "code", None), headers=exc.headers)
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(_: Request, exc: json.JSONDecodeError):

@@ -64,9 +64,12 @@ class ServerMetrics:
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits",
                                    "Prompt tokens whose K/V the prefix cache supplied.")
+        self.refused = counter("num_requests_refused",
+                               "Generation requests refused as a whole with a 4xx (bad "
+                               "parameters, too long, malformed): nothing of them ran.")
         self._success = Counter(PREFIX + "request_success", "Finished sequences by reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self._success.labels(model_name, reason)  # exported at 0 from the start
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.",
                               TTFT_BUCKETS)

@@ -4,15 +4,32 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from paged_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def streamed(responses: dict, chunk: str) -> dict:
+    """OpenAPI responses of a route that answers JSON, or server-sent events when the
+    request says stream: true. The event schema describes one event, as OpenAPI 3.1 reads
+    it: data is a `chunk` (a component schema's name) or an error as JSON, or [DONE]."""
+    event = {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                                         {"$ref": "#/components/schemas/ErrorResponse"}]}}]}}}
+    return {**responses, 200: {
+        "description": "The response; with stream: true, server-sent events (data: <chunk "
+                       "JSON>, ... then data: [DONE]).",
+        "content": {"text/event-stream": {"schema": event}}}}
 
 
 class StreamOptions(BaseModel):
@@ -39,7 +56,7 @@ class _SamplingFields(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Strict()]] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -64,8 +81,14 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+TokenId = Annotated[int, Strict()]  # not a bool, not a numeric string
+NonEmpty = Field(min_length=1)
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[Annotated[str, NonEmpty], Annotated[list[Annotated[str, NonEmpty]], NonEmpty],
+                  Annotated[list[TokenId], NonEmpty],
+                  Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False

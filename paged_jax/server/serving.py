@@ -1,8 +1,17 @@
 """/v1/completions and /v1/chat/completions: requests to engine prompts, engine outputs to
-OpenAI responses, whole or streamed as server-sent events."""
+OpenAI responses, whole or streamed as server-sent events.
+
+The event loop does no heavy work: tokenizing and chat templating run on one tokenizer
+thread (a Rust tokenizer must not be used from two threads at once), detokenizing on the
+engine thread. A text prompt that is surely over the context length (more characters than
+max_model_len tokens can stand for) is refused before it is tokenized at all.
+"""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
+import math
 import time
 from typing import AsyncIterator
 
@@ -13,56 +22,119 @@ from paged_jax.request import CompletionOutput, Logprob, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.server import protocol as p
 from paged_jax.server.engine_loop import (ClientDisconnected, EngineDeadError, EngineLoop,
-                                          GenerationHandle)
+                                          GenerationHandle, RequestFailedError)
 from paged_jax.server.errors import (OpenAIError, bad_request, context_length_error,
                                      error_body, from_value_error)
-from paged_jax.tokenizer import apply_chat_template
+from paged_jax.tokenizer import apply_chat_template, max_bytes_per_token
 
 CLIENT_CLOSED = 499  # nginx's code; the client is gone and never sees it
+
+
+class ServerShuttingDownError(RuntimeError):
+    pass
 
 
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int):
         self.loop = engine_loop
-        # The server's own tokenizer: the engine thread decodes with the engine's at the same
-        # time, and a Rust-backed tokenizer must not be shared across threads.
+        # The server's own tokenizer, used only on its own thread: the engine thread decodes
+        # with the engine's at the same time, and a Rust-backed tokenizer must not be shared
+        # across threads.
         self.tokenizer = tokenizer
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tokenizer")
+        self.max_bytes_per_token = max_bytes_per_token(tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.draining = False  # set at shutdown: new requests get a 503
+        self._open: set[GenerationHandle] = set()
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown: refuse new requests, give the running ones `timeout` seconds,
+        then end each that is left (a stream with an error event and [DONE], a whole
+        response with a 503) and abort it in the engine."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(not h.done for h in self._open) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for handle in list(self._open):
+            if not handle.done:
+                handle.end(ServerShuttingDownError(
+                    f"the server is shutting down and this request did not finish within "
+                    f"the shutdown timeout ({timeout:g} s)"))
 
     # ---- endpoints -------------------------------------------------------------------------
 
     async def completions(self, body: p.CompletionRequest, request: Request) -> Response:
+        self._check_open()
         self._check_model(body.model)
         if body.echo or body.suffix:
             raise bad_request("echo and suffix are not supported", param="echo"
                               if body.echo else "suffix")
         params = self._params(body, body.max_tokens, body.logprobs)
-        prompts = [self._completion_prompt(x) for x in body.prompts()]
-        if not prompts:
+        texts = body.prompts()
+        if not texts:
             raise bad_request("prompt must not be empty", param="prompt")
+        for text in texts:
+            if isinstance(text, str):
+                self._check_text_length(text, params.max_tokens)
+        prompts = await self._on_tokenizer_thread(
+            lambda: [self._completion_prompt(x) for x in texts])
         for prompt in prompts:
             self._check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
         return await self._serve(body, request, prompts, params, "cmpl", _CompletionFormat(
             self.model_name, body.logprobs))
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Response:
+        self._check_open()
         self._check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, body.requested_max_tokens, logprobs)
-        try:
-            ids = apply_chat_template(self.tokenizer, body.conversation(),
-                                      add_generation_prompt=body.add_generation_prompt)
-        except Exception as err:  # no template, roles it rejects, non-text content
-            raise bad_request(f"the chat template could not be applied: {err}",
-                              param="messages") from err
+
+        def render():
+            try:
+                return apply_chat_template(self.tokenizer, body.conversation(),
+                                           add_generation_prompt=body.add_generation_prompt)
+            except Exception as err:  # no template, roles it rejects, non-text content
+                raise bad_request(f"the chat template could not be applied: {err}",
+                                  param="messages") from err
+
+        ids = await self._on_tokenizer_thread(render)
         self._check_context(len(ids), params.max_tokens, "messages")
         return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
                                  _ChatFormat(self.model_name, logprobs))
 
     # ---- shared ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise OpenAIError(503, "the server is shutting down", type="server_error",
+                              code="server_shutting_down")
+
+    async def _on_tokenizer_thread(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn)
+
+    def _check_text_length(self, text: str, max_tokens: int | None) -> None:
+        """Refuses a text prompt that has more characters than max_model_len tokens can
+        stand for: it is surely too long, and tokenizing megabytes takes seconds."""
+        if self.max_bytes_per_token is None:
+            return
+        at_least = math.ceil(len(text) / self.max_bytes_per_token)  # characters <= bytes
+        if at_least + (max_tokens or 0) > self.max_model_len or at_least >= self.max_model_len:
+            raise OpenAIError(
+                400, f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, your prompt has {len(text)} characters, which is at least "
+                f"{at_least} tokens (a token stands for at most {self.max_bytes_per_token} "
+                f"bytes){'' if max_tokens is None else f', and {max_tokens} more were '}"
+                f"{'' if max_tokens is None else 'requested in the completion'}. Please "
+                f"reduce the length of the prompt.", param="prompt",
+                code="context_length_exceeded")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -89,12 +161,15 @@ class OpenAIServing:
     async def _serve(self, body, request: Request, prompts: list[dict], params: SamplingParams,
                      prefix: str, fmt: "_Format") -> Response:
         request_id = p.random_id(prefix)
+        self._check_open()
         try:
             handle = await self.loop.submit(prompts, params, request_id)
         except ValueError as err:
             raise from_value_error(err) from err
         except EngineDeadError as err:
             raise OpenAIError(503, str(err), type="server_error", code="engine_dead") from err
+        self._open = {h for h in self._open if not h.done}
+        self._open.add(handle)
         handle.watch_disconnect(request.receive)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in prompts)
         if body.stream:
@@ -111,6 +186,11 @@ class OpenAIServing:
             return Response(status_code=CLIENT_CLOSED)
         except EngineDeadError as err:
             raise OpenAIError(500, str(err), type="server_error", code="engine_dead") from err
+        except RequestFailedError as err:
+            raise OpenAIError(500, str(err), type="server_error", code="step_failed") from err
+        except ServerShuttingDownError as err:
+            raise OpenAIError(503, str(err), type="server_error",
+                              code="server_shutting_down") from err
         choices = [(index * params.n + c.index, c) for index in sorted(finals)
                    for c in finals[index].outputs]
         completion_tokens = sum(len(c.token_ids) for _, c in choices)
@@ -144,8 +224,10 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         except ClientDisconnected:
             return
-        except EngineDeadError as err:
-            yield f"data: {json.dumps(error_body(str(err), 'server_error'))}\n\n"
+        except (EngineDeadError, RequestFailedError, ServerShuttingDownError) as err:
+            code = {EngineDeadError: "engine_dead", RequestFailedError: "step_failed",
+                    ServerShuttingDownError: "server_shutting_down"}[type(err)]
+            yield f"data: {json.dumps(error_body(str(err), 'server_error', code=code))}\n\n"
             yield "data: [DONE]\n\n"
 
 

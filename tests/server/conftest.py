@@ -8,10 +8,7 @@ bound the number of step shapes JAX compiles.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -19,8 +16,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("openai")
 
-from server_testing import (API_KEY, ENGINE_ARGS, MODEL_NAME, REPO, LiveServer,  # noqa: E402
-                            free_port, wait_healthy)
+from server_testing import ENGINE_ARGS, SERVER_ARGS, start_server, stop_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,29 +26,12 @@ def tiny_chat_model_dir(make_tiny_llama_dir) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def server(tiny_chat_model_dir, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_ARGS.items()]
-    cmd = [sys.executable, "-m", "paged_jax", "serve", "--model", str(tiny_chat_model_dir),
-           "--port", str(port), "--api-key", API_KEY, "--served-model-name", MODEL_NAME,
-           "--no-access-log", *flags]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO)
-    live = LiveServer(f"http://127.0.0.1:{port}", MODEL_NAME, API_KEY, tiny_chat_model_dir,
-                      process, log_path)
+    live = start_server(tiny_chat_model_dir, log_path, {**ENGINE_ARGS, **SERVER_ARGS})
     try:
-        wait_healthy(live)
         yield live
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(live)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 
 import httpx
@@ -16,6 +18,8 @@ API_KEY = "test-key"
 MODEL_NAME = "tiny-llama"
 ENGINE_ARGS = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=16,
                    max_num_batched_tokens=256)
+# Server flags (not engine options) of the shared server: small limits, to test them.
+SERVER_ARGS = dict(max_request_body_bytes=8 << 20, header_read_timeout=2)
 STARTUP_TIMEOUT_S = 180
 
 
@@ -47,6 +51,41 @@ class LiveServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def start_server(model_dir: pathlib.Path, log_path: pathlib.Path, args: dict,
+                 script: pathlib.Path | None = None) -> LiveServer:
+    """`python -m paged_jax serve` (or `python script serve`, a wrapper that patches the
+    engine first) on a free loopback port with the test key and model name; returns once
+    /health answers 200. args: flag name -> value (None: a flag without one)."""
+    port = free_port()
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is None else f"={v}")
+             for k, v in args.items()]
+    entry = [str(script)] if script is not None else ["-m", "paged_jax"]
+    cmd = [sys.executable, *entry, "serve", "--model", str(model_dir), "--port", str(port),
+           "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--no-access-log", *flags]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPO)
+    live = LiveServer(f"http://127.0.0.1:{port}", MODEL_NAME, API_KEY, model_dir, process,
+                      log_path)
+    try:
+        wait_healthy(live)
+    except BaseException:
+        stop_server(live)
+        raise
+    return live
+
+
+def stop_server(live: LiveServer) -> None:
+    live.process.terminate()
+    try:
+        live.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        live.process.kill()
+        live.process.wait()
 
 
 def parse_metrics(text: str) -> dict[str, float]:

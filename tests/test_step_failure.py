@@ -1,0 +1,133 @@
+"""A step that fails fails only the requests it held: their blocks are freed, the others go
+on to the outputs they would have had, and later requests run. Values the device arrays
+cannot hold are refused at add_request, alone."""
+import numpy as np
+import pytest
+
+from paged_jax import LLM, SamplingParams
+from paged_jax import engine as engine_module
+from paged_jax.engine import EngineBrokenError, StepError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+POISON_SEED = 666  # a request with this seed makes the step that holds it raise
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(make_tiny_llama_dir):
+    return make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(str(tiny_dir), num_kv_blocks=64, max_model_len=128, max_num_seqs=8)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Steps holding a POISON_SEED request raise in the host's input building, as an
+    OverflowError from a value no check caught would."""
+    real = engine_module.step_inputs.build
+
+    def build(batch, *args, **kwargs):
+        if any(r.params.seed == POISON_SEED for r in batch.requests):
+            raise OverflowError("Python int too large to convert to C long")
+        return real(batch, *args, **kwargs)
+    monkeypatch.setattr(engine_module.step_inputs, "build", build)
+
+
+def prompts(n, seed):
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 49152, int(rng.integers(5, 30))).tolist()}
+            for _ in range(n)]
+
+
+def run(engine, done):
+    errors = []
+    while engine.has_unfinished_requests():
+        try:
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        except StepError as err:
+            errors.append(err)
+    return errors
+
+
+def test_a_failed_step_fails_its_requests_and_the_others_go_on(tiny_dir, poisoned):
+    # Prefill-first steps: the poisoned prompt's prefill step holds no decoding request.
+    llm = LLM(str(tiny_dir), num_kv_blocks=64, max_model_len=128, max_num_seqs=8,
+              mixed_batches=False)
+    engine = llm.llm_engine
+    good, late = prompts(2, 1), prompts(1, 2)[0]
+    want = [o.outputs[0].token_ids for o in llm.generate(good + [late], GREEDY,
+                                                         use_tqdm=False)]
+    engine.add_request("a", good[0], GREEDY)
+    engine.add_request("b", good[1], GREEDY)
+    engine.step()  # both prefilled; from here on they decode
+    engine.add_request("poisoned", prompts(1, 3)[0],
+                       SamplingParams(temperature=0.5, seed=POISON_SEED, max_tokens=12))
+    done = {}
+    errors = run(engine, done)
+    assert [e.request_ids for e in errors] == [["poisoned"]]
+    assert isinstance(errors[0].cause, OverflowError)
+    assert "OverflowError" in str(errors[0])
+    assert sorted(done) == ["a", "b"]
+    assert [done["a"].outputs[0].token_ids, done["b"].outputs[0].token_ids] == want[:2]
+    assert engine.stats.finished["error"] == 1
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable  # nothing leaked
+    # The engine serves on.
+    engine.add_request("late", late, GREEDY)
+    done = {}
+    assert run(engine, done) == [] and done["late"].outputs[0].token_ids == want[2]
+
+
+def test_a_failed_mixed_step_fails_every_request_it_held(llm, poisoned):
+    engine = llm.llm_engine
+    engine.add_request("a", prompts(1, 4)[0], GREEDY)
+    engine.step()
+    engine.add_request("poisoned", prompts(1, 5)[0],
+                       SamplingParams(temperature=0.5, seed=POISON_SEED))
+    with pytest.raises(StepError) as info:
+        engine.step()  # "a" decodes in the same step as the poisoned prefill
+    assert sorted(info.value.request_ids) == ["a", "poisoned"]
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+
+
+def test_a_step_that_loses_the_kv_cache_breaks_the_engine(llm, poisoned, monkeypatch):
+    engine = llm.llm_engine
+    monkeypatch.setattr(engine.runner, "caches_alive", lambda: False)
+    engine.add_request("poisoned", prompts(1, 6)[0],
+                       SamplingParams(temperature=0.5, seed=POISON_SEED))
+    with pytest.raises(EngineBrokenError, match="KV cache was lost"):
+        engine.step()
+
+
+def test_caches_alive_sees_donated_caches(tiny_dir):
+    llm = LLM(str(tiny_dir), num_kv_blocks=16, max_model_len=64, max_num_seqs=2)
+    runner = llm.llm_engine.runner
+    assert runner.caches_alive()
+    for leaf in __import__("jax").tree.leaves(runner.kv_caches):
+        leaf.delete()
+    assert not runner.caches_alive()
+
+
+@pytest.mark.parametrize("params, words", [
+    (dict(top_k=49153), "top_k must be at most the vocabulary size 49152"),
+    (dict(top_k=10**9), "top_k must be at most the vocabulary size 49152"),
+])
+def test_values_past_the_device_arrays_are_refused_alone(llm, params, words):
+    engine = llm.llm_engine
+    engine.add_request("ok", prompts(1, 7)[0], GREEDY)
+    with pytest.raises(ValueError, match=words):
+        engine.add_request("bad", prompts(1, 8)[0], SamplingParams(**params))
+    done = {}
+    assert run(engine, done) == [] and sorted(done) == ["ok"]
+
+
+def test_the_device_probe_refuses_what_no_named_check_caught(llm, monkeypatch):
+
+    def build_inputs(reqs, *args, **kwargs):
+        raise OverflowError("too large")
+    monkeypatch.setattr(engine_module.sampler, "build_inputs", build_inputs)
+    with pytest.raises(ValueError, match="cannot be put on the device: OverflowError"):
+        llm.llm_engine.add_request("x", prompts(1, 9)[0], GREEDY)
+    assert not llm.llm_engine.has_unfinished_requests()
