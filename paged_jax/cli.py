@@ -55,6 +55,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def server_limits(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(max_request_body_bytes=args.max_request_body_bytes,
+                        max_sequences_per_request=args.max_sequences_per_request,
                         shutdown_timeout=args.shutdown_timeout,
                         header_read_timeout=args.header_read_timeout)
 
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-request-body-bytes", type=parse_int,
                        default=ServerLimits.max_request_body_bytes,
                        help="larger request bodies get a 413 (default: %(default)s)")
+    serve.add_argument("--max-sequences-per-request", type=int,
+                       default=ServerLimits.max_sequences_per_request,
+                       help="most prompts x n in one request; beyond, a 400 "
+                       "(default: %(default)s)")
     serve.add_argument("--shutdown-timeout", type=float, default=ServerLimits.shutdown_timeout,
                        help="seconds running requests get to finish after SIGTERM / SIGINT; "
                        "then streams end with an error event and others get a 503 "

@@ -128,13 +128,17 @@ class EngineConfig:
 @dataclasses.dataclass(frozen=True)
 class ServerLimits:
     """The HTTP server's limits (paged-jax serve flags of the same names)."""
-    max_request_body_bytes: int = 16 << 20  # a 128k-token prompt as ids is about 1 MB of JSON
+    # A 128k-token prompt as ids is about 1 MB of JSON; parsing holds the GIL (0.25 s for
+    # 14 MB of ids), so the limit also bounds how long one body can hold up the event loop.
+    max_request_body_bytes: int = 8 << 20
     max_json_depth: int = 64
+    # Prompts x n of one request: each is a sequence the engine thread checks and schedules.
+    max_sequences_per_request: int = 1024
     shutdown_timeout: float = 30.0  # seconds running requests get to finish at SIGTERM
     header_read_timeout: float = 15.0  # seconds a new connection gets to send its headers
 
     def __post_init__(self):
-        for name in ("max_request_body_bytes", "max_json_depth"):
+        for name in ("max_request_body_bytes", "max_json_depth", "max_sequences_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("shutdown_timeout", "header_read_timeout"):

@@ -202,9 +202,6 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.top_k > vocab:
-            raise ValueError(f"top_k must be at most the vocabulary size {vocab} (or -1 for "
-                             f"no limit), got {params.top_k}")
         # A backstop behind the checks above: the request's sampling row is built as a step
         # would build it, so a value the device arrays cannot hold is refused here, alone,
         # and never fails a step that other requests share.
@@ -270,13 +267,13 @@ class LLMEngine:
 
     def _fail_step(self, batch, err: Exception) -> list[str]:
         """Finishes, with reason "error", every request group that had a sequence in the
-        failed step (scheduled, or swapped out or in by it): the step may have left their
+        failed step (scheduled, or preempted by it): the step may have left their
         state half-advanced. Without a batch (scheduling itself failed) that is every
         unfinished request. Returns their ids."""
         if batch is None:
             touched = [r for g in self._groups.values() for r in g]
-        else:
-            touched = [*batch.requests, *batch.swap_out, *batch.swap_in]
+        else:  # requests swapped back in are among batch.requests
+            touched = [*batch.requests, *batch.preempted]
         failed = list(dict.fromkeys(self._group_of[r.request_id] for r in touched
                                     if r.request_id in self._group_of))
         log.error("a step failed (%s: %s); failing its %d request(s): %s",
@@ -362,11 +359,12 @@ class LLMEngine:
             if gid in seen or gid is None:
                 continue
             seen.add(gid)
-            group = self._groups[gid]
-            out = self.outputs.request_output(gid, group)
-            outs.append(out)
+            outs.append(self.outputs.request_output(gid, self._groups[gid]))
+        # Only once every output is built: a failure above leaves every group in place for
+        # _fail_step, none finished and forgotten with its output lost.
+        for out in outs:
             if out.finished:
-                for r in self._groups.pop(gid):
+                for r in self._groups.pop(out.request_id):
                     self._forget(r)
         return outs
 

@@ -91,8 +91,17 @@ class ModelRunner:
 
     def caches_alive(self) -> bool:
         """False once the KV caches were donated to a step or a swap that raised instead of
-        returning them: their pages are gone and no request can go on."""
-        return not any(x.is_deleted() for x in jax.tree.leaves(self.kv_caches))
+        returning them, or are the outputs of a computation that failed on the device (the
+        failure shows when they are waited on): their pages are gone and no request can go
+        on."""
+        leaves = jax.tree.leaves(self.kv_caches)
+        if any(x.is_deleted() for x in leaves):
+            return False
+        try:
+            jax.block_until_ready(leaves)
+        except Exception:
+            return False
+        return True
 
     def swap(self, swap_out, swap_in) -> None:
         """Copy a step's swapped blocks between device pages and host blocks (swap.py)."""

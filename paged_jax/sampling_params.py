@@ -15,7 +15,7 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1 (or 0) disables
+    top_k: int = -1  # -1 (or 0) disables; a k at or past the vocabulary keeps every token
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -54,10 +54,13 @@ class SamplingParams:
                "must be >= 1")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
-        _check(all(0 <= t <= INT32_MAX for t in self.stop_token_ids or ()), "stop_token_ids",
-               self.stop_token_ids, f"must be token ids in [0, {INT32_MAX}]")
+        bad = [t for t in self.stop_token_ids or () if not 0 <= t <= INT32_MAX]
+        _check(not bad, "stop_token_ids", bad[0] if bad else None,
+               f"must be token ids in [0, {INT32_MAX}]")
+        if self.seed == -1:  # "random", as vLLM and the web UIs that send it mean it
+            object.__setattr__(self, "seed", None)
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed,
-               "must be a non-negative integer below 2**63")
+               "must be -1 (random) or an integer in [0, 2**63)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))

@@ -28,13 +28,18 @@ def apply_chat_template(
 
     The template writes every special token the model expects, so none are added on top (as vLLM).
     """
+    text = render_chat(tokenizer, messages, add_generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    """The text of `messages` rendered with the tokenizer's chat template (not yet tokenized)."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         raise ValueError(f"tokenizer {name} has no chat template; pass a plain prompt instead")
-    text = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         [dict(message) for message in messages], tokenize=False, add_generation_prompt=add_generation_prompt
     )
-    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 # Normalizers and pre-tokenizers that never drop text nor shrink its bytes, so every byte of
@@ -70,6 +75,8 @@ def max_bytes_per_token(tokenizer: Any) -> int | None:
         if norm.get("type") == "Replace" and len(norm.get("content", "").encode()) < len(
                 str((norm.get("pattern") or {}).get("String", "\0" * 99)).encode()):
             return None  # a Replace that may shrink the text (or a regex pattern)
+    if any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens", [])):
+        return None  # an added token that swallows the whitespace around it, however long
     for part in _flatten(pre, "pretokenizers"):
         if part.get("type") not in _KEEPING_PRE_TOKENIZERS or (
                 part.get("type") == "Split" and part.get("behavior") == "Removed"):

@@ -110,17 +110,15 @@ def test_caches_alive_sees_donated_caches(tiny_dir):
     assert not runner.caches_alive()
 
 
-@pytest.mark.parametrize("params, words", [
-    (dict(top_k=49153), "top_k must be at most the vocabulary size 49152"),
-    (dict(top_k=10**9), "top_k must be at most the vocabulary size 49152"),
-])
-def test_values_past_the_device_arrays_are_refused_alone(llm, params, words):
-    engine = llm.llm_engine
-    engine.add_request("ok", prompts(1, 7)[0], GREEDY)
-    with pytest.raises(ValueError, match=words):
-        engine.add_request("bad", prompts(1, 8)[0], SamplingParams(**params))
-    done = {}
-    assert run(engine, done) == [] and sorted(done) == ["ok"]
+def test_top_k_at_or_past_the_vocabulary_keeps_every_token(llm):
+    """As in vLLM: no limit, the same draws as top_k=-1 (only int32 overflow is refused)."""
+    def sample(**kw):
+        params = SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True, **kw)
+        return llm.generate(prompts(1, 7), params, use_tqdm=False)[0].outputs[0].token_ids
+
+    assert sample(top_k=49152) == sample(top_k=10**9) == sample(top_k=2**31 - 1) == sample()
+    with pytest.raises(ValueError, match="top_k must be -1 .* got 2147483648"):
+        SamplingParams(top_k=2**31)
 
 
 def test_the_device_probe_refuses_what_no_named_check_caught(llm, monkeypatch):
@@ -131,3 +129,42 @@ def test_the_device_probe_refuses_what_no_named_check_caught(llm, monkeypatch):
     with pytest.raises(ValueError, match="cannot be put on the device: OverflowError"):
         llm.llm_engine.add_request("x", prompts(1, 9)[0], GREEDY)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_a_failed_step_that_swaps_fails_its_requests_and_frees_both_pools(tiny_dir,
+                                                                         monkeypatch):
+    # 12 usable blocks for 4 requests of up to 60 tokens: decodes preempt by swap.
+    llm = LLM(str(tiny_dir), num_kv_blocks=13, max_model_len=128, max_num_seqs=4,
+              preemption_mode="swap", num_cpu_blocks=64)
+    engine = llm.llm_engine
+    real = engine_module.step_inputs.build
+    failed_swaps = []
+
+    def build(batch, *args, **kwargs):
+        if batch.swap_out and not failed_swaps:
+            failed_swaps.append([r.request_id for r in batch.preempted])
+            raise OverflowError("the first step that swaps out fails")
+        return real(batch, *args, **kwargs)
+    monkeypatch.setattr(engine_module.step_inputs, "build", build)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(prompts(4, 10)):
+        engine.add_request(f"r{i}", prompt, params)
+    done = {}
+    errors = run(engine, done)
+    assert failed_swaps and failed_swaps[0], "no step swapped out"
+    assert len(errors) == 1
+    assert set(failed_swaps[0]) <= set(errors[0].request_ids)
+    assert sorted(done) == sorted({f"r{i}" for i in range(4)} - set(errors[0].request_ids))
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable
+    assert engine.kv.cpu_pool.usage() == 0
+
+
+def test_a_failed_step_fails_all_n_samples_of_a_request(llm, poisoned):
+    engine = llm.llm_engine
+    engine.add_request("many", prompts(1, 11)[0],
+                       SamplingParams(n=3, temperature=0.5, seed=POISON_SEED))
+    with pytest.raises(StepError) as info:
+        engine.step()
+    assert info.value.request_ids == ["many"]
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.pool.num_free == engine.kv.pool.num_usable

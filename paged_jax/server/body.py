@@ -76,11 +76,18 @@ def _check_tree(value, max_depth: int) -> None:
                 stack.append((item, depth + 1))
 
 
+def _too_large(size: int, limit: int) -> BodyError:
+    return BodyError(413, f"the request body has {size} bytes; the limit is {limit} "
+                          f"(--max-request-body-bytes)", "body_too_large")
+
+
 class StrictRequest(Request):
     async def body(self) -> bytes:
         if not hasattr(self, "_body"):
             limit = self.app.state.limits.max_request_body_bytes
             declared = self.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
+                raise _too_large(int(declared), limit)  # not worth reading to the end
             size, chunks = 0, []
             async for chunk in self.stream():
                 size += len(chunk)
@@ -89,9 +96,7 @@ class StrictRequest(Request):
                 elif size > limit + DRAIN_BYTES:
                     break
             if size > limit or (declared.isdigit() and int(declared) > limit):
-                shown = int(declared) if declared.isdigit() else size
-                raise BodyError(413, f"the request body has {shown} bytes; the limit is "
-                                     f"{limit} (--max-request-body-bytes)", "body_too_large")
+                raise _too_large(int(declared) if declared.isdigit() else size, limit)
             self._body = b"".join(chunks)
         return self._body
 

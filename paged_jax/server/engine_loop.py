@@ -32,6 +32,9 @@ from paged_jax.request import RequestOutput
 from paged_jax.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+# Failed steps in a row (each failing only its own requests) after which the engine is taken
+# to be broken rather than fed a few bad requests: the loop stops and the server exits 1.
+MAX_CONSECUTIVE_STEP_FAILURES = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -106,13 +109,17 @@ class EngineLoop:
         rids = [f"{request_id}-{i}" if len(prompts) > 1 else request_id
                 for i in range(len(prompts))]
         accepted = self._loop.create_future()
+        handle.request_ids.extend(rids)
+        handle._unfinished.update(rids)
         self._commands.put(_AddBatch(list(zip(rids, prompts)), params, arrival,
                                      handle._deliver_from_thread(), accepted))
         if not self.healthy:  # the thread stopped after the check above: nobody will answer
             self._fail_pending_commands()
-        await accepted  # raises the refusal; nothing of the batch was queued then
-        handle.request_ids.extend(rids)
-        handle._unfinished.update(rids)
+        try:
+            await accepted  # raises the refusal; nothing of the batch was queued then
+        except BaseException:
+            handle.abort()  # cancelled while the engine thread added the batch: undo it
+            raise
         return handle
 
     def abort(self, request_ids: list[str]) -> None:
@@ -122,6 +129,7 @@ class EngineLoop:
     # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        failures = 0  # steps in a row that raised StepError
         try:
             while not self._stopping:
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
@@ -130,13 +138,17 @@ class EngineLoop:
                 started, steps = time.monotonic(), self.engine.stats.num_steps
                 try:
                     outputs = self.engine.step()
+                    failures = 0
                 except StepError as err:  # only that step's requests fail; the loop goes on
                     self._fail_requests(err)
-                    outputs = []
+                    outputs, failures = [], failures + 1
+                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        raise RuntimeError(f"{failures} steps in a row failed, the last with "
+                                           f"{err.cause!r}: the engine is not well") from err
                 self._publish(outputs, started)
                 if self.metrics is not None:
                     self.metrics.update_from_engine(self.engine)
-                if self.engine.stats.num_steps == steps and not outputs:
+                if self.engine.stats.num_steps == steps:
                     # Nothing ran (e.g. all preempted): do not spin. A step of prompt chunks
                     # only has no outputs either, but it ran: go straight on.
                     time.sleep(0.001)

@@ -86,8 +86,9 @@ NonEmpty = Field(min_length=1)
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[Annotated[str, NonEmpty], Annotated[list[Annotated[str, NonEmpty]], NonEmpty],
-                  Annotated[list[TokenId], NonEmpty],
+    # "" passes here, as in OpenAI's API: a tokenizer that adds a BOS token makes a prompt of
+    # it; the engine refuses a prompt of no tokens.
+    prompt: Union[str, Annotated[list[str], NonEmpty], Annotated[list[TokenId], NonEmpty],
                   Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)

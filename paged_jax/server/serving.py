@@ -1,10 +1,11 @@
 """/v1/completions and /v1/chat/completions: requests to engine prompts, engine outputs to
 OpenAI responses, whole or streamed as server-sent events.
 
-The event loop does no heavy work: tokenizing and chat templating run on one tokenizer
+Heavy work stays off the event loop: tokenizing and chat templating run on one tokenizer
 thread (a Rust tokenizer must not be used from two threads at once), detokenizing on the
-engine thread. A text prompt that is surely over the context length (more characters than
-max_model_len tokens can stand for) is refused before it is tokenized at all.
+engine thread. A text that is surely over the context length (more characters than
+max_model_len tokens can stand for) is refused before it is tokenized at all. (Pydantic
+validates a body on the loop; the body limit bounds that.)
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from paged_jax.server.engine_loop import (ClientDisconnected, EngineDeadError, E
                                           GenerationHandle, RequestFailedError)
 from paged_jax.server.errors import (OpenAIError, bad_request, context_length_error,
                                      error_body, from_value_error)
-from paged_jax.tokenizer import apply_chat_template, max_bytes_per_token
+from paged_jax.config import ServerLimits
+from paged_jax.tokenizer import max_bytes_per_token, render_chat
 
 CLIENT_CLOSED = 499  # nginx's code; the client is gone and never sees it
 
@@ -35,8 +37,10 @@ class ServerShuttingDownError(RuntimeError):
 
 
 class OpenAIServing:
-    def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int):
+    def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int,
+                 max_sequences_per_request: int = ServerLimits.max_sequences_per_request):
         self.loop = engine_loop
+        self.max_sequences_per_request = max_sequences_per_request
         # The server's own tokenizer, used only on its own thread: the engine thread decodes
         # with the engine's at the same time, and a Rust-backed tokenizer must not be shared
         # across threads.
@@ -47,6 +51,7 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.draining = False  # set at shutdown: new requests get a 503
+        self._drained = False  # set once drain() ended what was open: later ones end at once
         self._open: set[GenerationHandle] = set()
 
     def close(self) -> None:
@@ -61,11 +66,13 @@ class OpenAIServing:
         deadline = loop.time() + timeout
         while any(not h.done for h in self._open) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        self._shutdown_error = ServerShuttingDownError(
+            f"the server is shutting down and this request did not finish within the "
+            f"shutdown timeout ({timeout:g} s)")
+        self._drained = True
         for handle in list(self._open):
             if not handle.done:
-                handle.end(ServerShuttingDownError(
-                    f"the server is shutting down and this request did not finish within "
-                    f"the shutdown timeout ({timeout:g} s)"))
+                handle.end(self._shutdown_error)
 
     # ---- endpoints -------------------------------------------------------------------------
 
@@ -79,6 +86,11 @@ class OpenAIServing:
         texts = body.prompts()
         if not texts:
             raise bad_request("prompt must not be empty", param="prompt")
+        if len(texts) * params.n > self.max_sequences_per_request:
+            raise bad_request(f"the request holds {len(texts)} prompts x n={params.n} = "
+                              f"{len(texts) * params.n} sequences; the limit is "
+                              f"{self.max_sequences_per_request} (--max-sequences-per-request)",
+                              param="prompt", code="too_many_sequences")
         for text in texts:
             if isinstance(text, str):
                 self._check_text_length(text, params.max_tokens)
@@ -99,11 +111,13 @@ class OpenAIServing:
 
         def render():
             try:
-                return apply_chat_template(self.tokenizer, body.conversation(),
-                                           add_generation_prompt=body.add_generation_prompt)
+                text = render_chat(self.tokenizer, body.conversation(),
+                                   add_generation_prompt=body.add_generation_prompt)
             except Exception as err:  # no template, roles it rejects, non-text content
                 raise bad_request(f"the chat template could not be applied: {err}",
                                   param="messages") from err
+            self._check_text_length(text, params.max_tokens, "messages")
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
 
         ids = await self._on_tokenizer_thread(render)
         self._check_context(len(ids), params.max_tokens, "messages")
@@ -120,21 +134,23 @@ class OpenAIServing:
     async def _on_tokenizer_thread(self, fn):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn)
 
-    def _check_text_length(self, text: str, max_tokens: int | None) -> None:
-        """Refuses a text prompt that has more characters than max_model_len tokens can
-        stand for: it is surely too long, and tokenizing megabytes takes seconds."""
+    def _check_text_length(self, text: str, max_tokens: int | None,
+                           param: str = "prompt") -> None:
+        """Refuses a text (a prompt, or rendered messages) that has more characters than
+        max_model_len tokens can stand for: it is surely too long, and tokenizing megabytes
+        takes seconds."""
         if self.max_bytes_per_token is None:
             return
         at_least = math.ceil(len(text) / self.max_bytes_per_token)  # characters <= bytes
-        if at_least + (max_tokens or 0) > self.max_model_len or at_least >= self.max_model_len:
-            raise OpenAIError(
-                400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, your prompt has {len(text)} characters, which is at least "
-                f"{at_least} tokens (a token stands for at most {self.max_bytes_per_token} "
-                f"bytes){'' if max_tokens is None else f', and {max_tokens} more were '}"
-                f"{'' if max_tokens is None else 'requested in the completion'}. Please "
-                f"reduce the length of the prompt.", param="prompt",
-                code="context_length_exceeded")
+        if at_least + (max_tokens or 0) <= self.max_model_len and at_least < self.max_model_len:
+            return
+        what = "prompt" if param == "prompt" else "messages"
+        asked = "" if max_tokens is None else f", and {max_tokens} more in the completion"
+        raise OpenAIError(
+            400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
+            f"your {what} of {len(text)} characters take at least {at_least} tokens (a token "
+            f"stands for at most {self.max_bytes_per_token} bytes){asked}. Please reduce the "
+            f"length of the {what}.", param=param, code="context_length_exceeded")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -170,6 +186,8 @@ class OpenAIServing:
             raise OpenAIError(503, str(err), type="server_error", code="engine_dead") from err
         self._open = {h for h in self._open if not h.done}
         self._open.add(handle)
+        if self._drained:  # submitted while drain() ended the others: end it the same way
+            handle.end(self._shutdown_error)
         handle.watch_disconnect(request.receive)
         prompt_tokens = sum(len(x["prompt_token_ids"]) for x in prompts)
         if body.stream:

@@ -9,9 +9,11 @@ open connections a 503; then every request still open is ended by OpenAIServing.
 stream with an error event naming the shutdown and data: [DONE], a whole response with a
 503), the engine thread stops, and the process exits 0. A second SIGINT quits at once.
 
-Slow clients: a new connection that has not sent a request's headers within
-ServerLimits.header_read_timeout is closed (slowloris). uvicorn's own keep-alive timeout
-closes idle connections between requests (--timeout-keep-alive, 5 s).
+Slow clients: a connection that has not sent a whole request's headers within
+ServerLimits.header_read_timeout of opening, or of its last response, is closed (slowloris).
+uvicorn's own keep-alive timeout closes connections idle between requests
+(--timeout-keep-alive, 5 s). --limit-concurrency answers requests beyond it with uvicorn's
+plain-text 503, /health included.
 """
 from __future__ import annotations
 
@@ -63,18 +65,29 @@ class GracefulServer(uvicorn.Server):
 
 
 def header_timeout_protocol(base: type, timeout: float) -> type:
-    """`base` (uvicorn's HTTP protocol class), closing a connection whose first request's
-    headers have not all arrived `timeout` seconds after it opened. Later requests on a
-    kept-alive connection are bounded by uvicorn's keep-alive timeout, which runs until
-    their headers are complete."""
+    """`base` (uvicorn's HTTP protocol class), closing a connection that has not sent a
+    whole request's headers `timeout` seconds after it opened or after its last response
+    (uvicorn's keep-alive timeout stops at the next request's first byte, so a client could
+    otherwise hold a kept-alive connection open one header byte at a time)."""
 
     class HeaderTimeoutProtocol(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._header_timer = self.loop.call_later(timeout, self._headers_too_slow)
+            self._arm_header_timer()
 
-        def _headers_too_slow(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            # A request whose headers are complete gets a new cycle; until then the cycle
+            # is the one of the last response (None on a new connection).
+            cycle = self.cycle
+            self._header_timer = self.loop.call_later(timeout, self._headers_too_slow, cycle)
+
+        def _headers_too_slow(self, cycle) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
                 log.info("closing a connection that sent no request headers in %gs", timeout)
                 self.transport.close()
 

@@ -19,7 +19,8 @@ MODEL_NAME = "tiny-llama"
 ENGINE_ARGS = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=16,
                    max_num_batched_tokens=256)
 # Server flags (not engine options) of the shared server: small limits, to test them.
-SERVER_ARGS = dict(max_request_body_bytes=8 << 20, header_read_timeout=2)
+SERVER_ARGS = dict(max_request_body_bytes=6 << 20, header_read_timeout=2,
+                   max_sequences_per_request=64)
 STARTUP_TIMEOUT_S = 180
 
 
@@ -54,14 +55,14 @@ class LiveServer:
 
 
 def start_server(model_dir: pathlib.Path, log_path: pathlib.Path, args: dict,
-                 script: pathlib.Path | None = None) -> LiveServer:
+                 script: pathlib.Path | None = None, script_args: tuple = ()) -> LiveServer:
     """`python -m paged_jax serve` (or `python script serve`, a wrapper that patches the
     engine first) on a free loopback port with the test key and model name; returns once
     /health answers 200. args: flag name -> value (None: a flag without one)."""
     port = free_port()
     flags = [f"--{k.replace('_', '-')}" + ("" if v is None else f"={v}")
              for k, v in args.items()]
-    entry = [str(script)] if script is not None else ["-m", "paged_jax"]
+    entry = [str(script), *script_args] if script is not None else ["-m", "paged_jax"]
     cmd = [sys.executable, *entry, "serve", "--model", str(model_dir), "--port", str(port),
            "--api-key", API_KEY, "--served-model-name", MODEL_NAME, "--no-access-log", *flags]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

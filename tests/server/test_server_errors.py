@@ -56,7 +56,7 @@ def test_prompt_plus_max_tokens_over_context_is_400(client, server):
 
 
 def test_engine_refusals_are_400(client, server):
-    for prompt, words in [([60000], "outside the vocabulary"), ("", "at least 1"),
+    for prompt, words in [([60000], "outside the vocabulary"), ("", "empty"),
                           ([], "at least 1"), ([[]], "at least 1"), ([True], "valid")]:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=server.model, prompt=prompt, max_tokens=4)

@@ -30,34 +30,52 @@ def error_of(response, status=400) -> dict:
 
 
 class Background:
-    """A long greedy completion running on another thread while the test misbehaves."""
+    """A long greedy completion, streamed on another thread while the test misbehaves; the
+    test goes on once its first token has arrived (it is running, not queued)."""
 
     def __init__(self, server, max_tokens=120):
         self.body = {"model": server.model, "prompt": "Once upon a time", "temperature": 0,
-                     "max_tokens": max_tokens, "ignore_eos": True}
-        self.server, self.response = server, None
+                     "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        self.server, self.events, self.status = server, [], None
+        self.running = threading.Event()
         self.thread = threading.Thread(target=self._run)
 
     def _run(self):
-        self.response = post(self.server, self.body)
+        try:
+            with self.server.http(timeout=120) as http:
+                with http.stream("POST", "/v1/completions", json=self.body) as r:
+                    self.status = r.status_code
+                    for line in r.iter_lines():
+                        if line.startswith("data: "):
+                            self.events.append(line[len("data: "):])
+                            self.running.set()
+        finally:
+            self.running.set()
 
     def __enter__(self):
         self.thread.start()
-        time.sleep(0.2)  # let it start decoding
+        assert self.running.wait(60)
         return self
 
     def __exit__(self, *exc):
         self.thread.join(120)
 
     def check(self):
-        assert self.response is not None and self.response.status_code == 200
-        choice = self.response.json()["choices"][0]
-        assert choice["finish_reason"] == "length"
-        assert self.response.json()["usage"]["completion_tokens"] == self.body["max_tokens"]
+        assert self.status == 200 and self.events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in self.events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for c in chunks for ch in c["choices"] if ch["text"]) >= 1
 
 
-@pytest.mark.parametrize("top_k", [2**31, 2**70, 10**9, 49153])
-def test_top_k_past_the_device_arrays_is_400_and_the_engine_serves_on(server, top_k):
+def greedy_text(server, **extra):
+    r = post(server, {"model": server.model, "prompt": "Tell me", "max_tokens": 8,
+                      "temperature": 0.8, "seed": 5, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("top_k", [2**31, 2**70])
+def test_top_k_past_int32_is_400_and_the_engine_serves_on(server, top_k):
     with Background(server) as other:
         r = post(server, {"model": server.model, "prompt": "Hi", "max_tokens": 2,
                           "top_k": top_k})
@@ -70,9 +88,14 @@ def test_top_k_past_the_device_arrays_is_400_and_the_engine_serves_on(server, to
             m["paged_jax:num_requests_waiting"]) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("top_k", [49152, 49153, 10**9])
+def test_top_k_at_or_past_the_vocabulary_keeps_every_token_as_vllm(server, top_k):
+    assert greedy_text(server, top_k=top_k) == greedy_text(server)
+
+
 @pytest.mark.parametrize("field, value", [
     ("temperature", 1e308), ("temperature", 1e39), ("repetition_penalty", 1e39),
-    ("min_p", 1e39), ("seed", 2**64), ("seed", -1), ("stop_token_ids", [2**40]),
+    ("min_p", 1e39), ("seed", 2**64), ("seed", -2), ("stop_token_ids", [2**40]),
 ])
 def test_values_no_device_array_holds_are_400_naming_the_field(server, field, value):
     r = post(server, {"model": server.model, "prompt": "Hi", "max_tokens": 2, field: value})
@@ -118,6 +141,13 @@ def test_empty_body_and_deep_nesting_get_clear_messages(server):
         body = f'{{"model": "{server.model}", "prompt": "Hi", "user": {nested}}}'.encode()
         err = error_of(post(server, body))
         assert err["code"] == "json_too_deep" and "64 levels" in err["message"]
+
+
+def test_too_many_sequences_in_one_request_is_400_naming_the_limit(server):
+    r = post(server, {"model": server.model, "prompt": ["a"] * 9, "n": 8, "max_tokens": 2})
+    err = error_of(r)
+    assert err["code"] == "too_many_sequences" and "72" in err["message"]
+    assert str(SERVER_ARGS["max_sequences_per_request"]) in err["message"]
 
 
 def test_a_body_over_the_limit_is_413_naming_the_limit(server):
@@ -183,14 +213,24 @@ def test_a_batch_refused_as_a_whole_counts_as_refused_not_aborted(server):
     assert after[ABORTED] == before[ABORTED]
 
 
-@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"])
-def test_a_connection_without_headers_is_closed_after_the_header_timeout(server, sent):
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("first, sent", [
+    (None, b""), (None, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"),
+    (HEALTH, b"GET /health HTTP/1.1\r\nHo"),  # kept alive, then one header byte at a time
+])
+def test_a_connection_without_headers_is_closed_after_the_header_timeout(server, first, sent):
     import socket
     import urllib.parse
 
     url = urllib.parse.urlparse(server.base_url)
     timeout = SERVER_ARGS["header_read_timeout"]
     with socket.create_connection((url.hostname, url.port)) as sock:
+        if first is not None:
+            sock.sendall(first)
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         sock.sendall(sent)
         sock.settimeout(timeout + 10)
         start = time.monotonic()

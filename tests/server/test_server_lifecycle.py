@@ -43,8 +43,20 @@ def test_a_failed_step_fails_its_request_alone(poisoned_server):
     async def scenario():
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60, headers={
                 "Authorization": f"Bearer {server.api_key}"}) as http:
-            other = asyncio.create_task(http.post("/v1/completions", json=body))
-            await asyncio.sleep(0.3)
+            decoding = asyncio.Event()
+
+            async def run_other():  # streamed, so the test knows when it decodes
+                text = ""
+                async with http.stream("POST", "/v1/completions",
+                                       json={**body, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                            decoding.set()
+                return r.status_code, text
+
+            other = asyncio.create_task(run_other())
+            await asyncio.wait_for(decoding.wait(), 60)
             poisoned = {"model": server.model, "prompt": "Hi", "max_tokens": 8,
                         "temperature": 0.5, "seed": STEP_FAILS}
             whole = await http.post("/v1/completions", json=poisoned)
@@ -59,7 +71,7 @@ def test_a_failed_step_fails_its_request_alone(poisoned_server):
     assert err["code"] == "step_failed" and "OverflowError" in err["message"]
     assert streamed.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "step_failed"
-    assert other.status_code == 200 and other.json()["choices"][0]["text"] == want
+    assert other == (200, want)
     assert httpx.get(server.base_url + "/health").status_code == 200
     m = wait_idle(server)
     assert (m["paged_jax:kv_cache_usage_perc"], m["paged_jax:num_requests_running"],
@@ -78,8 +90,11 @@ def test_an_engine_that_cannot_go_on_exits_non_zero(poisoned_server):
 
 
 def test_sigterm_ends_every_open_stream_and_exits_0(tiny_chat_model_dir, tmp_path):
+    # Steps slowed to at least 10 ms, so that 100 tokens take longer than the timeout on any
+    # machine and the shutdown has streams to end.
     server = start_server(tiny_chat_model_dir, tmp_path / "log",
-                          {**ENGINE_ARGS, "shutdown_timeout": SHUTDOWN_TIMEOUT})
+                          {**ENGINE_ARGS, "shutdown_timeout": SHUTDOWN_TIMEOUT},
+                          script=POISONED, script_args=("--step-delay", "0.01"))
     try:
         streams, whole, elapsed = asyncio.run(_sigterm_under_load(server))
         code = server.process.wait(timeout=SHUTDOWN_TIMEOUT + 20)
@@ -98,13 +113,15 @@ def test_sigterm_ends_every_open_stream_and_exits_0(tiny_chat_model_dir, tmp_pat
             ended_by_shutdown += 1
         else:
             assert last["choices"][0]["finish_reason"] == "length"
-    assert ended_by_shutdown > 0  # 240 tokens each cannot all finish in the timeout
+    assert ended_by_shutdown == 16  # 100 slowed steps cannot finish in the timeout
     for r in whole:
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
 
 
 async def _sigterm_under_load(server):
-    body = {"model": server.model, "prompt": "Tell me a long story", "max_tokens": 240,
+    # 16 x 100 tokens fit the pool (no preemption), so the only waiting requests are the two
+    # whole ones, queued behind max_num_seqs.
+    body = {"model": server.model, "prompt": "Tell me a long story", "max_tokens": 100,
             "ignore_eos": True, "stream": True}
     started = asyncio.Event()
     num_started = 0
@@ -130,7 +147,10 @@ async def _sigterm_under_load(server):
         whole = [asyncio.create_task(http.post("/v1/completions",
                                                json={**body, "stream": False}))
                  for _ in range(2)]
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30  # both queued behind the 16 (max_num_seqs)
+        while server.metrics()["paged_jax:num_requests_waiting"] < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
         start = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         results = await asyncio.gather(*streams)
