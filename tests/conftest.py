@@ -31,6 +31,43 @@ ROPE_SCALING_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The quick tier, `pytest -m "not slow"`: the host-side bookkeeping, the sampler and the
+# kernels' unit tests, in under 3 minutes on 2 cores. These modules are the slow tier (CI
+# runs both); a single test elsewhere may carry @pytest.mark.slow itself.
+SLOW_MODULES = {
+    # the real SmolLM2 (conversion, transformers as the reference)
+    "test_model_vs_hf.py", "test_weights.py",
+    # engines end to end: each compiles a model's step shapes, and checks outputs against
+    # dense runs
+    "test_engine.py", "test_swap.py", "test_chunked_prefill.py", "test_prefix_caching.py",
+    "test_spec_decode.py", "test_beam_search.py", "test_step_failure.py", "test_mixtral.py",
+    "test_precompile.py", "test_pallas_engine.py", "test_sharing.py",
+    # several processes, or a live server process
+    "test_tensor_parallel.py", "test_cli.py", "test_server_api.py", "test_server_errors.py",
+    "test_server_fuzz.py", "test_server_hostile.py", "test_server_lifecycle.py",
+    "test_server_load.py",
+    # experiments and notebooks run end to end
+    "test_notebooks.py", "test_batching.py", "test_memory_waste.py",
+    "test_preemption_experiment.py", "test_schedule_cost_experiment.py",
+    "test_spec_decode_experiment.py", "test_throughput_peers.py",
+    # the Mosaic GPU kernel in its (slow) interpreter
+    "test_paged_attention_mgpu.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+    # The full kernel parameter product runs only when asked for by name (`-m full`); done
+    # here rather than with addopts' -m, which a `-m "not slow"` on the command line replaces.
+    if "full" not in (config.option.markexpr or ""):
+        full = [item for item in items if item.get_closest_marker("full")]
+        if full:
+            config.hook.pytest_deselected(items=full)
+            items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
 @pytest.fixture(scope="session")
 def paged_jax_cache_dir(tmp_path_factory) -> pathlib.Path:
     """A GGUF conversion cache private to this test session (CI machines start empty)."""
