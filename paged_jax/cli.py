@@ -39,12 +39,18 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = str(field.type)
-        help_text = f"default: {field.default}"
+        choices = [c for c in field.metadata.get("choices") or () if c is not None]
+        help_text = field.metadata["help"]
+        if choices:
+            help_text += f"; one of {', '.join(str(c) for c in choices)}"
+        if "default" not in help_text:
+            help_text += f" (default: {field.default})"
         if "bool" in kind:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                default=field.default, help=help_text)
         else:
             group.add_argument(flag, dest=field.name, default=field.default, help=help_text,
+                               choices=choices or None, metavar=field.name.upper(),
                                type=parse_int if "int" in kind else
                                float if "float" in kind else str)
 
@@ -60,6 +66,13 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
                         header_read_timeout=args.header_read_timeout)
 
 
+def add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--log-level", default=default,
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="debug also shows the traceback of an error (default: "
+                        "%(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paged-jax", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on /v1/* routes")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: --model)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug"])
+    add_log_level(serve, "info")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
     serve.add_argument("--max-request-body-bytes", type=parse_int,
                        default=ServerLimits.max_request_body_bytes,
@@ -105,11 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    add_log_level(gen, "warning")
     add_engine_options(gen)
 
     conv = commands.add_parser("convert", help="save the model's converted parameters as an "
                                "Orbax checkpoint folder (loaded shard by shard by --model DIR)")
     conv.add_argument("--output", required=True, help="the checkpoint folder to write")
+    add_log_level(conv, "warning")
     add_engine_options(conv)
     return parser
 
@@ -181,10 +195,21 @@ def main(argv: list[str] | None = None) -> int:
             server_limits(args)
     except ValueError as err:
         parser.error(str(err))
-    logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
+    level = getattr(args, "log_level", None)
+    logging.basicConfig(level=level.upper() if level else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = {"serve": serve, "generate": generate, "convert": convert}[args.command](args, config)
-    return code or 0
+    if level != "debug":  # JAX's probe for a TPU, at INFO on every machine without one
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    command = {"serve": serve, "generate": generate, "convert": convert}[args.command]
+    try:
+        return command(args, config) or 0
+    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        # A model that is missing or not supported, an option the model cannot take: one
+        # line, no traceback (which --log-level debug shows).
+        if level == "debug":
+            raise
+        print(f"paged-jax {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,60 +8,91 @@ import dataclasses
 # it can run (float32, one process, a C++ compiler), else "xla".
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
+DTYPES = ("auto", "float32", "bfloat16")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+SPECULATIVE_METHODS = (None, "ngram")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 DEFAULT_SWAP_SPACE_BYTES = 4 << 30  # vLLM's swap_space default, 4 GiB
 
 
+def option(default, help: str, choices: tuple | None = None):
+    """A field with its one-line description (and its choices), which `--help` shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "auto"  # "auto": float32 on the CPU, bfloat16 on accelerators
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
-    kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: max_model_len
-    precompile: bool = False
+    model: str | None = option(
+        None, "a Hugging Face checkpoint folder, a .gguf file or an Orbax folder written by "
+        "`paged-jax convert` (default: the embedded SmolLM2-135M-Instruct)")
+    dtype: str = option("auto", "the model's dtype; auto: float32 on the CPU (XLA's CPU "
+                        "bfloat16 matmuls are slower), bfloat16 on accelerators",
+                        DTYPES)
+    block_size: int = option(16, "tokens per KV block", BLOCK_SIZES)
+    num_kv_blocks: int | None = option(None, "KV blocks in the pool; overrides "
+                                       "kv_cache_memory_bytes")
+    kv_cache_memory_bytes: int = option(DEFAULT_KV_CACHE_BYTES,
+                                        "device memory for the KV pool, per device (512M, 2G)")
+    max_model_len: int | None = option(None, "longest prompt + output in tokens (default: the "
+                                       "model's max_position_embeddings, at most "
+                                       "2048)")
+    max_num_seqs: int = option(64, "most sequences in one step")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one step (default: max_model_len)")
+    precompile: bool = option(False, "compile every step shape at start-up, so that no "
+                              "request waits for a compile")
     # Decodes and new prompts in one step (decode-first, as vLLM V1 batches); False: every
     # step is all prefill or all decode, prefill first (vLLM V0 and the paper).
-    mixed_batches: bool = True
+    mixed_batches: bool = option(True, "new prompts join decoding steps (vLLM V1); off: "
+                                 "prefill-only or decode-only steps, as in the paper")
     # Automatic prefix caching (vLLM's enable_prefix_caching, on by default as in vLLM V1):
     # full KV blocks are kept under a hash of their prefix and shared by later requests that
     # start with the same tokens (n > 1 samples, a common system prompt, a preempted request).
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = option(True, "share the KV blocks of common prompt "
+                                         "prefixes between requests")
     # Chunked prefill: a prompt that does not fit a step's token budget beside the decodes is
     # computed over several steps, so long prompts never stall decoding and
     # max_num_batched_tokens may be below max_model_len. Needs mixed_batches.
-    enable_chunked_prefill: bool = False
+    enable_chunked_prefill: bool = option(False, "compute a long prompt over several steps "
+                                          "beside the decodes (needs mixed batches)")
     # How a request gives up its KV blocks when a decode finds none free: "recompute" (drop
     # them, compute its tokens again when readmitted) or "swap" (copy its computed blocks to
     # host memory and back; recompute when the host blocks run out). The paper's Sec. 4.5.
-    preemption_mode: str = "recompute"
-    swap_space_bytes: int = DEFAULT_SWAP_SPACE_BYTES  # host memory for swapped blocks
-    num_cpu_blocks: int | None = None  # overrides swap_space_bytes
+    preemption_mode: str = option("recompute", "how a preempted request gives up its KV "
+                                  "blocks: dropped and recomputed, or swapped to host memory",
+                                  PREEMPTION_MODES)
+    swap_space_bytes: int = option(DEFAULT_SWAP_SPACE_BYTES,
+                                   "host memory for swapped-out KV blocks")
+    num_cpu_blocks: int | None = option(None, "host KV blocks for swap; overrides "
+                                        "swap_space_bytes")
     # Speculative decoding (spec_decode.py): "ngram" drafts up to num_speculative_tokens
     # tokens a step by prompt lookup (the longest suffix of prompt_lookup_max down to
     # prompt_lookup_min tokens seen before), verified in one step. Needs mixed_batches.
-    speculative_method: str | None = None
-    num_speculative_tokens: int = 0
-    prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 1
-    attention_backend: str = "auto"
-    seed: int = 0
-    tensor_parallel_size: int = 1  # devices the model is split over (paged_jax/sharding.py)
-    cache_dir: str | None = None  # where converted checkpoints are kept
+    speculative_method: str | None = option(None, "speculative decoding: ngram (prompt "
+                                            "lookup drafts; needs mixed batches)",
+                                            SPECULATIVE_METHODS)
+    num_speculative_tokens: int = option(0, "most drafts a step per request (1-16, with "
+                                         "speculative_method)")
+    prompt_lookup_max: int = option(4, "longest suffix an n-gram draft is looked up by")
+    prompt_lookup_min: int = option(1, "shortest suffix an n-gram draft is looked up by")
+    attention_backend: str = option("auto", "paged attention: auto (pallas on a GPU, the C++ "
+                                    "kernel on the CPU where it builds, else xla)",
+                                    ATTENTION_BACKENDS)
+    seed: int = option(0, "seed of the engine's random draws (unseeded requests' seeds)")
+    tensor_parallel_size: int = option(1, "devices the model is split over (a tp mesh axis)")
+    cache_dir: str | None = option(None, "where converted checkpoints are kept (default: "
+                                   "~/.cache/paged_jax)")
     # Multi-host (jax.distributed.initialize): "host:port" of process 0, the process count and
     # this process's index. None of them: JAX's own detection (Slurm, Open MPI,
     # JAX_COORDINATOR_ADDRESS) if the environment describes a cluster, else one process.
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    coordinator_address: str | None = option(None, "multi-host: host:port of process 0")
+    num_processes: int | None = option(None, "multi-host: the number of processes")
+    process_id: int | None = option(None, "multi-host: this process's index")
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.block_size not in (8, 16, 32, 64, 128):
+        if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
                              f"{self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
@@ -78,7 +109,7 @@ class EngineConfig:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 1:
             raise ValueError(f"num_cpu_blocks must be >= 1, got {self.num_cpu_blocks}")
-        if self.speculative_method not in (None, "ngram"):
+        if self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be None or 'ngram', got "
                              f"{self.speculative_method!r}")
         if self.speculative_method is not None:

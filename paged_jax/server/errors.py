@@ -52,15 +52,16 @@ def from_value_error(err: ValueError) -> OpenAIError:
 
 def context_length_error(max_model_len: int, prompt_len: int, max_tokens: int | None,
                          param: str) -> OpenAIError:
+    """param: "prompt" (completions) or "messages" (chat), which the message speaks of."""
     if max_tokens is None:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, "
-                   f"your messages resulted in {prompt_len} tokens. Please reduce the length "
-                   f"of the messages.")
+                   f"your {param} resulted in {prompt_len} tokens. Please reduce the length "
+                   f"of the {param}.")
     else:
         message = (f"This model's maximum context length is {max_model_len} tokens. However, "
                    f"you requested {prompt_len + max_tokens} tokens ({prompt_len} in the "
-                   f"messages, {max_tokens} in the completion). Please reduce the length of "
-                   f"the messages or completion.")
+                   f"{param}, {max_tokens} in the completion). Please reduce the length of "
+                   f"the {param} or completion.")
     return bad_request(message, param=param, code="context_length_exceeded")
 
 

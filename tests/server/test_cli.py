@@ -34,7 +34,22 @@ def test_invalid_engine_option_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--block-size", "7"])
     assert info.value.code == 2
-    assert "block_size" in capsys.readouterr().err
+    assert "--block-size: invalid choice: 7" in capsys.readouterr().err
+
+
+def test_every_engine_option_has_a_help_text_that_help_shows(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--help"])
+    assert info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field in dataclasses.fields(EngineConfig):
+        text = field.metadata.get("help")
+        assert text and len(text) > 10, field.name
+        assert "--" + field.name.replace("_", "-") in shown
+        assert " ".join(text.split()) in shown, field.name
+        for choice in field.metadata.get("choices") or ():
+            if choice is not None:
+                assert str(choice) in shown
 
 
 def test_generate_prints_llm_output(tiny_chat_model_dir, capsys):
@@ -60,3 +75,18 @@ def test_convert_writes_an_orbax_checkpoint_that_loads_the_same(tiny_chat_model_
     want = {p: v[...] for p, v in nnx.to_flat_state(load_model(str(tiny_chat_model_dir)).params)}
     assert flat.keys() == want.keys()
     assert all(np.array_equal(np.asarray(flat[p]), np.asarray(want[p])) for p in want)
+
+
+@pytest.mark.parametrize("model, words", [
+    ("/no/such/folder", "model folder /no/such/folder does not exist"),
+    ("/no/such/model.gguf", "GGUF file /no/such/model.gguf does not exist"),
+])
+def test_a_missing_model_is_one_line_on_stderr_and_exit_1(model, words):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "paged_jax", "generate", "--model", model,
+                          "--prompt", "Hi"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"paged-jax generate: error: {words}")

@@ -45,7 +45,7 @@ def test_prompt_plus_max_tokens_over_context_is_400(client, server):
     err = assert_error(info.value.body)
     assert err["message"] == (
         "This model's maximum context length is 256 tokens. However, you requested 266 tokens "
-        "(250 in the messages, 16 in the completion). Please reduce the length of the messages "
+        "(250 in the prompt, 16 in the completion). Please reduce the length of the prompt "
         "or completion.")
     assert err["code"] == "context_length_exceeded"
 
