@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import pathlib
 import re
 import sys
 
@@ -34,22 +36,24 @@ def parse_int(text: str) -> int:
     return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
+def add_engine_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """defaults: this command's own defaults where they differ from EngineConfig's."""
     group = parser.add_argument_group("engine options (EngineConfig)")
     for field in dataclasses.fields(EngineConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = str(field.type)
+        default = defaults.get(field.name, field.default)
         choices = [c for c in field.metadata.get("choices") or () if c is not None]
         help_text = field.metadata["help"]
         if choices:
             help_text += f"; one of {', '.join(str(c) for c in choices)}"
-        if "default" not in help_text:
-            help_text += f" (default: {field.default})"
+        if "default" not in help_text or field.name in defaults:
+            help_text += f" (default: {default})"
         if "bool" in kind:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                               default=field.default, help=help_text)
+                               default=default, help=help_text)
         else:
-            group.add_argument(flag, dest=field.name, default=field.default, help=help_text,
+            group.add_argument(flag, dest=field.name, default=default, help=help_text,
                                choices=choices or None, metavar=field.name.upper(),
                                type=parse_int if "int" in kind else
                                float if "float" in kind else str)
@@ -110,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--disable-fastapi-docs", action="store_true",
                        help="serve no /docs, /redoc or /openapi.json (otherwise they are "
                        "behind --api-key like /v1)")
-    add_engine_options(serve)
+    # A server starts ready: every step shape compiled before /health says so (vLLM warms up
+    # before it serves too), instead of a first request that waits seconds for a compile.
+    add_engine_options(serve, precompile=True)
 
     gen = commands.add_parser("generate", help="generate once with paged_jax.LLM and print it")
     gen.add_argument("--prompt", required=True)
@@ -198,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(args, "log_level", None)
     logging.basicConfig(level=level.upper() if level else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # Compiled steps kept on disk: a second start of the same model and options compiles
+        # (almost) nothing.
+        import jax
+
+        root = pathlib.Path(config.cache_dir).expanduser() if config.cache_dir else (
+            pathlib.Path("~/.cache/paged_jax").expanduser())
+        jax.config.update("jax_compilation_cache_dir", str(root / "jax"))
     if level != "debug":  # JAX's probe for a TPU, at INFO on every machine without one
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     command = {"serve": serve, "generate": generate, "convert": convert}[args.command]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from paged_jax.attention import AttentionMetadata
 from paged_jax.models.forward import forward
@@ -84,7 +85,9 @@ class ModelRunner:
         return self._compiled[key]
 
     def precompile(self, buckets: Buckets) -> None:
-        for key in buckets.all_shapes():
+        shapes = list(buckets.all_shapes())
+        # A progress bar in a terminal or a notebook (tqdm leaves it out elsewhere).
+        for key in tqdm(shapes, desc="Compiling step shapes", unit="shape", disable=None):
             self._executable(key)
         if self.swap_space is not None:
             self.swap_space.precompile(self.kv_caches)

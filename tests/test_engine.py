@@ -295,15 +295,19 @@ def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
         _pick_backend("cpu", False, "float32", False)
 
 
-def test_a_bfloat16_model_handed_in_runs_on_the_xla_path(tiny_dir):
+def test_a_bfloat16_model_handed_in_runs_on_the_xla_path(tiny_dir, caplog):
     # The loaded model's dtype decides, not EngineConfig.dtype ("auto" here).
     from paged_jax import LLMEngine
     from paged_jax.config import EngineConfig
     from paged_jax.models.loader import load_model
 
     model = load_model(str(tiny_dir), "bfloat16", with_tokenizer=False)
-    engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=64), model=model)
+    with caplog.at_level("WARNING", logger="paged_jax.engine"):
+        engine = LLMEngine(EngineConfig(num_kv_blocks=16, max_model_len=64), model=model)
     assert engine.backend == "xla"
+    # ... and the user is told what that costs and why.
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("3x slower than float32" in w and "XLA path" in w for w in warned)
 
 
 def test_followers_get_one_stop_and_nothing_after_it_whatever_the_threads(llm):

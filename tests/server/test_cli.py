@@ -24,7 +24,9 @@ def test_every_engine_option_is_a_flag():
                                   attention_backend="xla", seed=3, tensor_parallel_size=2,
                                   cache_dir="/tmp/c")
     defaults = cli.engine_config(parser.parse_args(["serve"]))
-    assert defaults == EngineConfig()
+    assert defaults == EngineConfig(precompile=True)  # a server starts ready
+    assert cli.engine_config(parser.parse_args(["generate", "--prompt", "x"])) == EngineConfig()
+    assert not cli.engine_config(parser.parse_args(["serve", "--no-precompile"])).precompile
     assert (args.host, args.port) == ("127.0.0.1", 8000)
     flags = {a.dest for a in parser._subparsers._group_actions[0].choices["serve"]._actions}
     assert {f.name for f in dataclasses.fields(EngineConfig)} <= flags
