@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from results_file import describe, machine  # noqa: E402
 from workload import DATASETS, lognormal_lengths  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -293,7 +294,9 @@ def main(argv):
         if process is not None:
             process.terminate()
             process.wait(timeout=30)
+    summary["machine"] = machine()
     report(summary)
+    print(f"machine: {describe(summary['machine'])}")
     if FLAGS.out:
         pathlib.Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(FLAGS.out).write_text(json.dumps(summary, indent=2) + "\n")

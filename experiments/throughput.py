@@ -17,6 +17,7 @@ import time
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from results_file import describe, machine  # noqa: E402
 from workload import synthetic  # noqa: E402
 
 from paged_jax import LLM, SamplingParams  # noqa: E402
@@ -355,6 +356,8 @@ def main(argv):
         print(f"ratio paged-jax / transformers static: {ratio:.2f}x  (target >= 3x on this CPU; "
               f"vLLM launch post: 14-24x HF on GPUs)")
     run_peers(results, llm, work)
+    results["machine"] = {**machine(), **results["machine"]}
+    print(f"machine: {describe(results['machine'])}")
     out = pathlib.Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
