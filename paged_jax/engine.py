@@ -153,30 +153,42 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         """prompt: a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
         Raises ValueError for a request that can never run; other requests are untouched."""
-        params = params or SamplingParams()
-        text, ids = self.check_request(prompt, params, request_id)
-        limit = self.max_model_len - len(ids)
-        max_total = len(ids) + min(params.max_tokens or limit, limit)
+        self.add_requests([(request_id, prompt, params)], arrival_time)
+
+    def add_requests(self, requests: list[tuple[str, object, SamplingParams | None]],
+                     arrival_time: float | None = None) -> None:
+        """(request id, prompt, params) each: all are added, or, if any can never run (a
+        ValueError naming why), none is, so a refused batch leaves nothing queued."""
+        ids = [rid for rid, _, _ in requests]
+        if len(set(ids)) < len(ids):
+            raise ValueError(f"request ids {ids} repeat within the batch")
+        checked = []
+        for rid, prompt, params in requests:
+            params = params or SamplingParams()
+            checked.append((rid, prompt, params, *self.check_request(prompt, params, rid)))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        group = []
-        for i in range(params.n):
-            seed = (params.seed + i if params.seed is not None else self._rng.getrandbits(63))
-            rid = request_id if params.n == 1 else f"{i}_{request_id}"
-            group.append(Request(rid, list(ids), params, max_total, seed,
-                                 self.model.eos_token_ids, text, arrival))
-        self._groups[request_id] = group
-        for req in group:
-            self._requests[req.request_id] = req
-            self._group_of[req.request_id] = request_id
-            self.scheduler.add(req)
-        if self._channel is not None:
-            self._published.append(("add", request_id, prompt, params, arrival))
+        for request_id, prompt, params, text, ids in checked:
+            limit = self.max_model_len - len(ids)
+            max_total = len(ids) + min(params.max_tokens or limit, limit)
+            group = []
+            for i in range(params.n):
+                seed = (params.seed + i if params.seed is not None
+                        else self._rng.getrandbits(63))
+                rid = request_id if params.n == 1 else f"{i}_{request_id}"
+                group.append(Request(rid, list(ids), params, max_total, seed,
+                                     self.model.eos_token_ids, text, arrival))
+            self._groups[request_id] = group
+            for req in group:
+                self._requests[req.request_id] = req
+                self._group_of[req.request_id] = request_id
+                self.scheduler.add(req)
+            if self._channel is not None:
+                self._published.append(("add", request_id, prompt, params, arrival))
 
     def check_request(self, prompt, params: SamplingParams,
                       request_id: str | None = None) -> tuple[str | None, list[int]]:
         """What add_request checks, without adding: raises ValueError for a request that can
-        never run, so a batch can be refused as a whole before any of it is queued. Returns
-        (the prompt's text if it had one, its token ids)."""
+        never run. Returns (the prompt's text if it had one, its token ids)."""
         if request_id is not None and request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)

@@ -42,17 +42,8 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
-        for prompt, p in zip(prompts, params):  # a bad prompt refuses the batch before any runs
-            engine.check_request(prompt, p)
-        ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                rid = str(next(self._ids))
-                engine.add_request(rid, prompt, p)
-                ids.append(rid)
-        except Exception:
-            engine.abort_request(ids)  # a bad prompt must not leave its batch-mates queued
-            raise
+        ids = [str(next(self._ids)) for _ in prompts]
+        engine.add_requests(list(zip(ids, prompts, params)))  # a bad prompt refuses them all
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,

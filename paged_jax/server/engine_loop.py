@@ -208,23 +208,15 @@ class EngineLoop:
             self.metrics.update_from_engine(self.engine)  # freed blocks show at once
 
     def _add(self, cmd: _AddBatch) -> None:
-        engine = self.engine
-        try:
-            for rid, prompt in cmd.prompts:  # one refusal refuses the whole batch, unqueued
-                engine.check_request(prompt, cmd.params, rid)
-            for rid, prompt in cmd.prompts:
-                engine.add_request(rid, prompt, cmd.params, cmd.arrival)
-                self._deliver[rid] = cmd.deliver
-                self._timing[rid] = _Timing(cmd.arrival)
+        try:  # one refusal refuses the whole batch, unqueued
+            self.engine.add_requests([(rid, prompt, cmd.params) for rid, prompt in cmd.prompts],
+                                     cmd.arrival)
         except Exception as err:  # ValueError: a bad request; anything else is reported too
-            added = [rid for rid, _ in cmd.prompts if rid in self._deliver]
-            if added:  # a check that passed and an add that did not: undo the partial batch
-                self.engine.abort_request(added)
-                for rid in added:
-                    self._deliver.pop(rid, None)
-                    self._timing.pop(rid, None)
             self._resolve(cmd.accepted, err)
             return
+        for rid, _ in cmd.prompts:
+            self._deliver[rid] = cmd.deliver
+            self._timing[rid] = _Timing(cmd.arrival)
         self._resolve(cmd.accepted, None)
 
     def _resolve(self, fut: asyncio.Future, err: BaseException | None) -> None:

@@ -32,6 +32,10 @@ def streamed(responses: dict, chunk: str) -> dict:
         "content": {"text/event-stream": {"schema": event}}}}
 
 
+TokenId = Annotated[int, Strict()]  # not a bool, not a numeric string
+NonEmpty = Field(min_length=1)
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -56,7 +60,7 @@ class _SamplingFields(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Strict()]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -79,10 +83,6 @@ class _SamplingFields(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-
-TokenId = Annotated[int, Strict()]  # not a bool, not a numeric string
-NonEmpty = Field(min_length=1)
 
 
 class CompletionRequest(_SamplingFields):

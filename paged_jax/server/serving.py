@@ -36,6 +36,12 @@ class ServerShuttingDownError(RuntimeError):
     pass
 
 
+# How a request that was accepted and then failed is answered: (status of a whole response,
+# code in the error object, which a stream sends as its last event before [DONE]).
+_FAILURES = {EngineDeadError: (500, "engine_dead"), RequestFailedError: (500, "step_failed"),
+             ServerShuttingDownError: (503, "server_shutting_down")}
+
+
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int,
                  max_sequences_per_request: int = ServerLimits.max_sequences_per_request):
@@ -144,13 +150,12 @@ class OpenAIServing:
         at_least = math.ceil(len(text) / self.max_bytes_per_token)  # characters <= bytes
         if at_least + (max_tokens or 0) <= self.max_model_len and at_least < self.max_model_len:
             return
-        what = "prompt" if param == "prompt" else "messages"
         asked = "" if max_tokens is None else f", and {max_tokens} more in the completion"
         raise OpenAIError(
             400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
-            f"your {what} of {len(text)} characters take at least {at_least} tokens (a token "
+            f"your {param} of {len(text)} characters take at least {at_least} tokens (a token "
             f"stands for at most {self.max_bytes_per_token} bytes){asked}. Please reduce the "
-            f"length of the {what}.", param=param, code="context_length_exceeded")
+            f"length of the {param}.", param=param, code="context_length_exceeded")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -202,13 +207,9 @@ class OpenAIServing:
                     finals[index] = out
         except ClientDisconnected:
             return Response(status_code=CLIENT_CLOSED)
-        except EngineDeadError as err:
-            raise OpenAIError(500, str(err), type="server_error", code="engine_dead") from err
-        except RequestFailedError as err:
-            raise OpenAIError(500, str(err), type="server_error", code="step_failed") from err
-        except ServerShuttingDownError as err:
-            raise OpenAIError(503, str(err), type="server_error",
-                              code="server_shutting_down") from err
+        except tuple(_FAILURES) as err:
+            status, code = _FAILURES[type(err)]
+            raise OpenAIError(status, str(err), type="server_error", code=code) from err
         choices = [(index * params.n + c.index, c) for index in sorted(finals)
                    for c in finals[index].outputs]
         completion_tokens = sum(len(c.token_ids) for _, c in choices)
@@ -242,9 +243,8 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
         except ClientDisconnected:
             return
-        except (EngineDeadError, RequestFailedError, ServerShuttingDownError) as err:
-            code = {EngineDeadError: "engine_dead", RequestFailedError: "step_failed",
-                    ServerShuttingDownError: "server_shutting_down"}[type(err)]
+        except tuple(_FAILURES) as err:
+            code = _FAILURES[type(err)][1]
             yield f"data: {json.dumps(error_body(str(err), 'server_error', code=code))}\n\n"
             yield "data: [DONE]\n\n"
 

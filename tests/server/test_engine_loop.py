@@ -24,12 +24,10 @@ class FakeEngine:
         self.pending: dict[str, str] = {}
         self.steps_failed = 0
 
-    def check_request(self, prompt, params, request_id=None):
-        if prompt == "refused":
+    def add_requests(self, requests, arrival):
+        if any(prompt == "refused" for _, prompt, _ in requests):
             raise ValueError("prompt must not be refused")
-
-    def add_request(self, request_id, prompt, params, arrival):
-        self.pending[request_id] = prompt
+        self.pending.update((rid, prompt) for rid, prompt, _ in requests)
 
     def abort_request(self, ids):
         for rid in ids:
