@@ -51,6 +51,7 @@ from absl import app, flags, logging
 
 from experiments import paper
 from experiments.paper import POLICIES
+from experiments.progress import progress, say
 from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
@@ -253,15 +254,20 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
                  "(compilation excluded); idle gaps skipped"}}
     step_clock = StepClock()
     compile_before, wall = engine.runner.compile_seconds, time.perf_counter()
+    # One step per (policy, rate) point, between serve() runs: no step's timing sees it.
+    bar = progress(len(policies) * len(rates), "batching sweep", unit="point")
     for policy in policies:
         results["policies"][policy] = []
         for rate in rates:
+            bar.set_postfix_str(f"{policy} rate {rate:g}")
             install_policy(engine, policy)
             r = serve(engine, trace, gaps / rate, vocab, seed, step_clock)
             results["policies"][policy].append({"rate": rate, **r})
-            print(f"  {policy:<12} rate {rate:6.2f}: batch {r['mean_batched_requests']:5.1f}, "
-                  f"normalized latency {r['normalized_latency']:.3f} s/token, "
-                  f"{r['preemptions']} preemptions", flush=True)
+            say(f"  {policy:<12} rate {rate:6.2f}: batch {r['mean_batched_requests']:5.1f}, "
+                f"normalized latency {r['normalized_latency']:.3f} s/token, "
+                f"{r['preemptions']} preemptions")
+            bar.update()
+    bar.close()
     install_policy(engine, "paged")
     results["wall_seconds"] = time.perf_counter() - wall
     results["compile_seconds"] = engine.runner.compile_seconds - compile_before

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import functools
 import json
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -29,6 +31,10 @@ from pallas_kernels.paged_attention_mgpu import (MosaicDecodeConfig, paged_atten
 from pallas_kernels import backend
 from paged_jax import cpu_kernels
 from pallas_kernels.reference import gather_pages
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+# say: the lines printed during the sweep, drawn above its bar rather than on it.
+from progress import progress, say  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["8", "64"], "sequences per step")
@@ -149,7 +155,7 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, d
     impls["pallas_dense"] = (lambda q, k, v, l: decode_attention.gqa(
         q, k, v, kv_seq_len=l, sm_scale=scale, k_splits=dense_splits), "dense_token_major")
   except Exception as e:  # noqa: BLE001 - report and carry on with the rest
-    print(f"JAX's shipped Pallas kernels unavailable: {e!r}")
+    say(f"JAX's shipped Pallas kernels unavailable: {e!r}")
   return impls
 
 
@@ -185,11 +191,11 @@ def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
       err = rel_err(jax.jit(fn)(*args), ref_contiguous if layout == "contiguous" else ref)
       seconds = time_fn(fn, *args)
     except Exception as e:  # noqa: BLE001
-      print(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
+      say(f"  {name}: failed: {type(e).__name__}: {str(e)[:300]}")
       continue
     wrong = not err <= FLAGS.max_rel_err  # NaN too
     if wrong:
-      print(f"  {name}: WRONG: relative error {err:.3g} > {FLAGS.max_rel_err}")
+      say(f"  {name}: WRONG: relative error {err:.3g} > {FLAGS.max_rel_err}")
     row[name] = dict(us=seconds * 1e6, gbps=nbytes / seconds / 1e9,
                      pct_copy=100 * nbytes / seconds / copy_bw, rel_err=err, wrong=wrong)
   if on_gpu and FLAGS.tune:
@@ -221,13 +227,13 @@ def tune(q, k_cache, v_cache, tables, lens, scale, nbytes):
         try:
           seconds = time_fn(fn, q, k_cache, v_cache, tables, lens)
         except Exception as e:  # noqa: BLE001
-          print(f"  tune {config}: failed: {type(e).__name__}")
+          say(f"  tune {config}: failed: {type(e).__name__}")
           continue
         results.append(dict(tokens_per_step=tokens, k_splits=splits, num_stages=stages,
                             us=seconds * 1e6, gbps=nbytes / seconds / 1e9))
   results.sort(key=lambda r: r["us"])
   for r in results[:5]:
-    print(f"  tune: {r}")
+    say(f"  tune: {r}")
   return results
 
 
@@ -245,7 +251,7 @@ def tune_mosaic(args, ref, scale, nbytes):
                                     out_cols=out_cols, p_from_registers=p_regs)
         runs = ring_slots(config, head_size, block_size, q.dtype, interpret=False)
         if (tokens, runs, out_cols, p_regs) in seen:
-          print(f"  tune_mosaic {config}: runs with {runs} slots, already timed")
+          say(f"  tune_mosaic {config}: runs with {runs} slots, already timed")
           continue
         seen.add((tokens, runs, out_cols, p_regs))
         fn = functools.partial(paged_attention_mgpu, scale=scale, config=config)
@@ -253,16 +259,16 @@ def tune_mosaic(args, ref, scale, nbytes):
           err = rel_err(jax.jit(fn)(*args), ref)
           seconds = time_fn(fn, *args)
         except Exception as e:  # noqa: BLE001
-          print(f"  tune_mosaic {config}: failed: {type(e).__name__}: {str(e)[:200]}")
+          say(f"  tune_mosaic {config}: failed: {type(e).__name__}: {str(e)[:200]}")
           continue
         if not err <= FLAGS.max_rel_err:
-          print(f"  tune_mosaic {config}: WRONG: relative error {err:.3g}")
+          say(f"  tune_mosaic {config}: WRONG: relative error {err:.3g}")
         results.append(dict(tokens_per_step=tokens, num_slots=runs, out_cols=out_cols,
                             p_from_registers=p_regs, us=seconds * 1e6,
                             gbps=nbytes / seconds / 1e9, rel_err=err))
   results.sort(key=lambda r: r["us"])
   for r in results[:6]:
-    print(f"  tune_mosaic: {r}")
+    say(f"  tune_mosaic: {r}")
   return results
 
 
@@ -280,9 +286,13 @@ def main(argv):
   print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
   rng = np.random.default_rng(0)
   rows = []
+  # One step per (block size, batch, context) point, after its timings.
+  bar = progress(len(FLAGS.block_sizes) * len(FLAGS.batch_sizes) * len(FLAGS.context_lens),
+                 "kernel bench", unit="point")
   for block_size in map(int, FLAGS.block_sizes):
     for batch in map(int, FLAGS.batch_sizes):
       for context in map(int, FLAGS.context_lens):
+        bar.set_postfix_str(f"B={block_size} batch={batch} ctx={context}")
         row = bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
         rows.append(row)
         timings = "  ".join(f"{n} {v['us']:.0f}us {v['pct_copy']:.0f}%"
@@ -295,7 +305,9 @@ def main(argv):
           extra += f"  vs jax_paged {row['speedup_vs_jax_paged']:.2f}x"
         if "mosaic_speedup_vs_ours" in row:
           extra += f"  mosaic vs ours {row['mosaic_speedup_vs_ours']:.2f}x"
-        print(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
+        say(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
+        bar.update()
+  bar.close()
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(dict(device=device.device_kind, jax=jax.__version__, dtype=dtype.name,

@@ -34,6 +34,7 @@ from absl import app, flags
 
 from experiments import paper
 from experiments.paper import POLICIES
+from experiments.progress import tracked
 from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace  # noqa: F401 (draw_trace: re-exported)
 from paged_jax.kv_cache_manager import KVCacheManager
@@ -144,7 +145,7 @@ def run(dataset: str, num_requests: int, block_size: int, kv_tokens: int, max_mo
         "max_num_batched_tokens": budget, "seed": seed, "sigma": DATASETS[dataset][2],
         "mean_prompt": float(np.mean([p for p, _ in trace])),
         "mean_output": float(np.mean([o for _, o in trace]))}}
-    for policy in POLICIES:
+    for policy in tracked(POLICIES, "memory waste by policy"):  # one step per simulated run
         tally, preemptions = simulate(policy, trace, kv_tokens=kv_tokens, block_size=block_size,
                                       max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=budget)

@@ -31,6 +31,7 @@ from absl import app, flags
 
 from experiments import paper
 from experiments.batching import scaled_trace
+from experiments.progress import progress, tracked
 from experiments.results_file import publish
 
 FLAGS = flags.FLAGS
@@ -56,7 +57,7 @@ def microbenchmark(model, block_sizes: list[int], *, tokens: int, reps: int,
                    attention_backend: str = "auto") -> dict:
     """Seconds to swap out + in, block by block, and to recompute `tokens` tokens' KV."""
     return {str(bs): _microbenchmark_one(model, bs, tokens, reps, attention_backend)
-            for bs in block_sizes}
+            for bs in tracked(block_sizes, "swap/recompute by block size")}
 
 
 def _microbenchmark_one(model, bs: int, tokens: int, reps: int, attention_backend: str) -> dict:
@@ -110,11 +111,14 @@ def end_to_end(model, block_sizes: list[int], *, num_requests: int, length_scale
 
     trace = scaled_trace("sharegpt", num_requests, seed, length_scale, max_model_len)
     out = {}
+    # One step per (block size, mode) run, taken after the run's clock has stopped.
+    bar = progress(2 * len(block_sizes), "preemption end to end", unit="run")
     for bs in block_sizes:
         demand = sum(-(-(p + o) // bs) for p, o in trace)
         num_blocks = max(int(demand * kv_share), -(-max_model_len // bs)) + 1
         runs = {}
         for mode in ("recompute", "swap"):
+            bar.set_postfix_str(f"block {bs} {mode}")
             llm = LLM(model, block_size=bs, num_kv_blocks=num_blocks,
                       max_model_len=max_model_len, max_num_seqs=num_requests,
                       preemption_mode=mode, num_cpu_blocks=demand, precompile=True,
@@ -149,9 +153,11 @@ def end_to_end(model, block_sizes: list[int], *, num_requests: int, length_scale
                 "recomputed_tokens": engine.stats.prompt_tokens - sum(p for p, _ in trace),
                 "blocks_swapped": space.num_blocks_out if space is not None else 0,
                 "kv_blocks": num_blocks - 1}
+            bar.update()
         if runs["recompute"].pop("tokens") != runs["swap"].pop("tokens"):
             raise RuntimeError(f"block {bs}: greedy outputs differ between the modes")
         out[str(bs)] = runs
+    bar.close()
     return out
 
 

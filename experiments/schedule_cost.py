@@ -15,6 +15,7 @@ import time
 
 from absl import app, flags
 
+from experiments.progress import tracked
 from experiments.results_file import publish
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
@@ -74,7 +75,9 @@ def main(argv):
     del argv
     results = dict(num_requests=FLAGS.num_requests, prompt_len=FLAGS.prompt_len,
                    block_size=FLAGS.block_size, steps=FLAGS.steps)
-    for mode, caching in (("prefix_caching", True), ("no_prefix_caching", False)):
+    # One step per mode, outside the timed decode steps.
+    for mode, caching in tracked((("prefix_caching", True), ("no_prefix_caching", False)),
+                                 "schedule cost by mode"):
         results[mode] = decode_schedule_ms(FLAGS.num_requests, FLAGS.prompt_len,
                                            FLAGS.block_size, FLAGS.steps, caching)
     publish(FLAGS.out_dir, results, report(results))

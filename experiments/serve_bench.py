@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from progress import progress, tracked  # noqa: E402
 from results_file import describe, machine  # noqa: E402
 from workload import DATASETS, lognormal_lengths  # noqa: E402
 
@@ -137,16 +138,19 @@ async def run(base_url: str, model: str | None) -> dict:
         inputs, outputs = draw_lengths(rng, n + FLAGS.num_warmup, max_model_len)
         lo, hi = (int(x) for x in FLAGS.token_id_range)
         prompts = [rng.integers(lo, hi, size=k).tolist() for k in inputs]
-        for i in range(FLAGS.num_warmup):
+        for i in tracked(range(FLAGS.num_warmup), "warm-up", unit="req"):
             await send(client, model, prompts[n + i], outputs[n + i])
         gaps = (np.zeros(n) if math.isinf(FLAGS.request_rate)
                 else rng.exponential(1.0 / FLAGS.request_rate, n))
         before = await scrape(client)
         gate = asyncio.Semaphore(FLAGS.max_concurrency or n)
+        bar = progress(n, "requests", unit="req")
 
         async def one(i: int) -> Result:
             async with gate:
-                return await send(client, model, prompts[i], outputs[i])
+                result = await send(client, model, prompts[i], outputs[i])
+            bar.update()  # once per finished request, after its last timestamp
+            return result
 
         start = time.perf_counter()
         tasks = []
@@ -156,6 +160,7 @@ async def run(base_url: str, model: str | None) -> dict:
             tasks.append(asyncio.create_task(one(i)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        bar.close()
         after = await scrape(client)
     summary = summarize(results, duration)
     summary["server_metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after}

@@ -39,6 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import paper
+from experiments.progress import progress, tracked
 from experiments.results_file import publish
 from experiments.workload import draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
@@ -99,7 +100,7 @@ def beam_sharing(model, widths: list[int], *, dataset: str, num_prompts: int, ma
 
     trace = draw_trace(dataset, num_prompts, seed, max_model_len - max_tokens)
     out = {}
-    for width in widths:
+    for width in tracked(widths, "beam search by width"):
         llm = LLM(model, block_size=block_size, max_model_len=max_model_len,
                   max_num_seqs=max(64, num_prompts * width), attention_backend=attention_backend)
         engine = llm.llm_engine
@@ -154,7 +155,7 @@ def shared_prefix(model, prefix_lens: list[int], *, num_prompts: int, suffix_len
                for c in (True, False)}
     vocab = engines[True].llm_engine.model.config.vocab_size
     out = {}
-    for prefix_len in prefix_lens:
+    for prefix_len in tracked(prefix_lens, "shared prefix by length"):
         prompts = shared_prefix_prompts(prefix_len, num_prompts, suffix_len, vocab,
                                         seed + prefix_len)
         # Warm-up on other prompts (touches pages and host caches, leaves no useful hits).
@@ -238,11 +239,15 @@ def main(argv):
     del argv
     results = {}
     if "parallel_sampling" in FLAGS.experiments:
-        results["parallel_sampling"] = {
-            d: {n: parallel_sampling(d, int(n), num_requests=FLAGS.num_requests,
-                                     kv_tokens=FLAGS.kv_tokens, block_size=FLAGS.block_size,
-                                     seed=FLAGS.seed) for n in FLAGS.n}
-            for d in FLAGS.datasets}
+        with progress(len(FLAGS.datasets) * len(FLAGS.n), "parallel sampling",
+                      unit="point") as bar:  # one step per (dataset, n) simulation
+            results["parallel_sampling"] = {d: {} for d in FLAGS.datasets}
+            for d in FLAGS.datasets:
+                for n in FLAGS.n:
+                    results["parallel_sampling"][d][n] = parallel_sampling(
+                        d, int(n), num_requests=FLAGS.num_requests, kv_tokens=FLAGS.kv_tokens,
+                        block_size=FLAGS.block_size, seed=FLAGS.seed)
+                    bar.update()
     if "beam_search" in FLAGS.experiments:
         results["beam_search"] = beam_sharing(
             FLAGS.model, [int(w) for w in FLAGS.beam_widths], dataset="alpaca",

@@ -17,6 +17,7 @@ import time
 
 from absl import app, flags
 
+from experiments.progress import progress
 from experiments.results_file import publish
 
 FLAGS = flags.FLAGS
@@ -59,9 +60,12 @@ def run(model, *, num_prompts: int, max_tokens: int, k: int, batch_sizes: list[i
     prompts = copy_prompts(engines["plain"].get_tokenizer(), num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     out = {}
+    # Every request of every (batch size, engine) run; updated once per generate call.
+    bar = progress(len(batch_sizes) * len(engines) * len(prompts), "spec decode", unit="req")
     for batch in batch_sizes:
         runs = {}
         for name, llm in engines.items():
+            bar.set_postfix_str(f"batch {batch} {name}")
             llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8),
                          use_tqdm=False)  # warm-up
             stats = llm.llm_engine.stats
@@ -69,7 +73,9 @@ def run(model, *, num_prompts: int, max_tokens: int, k: int, batch_sizes: list[i
             start = time.perf_counter()
             outs = []
             for i in range(0, len(prompts), batch):
-                outs += llm.generate(prompts[i:i + batch], params, use_tqdm=False)
+                chunk = prompts[i:i + batch]
+                outs += llm.generate(chunk, params, use_tqdm=False)
+                bar.update(len(chunk))
             seconds = time.perf_counter() - start
             tokens = [o.outputs[0].token_ids for o in outs]
             runs[name] = {"seconds": seconds, "tokens": tokens,
@@ -82,6 +88,7 @@ def run(model, *, num_prompts: int, max_tokens: int, k: int, batch_sizes: list[i
         out[str(batch)] = {**runs, "speedup": runs["plain"]["seconds"] / ngram["seconds"],
                            "acceptance": ngram["kept"] / max(1, ngram["drafted"]),
                            "identical_outputs": same, "num_prompts": len(prompts)}
+    bar.close()
     return out
 
 

@@ -17,6 +17,7 @@ import time
 from absl import app, flags, logging
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from progress import progress, shown  # noqa: E402
 from results_file import describe, machine  # noqa: E402
 from workload import synthetic  # noqa: E402
 
@@ -55,7 +56,7 @@ CHAT_PROMPTS = ("What is the capital of France?", "Give me three tips for stayin
 
 def run_chat(llm: LLM) -> None:
     outs = llm.chat([[{"role": "user", "content": q}] for q in CHAT_PROMPTS],
-                    SamplingParams(temperature=0.0, max_tokens=96), use_tqdm=False)
+                    SamplingParams(temperature=0.0, max_tokens=96), use_tqdm=shown())
     for q, o in zip(CHAT_PROMPTS, outs):
         print(f"\nUser: {q}\nSmolLM2: {o.outputs[0].text.strip()}")
     print()
@@ -81,14 +82,16 @@ def run_paged(llm: LLM, work) -> dict:
         return result
 
     engine.runner.run = timed_run
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done += 1
-                tokens += len(out.outputs[0].token_ids)
-        u = engine.kv_usage()
-        usage.append(u.usage)
-        shares.append(u.token_state_share)
+    with progress(len(work), "paged-jax", unit="req") as bar:  # one update per finished request
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done += 1
+                    tokens += len(out.outputs[0].token_ids)
+                    bar.update()
+            u = engine.kv_usage()
+            usage.append(u.usage)
+            shares.append(u.token_state_share)
     wall = time.perf_counter() - start
     del engine.runner.run  # the instance attribute; the class's method again
     compile_s = engine.runner.compile_seconds - compile_before
@@ -111,6 +114,7 @@ def run_hf(folder: str, work, batch_size: int) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 2)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    bar = progress(len(work), "transformers static", unit="req")  # one update per batch
     start = time.perf_counter()
     tokens = 0
     for b in range(0, len(work), batch_size):
@@ -128,7 +132,9 @@ def run_hf(folder: str, work, batch_size: int) -> dict:
                                  pad_token_id=0)
         assert out.shape[1] == width + longest
         tokens += sum(w.output_len for w in batch)  # useful tokens: each request's own length
+        bar.update(len(batch))
     seconds = time.perf_counter() - start
+    bar.close()
     return dict(seconds=seconds, output_tokens=tokens, output_tokens_per_s=tokens / seconds,
                 requests_per_s=len(work) / seconds, batch_size=batch_size)
 
@@ -155,7 +161,7 @@ def run_hf_continuous(folder: str, work, max_batch_tokens: int = 256,
     results = {}
     with torch.inference_mode(), model.continuous_batching_context_manager(
             generation_config=gen, continuous_batching_config=cb, block=True, timeout=30,
-            warmup=False) as manager:
+            warmup=False) as manager, progress(len(work), "transformers CB", unit="req") as bar:
         start = time.perf_counter()
         for i, w in enumerate(work):
             manager.add_request(list(w.prompt_token_ids), request_id=f"w{i}",
@@ -166,6 +172,7 @@ def run_hf_continuous(folder: str, work, max_batch_tokens: int = 256,
                 if result.error is not None:
                     raise RuntimeError(f"transformers CB: {result.request_id}: {result.error}")
                 results[result.request_id] = result
+                bar.update()
             elif result is None and not manager.is_running():
                 raise RuntimeError("transformers CB: the generation thread stopped")
         seconds = time.perf_counter() - start
@@ -215,6 +222,7 @@ def run_llama_cpp(gguf: str, work, n_seq_max: int = 16) -> dict:
     free_seqs = list(range(n_seq_max))[::-1]
     running: dict[int, list] = {}  # seq id -> [work index, next position, last token, generated]
     tokens = 0
+    bar = progress(len(work), "llama.cpp", unit="req")  # one update per finished request
     try:
         start = time.perf_counter()
         while queue or running:
@@ -251,8 +259,10 @@ def run_llama_cpp(gguf: str, work, n_seq_max: int = 16) -> dict:
                     lc.llama_memory_seq_rm(memory, seq, -1, -1)
                     del running[seq]
                     free_seqs.append(seq)
+                    bar.update()
         seconds = time.perf_counter() - start
     finally:
+        bar.close()
         lc.llama_batch_free(batch)
         lc.llama_free(ctx)
         lc.llama_model_free(model)

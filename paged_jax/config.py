@@ -79,6 +79,13 @@ class EngineConfig:
                                     "kernel on the CPU where it builds, else xla)",
                                     ATTENTION_BACKENDS)
     seed: int = option(0, "seed of the engine's random draws (unseeded requests' seeds)")
+    # As vLLM's --generation-config: the sampling parameters a request leaves unset come from
+    # the model's generation_config.json (temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_new_tokens as max_tokens).
+    generation_config: str = option("auto", "where default sampling parameters come from: "
+                                    "auto (the model's generation_config.json), vllm "
+                                    "(SamplingParams' own defaults) or a folder holding a "
+                                    "generation_config.json")
     tensor_parallel_size: int = option(1, "devices the model is split over (a tp mesh axis)")
     cache_dir: str | None = option(None, "where converted checkpoints are kept (default: "
                                    "~/.cache/paged_jax)")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from paged_jax import kv_cache, multihost, sampler, sharding, spec_decode, step_inputs, swap
 from paged_jax.config import EngineConfig
+from paged_jax.generation_defaults import load_sampling_defaults
 from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
 from paged_jax.model_runner import ModelRunner
 from paged_jax.models.loader import LoadedModel, load_model
@@ -68,6 +69,9 @@ class LLMEngine:
             model = sharding.shard_model(model, self.mesh)
         self.model = model
         mcfg = self.model.config
+        # {SamplingParams field: value} a request without its own params gets (the server
+        # fills each unset field from it)
+        self.sampling_defaults = load_sampling_defaults(model.path, config.generation_config)
         # The loaded model's dtype decides (a model handed in may differ from config.dtype).
         self.backend = _pick_backend(config.attention_backend, on_cpu,
                                      jnp.dtype(mcfg.dtype).name, bool(self.multihost))
@@ -164,7 +168,7 @@ class LLMEngine:
             raise ValueError(f"request ids {ids} repeat within the batch")
         checked = []
         for rid, prompt, params in requests:
-            params = params or SamplingParams()
+            params = params or self.default_sampling_params()
             checked.append((rid, prompt, params, *self.check_request(prompt, params, rid)))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         for request_id, prompt, params, text, ids in checked:
@@ -184,6 +188,11 @@ class LLMEngine:
                 self.scheduler.add(req)
             if self._channel is not None:
                 self._published.append(("add", request_id, prompt, params, arrival))
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (vLLM's
+        get_default_sampling_params): what a request without its own params samples with."""
+        return SamplingParams(**self.sampling_defaults)
 
     def check_request(self, prompt, params: SamplingParams,
                       request_id: str | None = None) -> tuple[str | None, list[int]]:

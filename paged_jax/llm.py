@@ -23,6 +23,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat sample with when given no SamplingParams: SamplingParams'
+        defaults, overridden by the model's generation_config.json (--generation-config)."""
+        return self.llm_engine.default_sampling_params()
+
     def reset_prefix_cache(self) -> None:
         """Forget every block kept by the prefix cache, as vLLM's LLM.reset_prefix_cache."""
         self.llm_engine.reset_prefix_cache()
@@ -36,7 +41,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):

@@ -1,7 +1,7 @@
 """GGUF (llama.cpp) files -> Hugging Face checkpoint folders, without torch.
 
 A converted folder holds config.json (built from the GGUF metadata with transformers' own key
-mapping), model.safetensors (every tensor dequantized to float32, under its Hugging Face name and in
+mapping), generation_config.json (special tokens and llama.cpp's `general.sampling.*` defaults), model.safetensors (every tensor dequantized to float32, under its Hugging Face name and in
 the Hugging Face layout) and the tokenizer with its chat template (saved with save_pretrained).
 
 transformers can read GGUF itself, but for Llama its config and tokenizer paths import torch, so the
@@ -25,7 +25,7 @@ from paged_jax.checkpoint.hf import check_architecture, write_safetensors_header
 logger = logging.getLogger(__name__)
 
 # Bump when the files a conversion writes change, so older cache folders are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: generation_config.json
 
 # GGUF `general.architecture` -> the Hugging Face architecture it is converted to.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM"}
@@ -154,6 +154,16 @@ def gguf_tokenizer(metadata: dict[str, Any]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+def gguf_generation_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json of a GGUF: its special token ids and sampling defaults, if any."""
+    from paged_jax.generation_defaults import defaults_from_gguf
+
+    config = {f"{name}_token_id": metadata[f"tokenizer.ggml.{key}_token_id"]
+              for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))
+              if metadata.get(f"tokenizer.ggml.{key}_token_id") is not None}
+    return {**config, **defaults_from_gguf(metadata)}
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write the Hugging Face folder of a Llama GGUF file into `out_dir` (created; may exist empty)."""
     import gguf
@@ -180,6 +190,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     config = transformers.AutoConfig.for_model(**config_dict)
     config.save_pretrained(out)
     gguf_tokenizer(metadata).save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(gguf_generation_config(metadata), indent=2) + "\n")
 
     header = write_safetensors_header({name: ("F32", shape) for name, (_, shape) in plan.items()}, {"format": "pt"})
     with open(out / "model.safetensors", "wb") as f:

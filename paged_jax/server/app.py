@@ -39,7 +39,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     # dead engine loop stops the server, which exits non-zero for a supervisor to restart.
     engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death())
     serving = OpenAIServing(engine_loop, load_tokenizer(engine.model.path), model_name,
-                            engine.max_model_len, limits.max_sequences_per_request)
+                            engine.max_model_len, limits.max_sequences_per_request,
+                            engine.sampling_defaults)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
@@ -43,6 +43,9 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions, with OpenAI's defaults."""
     model_config = ConfigDict(extra="ignore")
+    # max_tokens when neither the request nor the model's generation config gives it (None:
+    # the rest of the context)
+    default_max_tokens: ClassVar[int | None] = None
 
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
@@ -64,20 +67,28 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """Raises ValueError (naming the parameter) for values out of range."""
-        def given(value, default):
-            return default if value is None else value
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: dict | None = None) -> SamplingParams:
+        """defaults: the model's generation-config values, for each field the request leaves
+        unset (before OpenAI's and vLLM's own). Raises ValueError (naming the parameter) for
+        values out of range."""
+        defaults = defaults or {}
+
+        def given(name, value, default):
+            return defaults.get(name, default) if value is None else value
 
         return SamplingParams(
-            n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
-            top_k=given(self.top_k, -1) or -1, min_p=given(self.min_p, 0.0),
-            presence_penalty=given(self.presence_penalty, 0.0),
-            frequency_penalty=given(self.frequency_penalty, 0.0),
-            repetition_penalty=given(self.repetition_penalty, 1.0), seed=self.seed,
-            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
-            max_tokens=max_tokens, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens,
+            n=self.n, temperature=given("temperature", self.temperature, 1.0),
+            top_p=given("top_p", self.top_p, 1.0),
+            top_k=given("top_k", self.top_k, -1) or -1,
+            min_p=given("min_p", self.min_p, 0.0),
+            presence_penalty=given("presence_penalty", self.presence_penalty, 0.0),
+            frequency_penalty=given("frequency_penalty", self.frequency_penalty, 0.0),
+            repetition_penalty=given("repetition_penalty", self.repetition_penalty, 1.0),
+            seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            max_tokens=given("max_tokens", max_tokens, self.default_max_tokens),
+            logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output)
 
     @property
@@ -86,11 +97,12 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
+    default_max_tokens: ClassVar[int | None] = 16  # OpenAI's and vLLM's, unless the model's
     # "" passes here, as in OpenAI's API: a tokenizer that adds a BOS token makes a prompt of
     # it; the engine refuses a prompt of no tokens.
     prompt: Union[str, Annotated[list[str], NonEmpty], Annotated[list[TokenId], NonEmpty],
                   Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None

@@ -44,8 +44,11 @@ _FAILURES = {EngineDeadError: (500, "engine_dead"), RequestFailedError: (500, "s
 
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int,
-                 max_sequences_per_request: int = ServerLimits.max_sequences_per_request):
+                 max_sequences_per_request: int = ServerLimits.max_sequences_per_request,
+                 sampling_defaults: dict | None = None):
         self.loop = engine_loop
+        # The model's generation-config values, for the fields a request leaves unset.
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.max_sequences_per_request = max_sequences_per_request
         # The server's own tokenizer, used only on its own thread: the engine thread decodes
         # with the engine's at the same time, and a Rust-backed tokenizer must not be shared
@@ -89,6 +92,7 @@ class OpenAIServing:
             raise bad_request("echo and suffix are not supported", param="echo"
                               if body.echo else "suffix")
         params = self._params(body, body.max_tokens, body.logprobs)
+        asked = self._asked_max_tokens(body.max_tokens, params)
         texts = body.prompts()
         if not texts:
             raise bad_request("prompt must not be empty", param="prompt")
@@ -99,11 +103,11 @@ class OpenAIServing:
                               param="prompt", code="too_many_sequences")
         for text in texts:
             if isinstance(text, str):
-                self._check_text_length(text, params.max_tokens)
+                self._check_text_length(text, asked)
         prompts = await self._on_tokenizer_thread(
             lambda: [self._completion_prompt(x) for x in texts])
         for prompt in prompts:
-            self._check_context(len(prompt["prompt_token_ids"]), params.max_tokens, "prompt")
+            self._check_context(len(prompt["prompt_token_ids"]), asked, "prompt")
         return await self._serve(body, request, prompts, params, "cmpl", _CompletionFormat(
             self.model_name, body.logprobs))
 
@@ -114,6 +118,7 @@ class OpenAIServing:
             raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, body.requested_max_tokens, logprobs)
+        asked = self._asked_max_tokens(body.requested_max_tokens, params)
 
         def render():
             try:
@@ -122,11 +127,11 @@ class OpenAIServing:
             except Exception as err:  # no template, roles it rejects, non-text content
                 raise bad_request(f"the chat template could not be applied: {err}",
                                   param="messages") from err
-            self._check_text_length(text, params.max_tokens, "messages")
+            self._check_text_length(text, asked, "messages")
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
         ids = await self._on_tokenizer_thread(render)
-        self._check_context(len(ids), params.max_tokens, "messages")
+        self._check_context(len(ids), asked, "messages")
         return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
                                  _ChatFormat(self.model_name, logprobs))
 
@@ -162,10 +167,16 @@ class OpenAIServing:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
                               code="model_not_found")
 
-    @staticmethod
-    def _params(body, max_tokens, logprobs) -> SamplingParams:
+    def _asked_max_tokens(self, requested: int | None, params: SamplingParams) -> int | None:
+        """The max_tokens a prompt must leave room for: the request's own, or OpenAI's 16 for
+        completions. A default from the model's generation config is capped to the context
+        left instead (the engine does), as in vLLM, so it never refuses a prompt."""
+        return requested if requested is not None or "max_tokens" in self.sampling_defaults \
+            else params.max_tokens
+
+    def _params(self, body, max_tokens, logprobs) -> SamplingParams:
         try:
-            return body.sampling_params(max_tokens, logprobs)
+            return body.sampling_params(max_tokens, logprobs, self.sampling_defaults)
         except ValueError as err:
             raise from_value_error(err) from err
 
