@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from paged_jax.checkpoint.hf import check_architecture, write_safetensors_header
 
@@ -195,7 +196,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     header = write_safetensors_header({name: ("F32", shape) for name, (_, shape) in plan.items()}, {"format": "pt"})
     with open(out / "model.safetensors", "wb") as f:
         f.write(header)
-        for name, (tensor, shape) in plan.items():
+        # A bar in a terminal or a notebook (tqdm leaves it out elsewhere): SmolLM2 takes ~20 s.
+        for name, (tensor, shape) in tqdm(plan.items(), desc=f"Converting {gguf_path.name}",
+                                          unit="tensor", disable=None, leave=False):
             weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
             if ".attn_q." in tensor.name:
                 weight = reverse_rope_permute(weight, n_head)
