@@ -55,8 +55,8 @@ from experiments.progress import progress, say
 from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace
 from paged_jax.kv_cache_manager import KVCacheManager
-from paged_jax.prefix_cache import NoPrefixCache
-from paged_jax.reservation import ContiguousKV, next_pow2, orca_max, orca_oracle, orca_pow2
+from paged_jax.baselines import (ContiguousKV, NoPrefixCache, next_pow2, orca_max, orca_oracle,
+                                 orca_pow2)
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import paged_reservation
 

@@ -39,7 +39,7 @@ from experiments.results_file import write_results
 from experiments.workload import DATASETS, draw_trace  # noqa: F401 (draw_trace: re-exported)
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
-from paged_jax.reservation import ContiguousKV, next_pow2, orca_max, orca_oracle, orca_pow2
+from paged_jax.baselines import ContiguousKV, next_pow2, orca_max, orca_oracle, orca_pow2
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
 

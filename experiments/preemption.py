@@ -142,15 +142,15 @@ def end_to_end(model, block_sizes: list[int], *, num_requests: int, length_scale
             ids = [str(i) for i in range(len(trace))]
             lat = np.array([finish[i] for i in ids])
             out_lens = np.array([len(tokens[i]) for i in ids])
-            space = engine.runner.swap_space
+            space, snap = engine.runner.swap_space, engine.snapshot()
             runs[mode] = {
                 "tokens": [tokens[i] for i in ids],
                 "seconds": seconds,
                 "normalized_latency": float(np.mean(lat / out_lens)),
-                "preemptions": engine.scheduler.num_preemptions,
-                "swapped_out": engine.scheduler.num_swapped_out,
+                "preemptions": snap.num_preemptions,
+                "swapped_out": snap.num_swapped_out,
                 # Prompt tokens admitted beyond the trace's own: what recompute did again.
-                "recomputed_tokens": engine.stats.prompt_tokens - sum(p for p, _ in trace),
+                "recomputed_tokens": snap.prompt_tokens - sum(p for p, _ in trace),
                 "blocks_swapped": space.num_blocks_out if space is not None else 0,
                 "kv_blocks": num_blocks - 1}
             bar.update()

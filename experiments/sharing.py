@@ -163,11 +163,12 @@ def shared_prefix(model, prefix_lens: list[int], *, num_prompts: int, suffix_len
         runs = {}
         for caching, llm in engines.items():
             time_run(llm, warm, params)
-            stats = llm.llm_engine.kv.cache_stats
-            before = (stats.queries, stats.hits)
+            before = llm.llm_engine.snapshot()
             seconds, outs = time_run(llm, prompts, params)
+            after = llm.llm_engine.snapshot()
             runs[caching] = (seconds, [o.outputs[0].token_ids for o in outs],
-                             stats.queries - before[0], stats.hits - before[1])
+                             after.prefix_cache_queries - before.prefix_cache_queries,
+                             after.prefix_cache_hits - before.prefix_cache_hits)
         if runs[True][1] != runs[False][1]:
             raise RuntimeError(f"prefix {prefix_len}: outputs differ with the prefix cache")
         tokens = num_prompts * max_tokens

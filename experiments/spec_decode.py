@@ -68,8 +68,7 @@ def run(model, *, num_prompts: int, max_tokens: int, k: int, batch_sizes: list[i
             bar.set_postfix_str(f"batch {batch} {name}")
             llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8),
                          use_tqdm=False)  # warm-up
-            stats = llm.llm_engine.stats
-            drafted, kept = stats.spec_draft_tokens, stats.spec_accepted_tokens
+            before = llm.llm_engine.snapshot()
             start = time.perf_counter()
             outs = []
             for i in range(0, len(prompts), batch):
@@ -77,11 +76,12 @@ def run(model, *, num_prompts: int, max_tokens: int, k: int, batch_sizes: list[i
                 outs += llm.generate(chunk, params, use_tqdm=False)
                 bar.update(len(chunk))
             seconds = time.perf_counter() - start
+            after = llm.llm_engine.snapshot()
             tokens = [o.outputs[0].token_ids for o in outs]
             runs[name] = {"seconds": seconds, "tokens": tokens,
                           "tokens_per_s": sum(map(len, tokens)) / seconds,
-                          "drafted": stats.spec_draft_tokens - drafted,
-                          "kept": stats.spec_accepted_tokens - kept}
+                          "drafted": after.spec_draft_tokens - before.spec_draft_tokens,
+                          "kept": after.spec_accepted_tokens - before.spec_accepted_tokens}
         same = sum(a == b for a, b in zip(runs["plain"].pop("tokens"),
                                           runs["ngram"].pop("tokens")))
         ngram = runs["ngram"]

@@ -89,7 +89,7 @@ def run_paged(llm: LLM, work) -> dict:
                     done += 1
                     tokens += len(out.outputs[0].token_ids)
                     bar.update()
-            u = engine.kv_usage()
+            u = engine.snapshot().kv
             usage.append(u.usage)
             shares.append(u.token_state_share)
     wall = time.perf_counter() - start
@@ -102,8 +102,9 @@ def run_paged(llm: LLM, work) -> dict:
                 requests_per_s=len(work) / seconds, steps=len(usage),
                 kv_usage_mean=sum(usage) / len(usage), kv_usage_peak=max(usage),
                 kv_token_state_share_mean=sum(shares) / len(shares),
-                preemptions=engine.scheduler.num_preemptions,
-                kv_blocks=engine.kv.pool.num_usable, compiled_variants=engine.runner.num_compiled,
+                preemptions=engine.snapshot().num_preemptions,
+                kv_blocks=engine.snapshot().kv.total_blocks,
+                compiled_variants=engine.runner.num_compiled,
                 step_shapes={" ".join(map(str, k)): dict(steps=n, seconds=s)
                              for k, (n, s) in sorted(shapes.items())})
 

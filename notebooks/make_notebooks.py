@@ -41,8 +41,9 @@ from paged_jax import LLM, SamplingParams
 start = time.perf_counter()
 llm = LLM(MODEL, max_model_len=256, max_num_seqs=8, num_kv_blocks=64, block_size=16)
 engine = llm.llm_engine
-print(f"loaded {engine.model.path} in {time.perf_counter() - start:.1f} s")
-print(f"{engine.kv.pool.num_usable} usable KV blocks of {engine.kv.block_size} tokens")"""),
+snap = engine.snapshot()  # the engine's state, frozen: queues, KV pool, counters
+print(f"loaded {engine.model_path} in {time.perf_counter() - start:.1f} s")
+print(f"{snap.kv.total_blocks} usable KV blocks of {snap.block_size} tokens")"""),
     new_markdown_cell("## Generate"),
     new_code_cell("""\
 outs = llm.chat([[{"role": "user", "content": "What is the capital of France?"}],
@@ -65,12 +66,11 @@ for rid, ids in prompts.items():
                        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
 
 def show(label):
-    u = engine.kv_usage()
-    print(f"{label}: pool {engine.kv.pool.num_used} used / {engine.kv.pool.num_free} free; "
-          f"token states {u.token_states} of {u.token_slots} allocated slots")
-    for r in engine.scheduler.running:
-        print(f"  {r.request_id}: {r.num_tokens:3d} tokens -> block table "
-              f"{engine.kv.block_table(r.request_id)}")
+    snap = engine.snapshot(with_requests=True)
+    print(f"{label}: pool {snap.kv.used_blocks} used / {snap.num_free_blocks} free; "
+          f"token states {snap.kv.token_states} of {snap.kv.token_slots} allocated slots")
+    for r in snap.requests:
+        print(f"  {r.request_id}: {r.num_tokens:3d} tokens -> block table {list(r.block_table)}")
 
 show("before any step")
 engine.step()  # prefill: both prompts
@@ -81,13 +81,15 @@ show("after 14 decode steps")"""),
     new_code_cell("""\
 k0, v0 = engine.runner.kv_caches[0]
 print("layer 0 K cache:", k0.shape, k0.dtype, "(kv_heads, num_blocks, block_size, head_dim)")
-table = engine.kv.block_table("a")
-print("slots of request a's first 3 tokens:", engine.kv.slots("a", 0, 3))
-print("block 0 is the padding block; no request gets it:", 0 not in table)
+a = next(r for r in engine.snapshot(with_requests=True).requests if r.request_id == "a")
+bs = engine.snapshot().block_size
+print("slots of request a's first 3 tokens:", [a.block_table[i // bs] * bs + i % bs for i in range(3)])
+print("block 0 is the padding block; no request gets it:", 0 not in a.block_table)
 while engine.has_unfinished_requests():
     engine.step()
 show("finished (blocks back in the pool)")
-print("free blocks:", engine.kv.pool.num_free, "of", engine.kv.pool.num_usable)"""),
+snap = engine.snapshot()
+print("free blocks:", snap.num_free_blocks, "of", snap.kv.total_blocks)"""),
 ]
 
 MEMORY_WASTE = [

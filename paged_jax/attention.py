@@ -1,25 +1,19 @@
 """Attention over the paged KV cache: metadata, cache writes, and backend dispatch.
 
-Layouts are documented in docs/ARCHITECTURE.md. The XLA paths here run everywhere and are the
-engine's reference; the Pallas kernels (pallas_kernels/) read pages where they lie.
+Layouts are documented in docs/ARCHITECTURE.md. The XLA algorithms (paged_jax/xla_attention.py)
+run everywhere and are the engine's reference; the Pallas kernels (pallas_kernels/) and the
+CPU kernel (paged_jax/cpu_kernels/) read pages where they lie.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 
 import jax
-import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
-# Decode rows are attended in groups of this many, each group's loop stopping at its own
-# longest sequence; the engine sorts decode rows by length, so little of a group is padding.
-DECODE_ROW_GROUP = 8
-PREFILL_TILE = 32  # query and key tile of the XLA prefill loop (CPU-tuned: 32 < 64 < 128 here)
-# "prefill": every sequence's context is exactly its new tokens (nothing cached before),
-#   except the first num_decodes rows, which are decodes (one token over a cached context);
-# "decode": one new token per sequence; "mixed": anything else (cached prefix + new tokens).
-MODES = ("prefill", "decode", "mixed")
+from paged_jax import xla_attention
+from paged_jax.sharding import TP
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +26,9 @@ class AttentionMetadata:
     logits_indices: jax.Array  # [S] int32 (or [T] for a dense all-token run)
     # int32 scalar: leading rows (and tokens) of a prefill step that are decodes; None: none.
     num_decodes: jax.Array | None = None
+    # "prefill": every sequence's context is exactly its new tokens (nothing cached before),
+    #   except the first num_decodes rows, which are decodes (one token over a cached context);
+    # "decode": one new token per sequence; "mixed": anything else (cached prefix + new tokens).
     mode: str = dataclasses.field(default="prefill", metadata=dict(static=True))
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
@@ -52,7 +49,7 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
     if kv_cache is None:
         if md.mode != "prefill":
             raise ValueError(f"a run without a KV cache must be a prefill, got mode {md.mode!r}")
-        return _prefill_xla(q, k, v, md, scale, sliding_window), None
+        return xla_attention.prefill_dense(q, k, v, md, scale, sliding_window), None
     k_cache = write_kv(kv_cache[0], k, md.slot_mapping)
     v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
     if md.backend == "pallas":
@@ -66,235 +63,17 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
                                           md.block_tables, scale=scale,
                                           sliding_window=sliding_window)
     elif md.mode == "prefill":
-        out = _prefill_tiled(q, k, v, md, scale, sliding_window)
+        out = xla_attention.prefill_tiled(q, k, v, md, scale, sliding_window)
         if md.num_decodes is not None:
             # Skipped at run time when no row decodes: even loops of zero trips cost here.
-            out = jax.lax.cond(md.num_decodes > 0, _with_decode_rows, lambda out, *_: out,
-                               out, q, k_cache, v_cache, md, scale, sliding_window)
+            out = jax.lax.cond(md.num_decodes > 0, xla_attention.with_decode_rows,
+                               lambda out, *_: out, out, q, k_cache, v_cache, md, scale,
+                               sliding_window)
     elif md.mode == "decode":
-        out = _decode_xla(q, k_cache, v_cache, md, scale, sliding_window)
+        out = xla_attention.decode(q, k_cache, v_cache, md, scale, sliding_window)
     else:
-        out = _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window)
+        out = xla_attention.mixed(q, k_cache, v_cache, md, scale, sliding_window)
     return out, (k_cache, v_cache)
-
-
-def _token_seq_ids(md: AttentionMetadata, num_tokens: int) -> jax.Array:
-    # Padding tokens past the last sequence get id S: they only see each other.
-    return jnp.searchsorted(md.query_start_loc[1:], jnp.arange(num_tokens), side="right")
-
-
-def _masked_softmax(scores, mask):
-    """Softmax over the last axis in float32; fully masked rows give zeros, not NaNs."""
-    scores = jnp.where(mask, scores, -jnp.inf)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    weights = jnp.where(mask, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-    return weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-
-
-def _online_softmax_step(carry, scores, values, pv: str):
-    """One block of keys into a running (peak, total, acc) softmax-weighted sum: scores
-    [..., K] (masked entries -inf), values contracted with the weights by einsum spec pv."""
-    peak, total, acc = carry
-    new_peak = jnp.maximum(peak, scores.max(-1))
-    p = jnp.exp(scores - new_peak[..., None])
-    rescale = jnp.exp(peak - new_peak)
-    acc = acc * rescale[..., None] + jnp.einsum(pv, p, values)
-    return new_peak, total * rescale + p.sum(-1), acc
-
-
-def _prefill_xla(q, k, v, md, scale, sliding_window):
-    """Causal attention among the step's own tokens, sequences kept apart by a segment mask.
-
-    Flat over the step (cost grows with the square of its tokens): the dense run's attention
-    and the reference for _prefill_tiled, which the engine uses."""
-    t, hq, d = q.shape
-    hkv = k.shape[1]
-    seg = _token_seq_ids(md, t)
-    pos = jnp.arange(t)  # flat index orders tokens within a sequence
-    mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])
-    if sliding_window is not None:
-        mask &= pos[:, None] - pos[None, :] < sliding_window
-    qg = q.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("thgd,shd->hgts", qg, k.astype(jnp.float32)) * scale
-    weights = _masked_softmax(scores, mask[None, None])
-    out = jnp.einsum("hgts,shd->thgd", weights, v.astype(jnp.float32))
-    return out.reshape(t, hq, d).astype(q.dtype)
-
-
-def _prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE):
-    """_prefill_xla's result at a cost that grows with each sequence's own length.
-
-    The step's tokens are cut into tiles; a query tile visits only the key tiles from the one
-    holding its first sequence's start up to itself (a loop with a data-dependent start), with
-    an online softmax. Tiles of padding only are skipped and give zeros.
-    """
-    t, hq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    c = min(tile, t)
-    n = -(-t // c)
-    pad = n * c - t
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-    s = md.seq_lens.shape[0]
-    seg = _token_seq_ids(md, n * c)  # padding tokens get id s
-    # Key tile where each query tile's first sequence starts; a tile of padding starts past
-    # itself, so its loop runs zero times.
-    first = seg[::c]
-    lo = jnp.where(first < s, md.query_start_loc[jnp.minimum(first, s - 1)] // c,
-                   jnp.arange(n) + 1)
-    if sliding_window is not None:
-        lo = jnp.maximum(lo, (jnp.arange(n) * c - sliding_window + 1) // c)
-    qt = (q.astype(jnp.float32) * scale).reshape(n, c, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    kt = k.astype(jnp.float32).reshape(n, c, hkv, d).transpose(0, 2, 1, 3)  # [n, Hkv, c, D]
-    vt = v.astype(jnp.float32).reshape(n, c, hkv, d).transpose(0, 2, 1, 3)
-    segt = seg.reshape(n, c)
-
-    def query_tile(_, i):
-        qi, qseg = qt[i], segt[i]  # [Hkv, G, c, D], [c]
-        qpos = i * c + jnp.arange(c)
-
-        def key_tile(j, carry):
-            kpos = j * c + jnp.arange(c)
-            mask = (qseg[:, None] == segt[j][None, :]) & (kpos[None, :] <= qpos[:, None])
-            if sliding_window is not None:
-                mask &= qpos[:, None] - kpos[None, :] < sliding_window
-            scores = jnp.where(mask, jnp.einsum("hgqd,hkd->hgqk", qi, kt[j]), -jnp.inf)
-            return _online_softmax_step(carry, scores, vt[j], "hgqk,hkd->hgqd")
-
-        init = (jnp.full((hkv, g, c), -1e30, jnp.float32), jnp.zeros((hkv, g, c), jnp.float32),
-                jnp.zeros((hkv, g, c, d), jnp.float32))
-        _, total, acc = jax.lax.fori_loop(lo[i], i + 1, key_tile, init)
-        return None, acc / jnp.maximum(total, 1e-30)[..., None]
-
-    _, out = jax.lax.scan(query_tile, None, jnp.arange(n))  # [n, Hkv, G, c, D]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(n * c, hq, d)[:t]
-    return out.astype(q.dtype)
-
-
-def _with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
-    """A prefill step whose first num_decodes rows are decodes: those rows' tokens (the first
-    num_decodes tokens) attend over their pages instead. Rows past num_decodes get length 0,
-    so their groups of the decode loop run no iteration."""
-    t, s = q.shape[0], md.seq_lens.shape[0]
-    rows = jnp.arange(s)
-    dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
-    dec = _decode_xla(q[:s], k_cache, v_cache,
-                      dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
-                      scale, sliding_window)
-    dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
-    return jnp.where((jnp.arange(t) < md.num_decodes)[:, None, None], dec, out)
-
-
-def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """cache [Hkv, N, B, D], block_tables [S, MB] -> [Hkv, S, MB * B, D] (no transpose: each
-    extra pass over the gathered context costs as much as the gather on the CPU)."""
-    hkv, _, b, d = cache.shape
-    s, mb = block_tables.shape
-    return cache[:, block_tables].reshape(hkv, s, mb * b, d)
-
-
-def _decode_xla(q, k_cache, v_cache, md, scale, sliding_window):
-    """One query per sequence: q [S, Hq, D] (T == S in decode steps), in row groups."""
-    s = q.shape[0]
-    parts = []
-    for lo in range(0, s, DECODE_ROW_GROUP):
-        rows = slice(lo, lo + DECODE_ROW_GROUP)
-        parts.append(_decode_rows(q[rows], k_cache, v_cache, md.seq_lens[rows],
-                                  md.block_tables[rows], scale, sliding_window))
-    return jnp.concatenate(parts)
-
-
-def _decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window):
-    """Decode attention of some rows: q [S, Hq, D], seq_lens [S], block_tables [S, MB].
-
-    Walks the block table a few columns at a time with an online softmax, so only
-    [Hkv, S, P * B, D] of K and V is gathered per iteration instead of the whole padded
-    context. The loop stops at the longest of these rows (a data-dependent trip count), so
-    a wide table costs nothing past it: one table width serves every decode step.
-    Padded entries of shorter sequences point at block 0, which stays in the CPU's caches.
-    """
-    s, hq, d = q.shape
-    hkv, _, b, _ = k_cache.shape
-    g = hq // hkv
-    mb = block_tables.shape[1]
-    pages = math.gcd(mb, DECODE_PAGES_PER_STEP)
-    tables = block_tables.reshape(s, mb // pages, pages)
-    qg = q.reshape(s, hkv, g, d).transpose(1, 0, 2, 3).astype(jnp.float32) * scale  # [Hkv,S,G,D]
-    lo = (seq_lens - sliding_window if sliding_window is not None
-          else jnp.zeros_like(seq_lens))
-
-    def column(j, carry):
-        cols = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [S, P]
-        k = k_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
-        v = v_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
-        pos = j * pages * b + jnp.arange(pages * b)
-        valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
-        scores = jnp.where(valid[None, :, None], jnp.einsum("hsgd,hsbd->hsgb", qg, k), -jnp.inf)
-        return _online_softmax_step(carry, scores, v, "hsgb,hsbd->hsgd")
-
-    # The running max starts finite so fully masked columns give exp(-inf - m) = 0, not NaN.
-    init = (jnp.full((hkv, s, g), -1e30, jnp.float32), jnp.zeros((hkv, s, g), jnp.float32),
-            jnp.zeros((hkv, s, g, d), jnp.float32))
-    first = 0 if sliding_window is None else jnp.maximum(jnp.min(lo), 0) // (pages * b)
-    stop = jnp.minimum(-(-jnp.max(seq_lens) // (pages * b)), mb // pages)
-    _, total, acc = jax.lax.fori_loop(first, stop, column, init)
-    out = acc / jnp.maximum(total, 1e-30)[..., None]  # padded rows (seq_len 0) give zeros
-    return out.transpose(1, 0, 2, 3).reshape(s, hq, d).astype(q.dtype)
-
-
-def _mixed_xla(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE):
-    """General ragged case (prompts over a cached prefix, with decode rows): each token
-    attends to its sequence's pages up to its own position.
-
-    Query tiles run one after another; each walks its tokens' block tables a few pages at a
-    time with an online softmax, from the first page any of its tokens can see up to the
-    last (data-dependent bounds), so a tile costs its own contexts, not the table's width,
-    and a tile of padding costs nothing."""
-    t, hq, d = q.shape
-    hkv, _, b, _ = k_cache.shape
-    g = hq // hkv
-    s, mb = md.block_tables.shape
-    c = min(tile, t)
-    n = -(-t // c)
-    pages = math.gcd(mb, DECODE_PAGES_PER_STEP)
-    span = pages * b
-    q = jnp.pad(q, ((0, n * c - t), (0, 0), (0, 0)))
-    seg = _token_seq_ids(md, n * c)  # padding tokens get id s
-    seg_c = jnp.minimum(seg, s - 1)
-    qlen = md.query_start_loc[1:] - md.query_start_loc[:-1]
-    qpos = md.seq_lens[seg_c] - qlen[seg_c] + (jnp.arange(n * c) - md.query_start_loc[seg_c])
-    qpos = jnp.where(seg < s, qpos, -1)  # padding sees nothing
-    tables = md.block_tables.reshape(s, mb // pages, pages)
-    qt = (q.astype(jnp.float32) * scale).reshape(n, c, hkv, g, d).transpose(0, 2, 1, 3, 4)
-
-    def query_tile(args):
-        qi, segi, posi = args  # [Hkv, c, G, D], [c], [c]
-        lo = (posi - sliding_window + 1 if sliding_window is not None
-              else jnp.zeros_like(posi))
-        rows = tables[jnp.minimum(segi, s - 1)]  # [c, MB / P, P]
-
-        def column(j, carry):
-            cols = jax.lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [c, P]
-            k = k_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
-            v = v_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
-            kpos = j * span + jnp.arange(span)
-            valid = (kpos[None, :] <= posi[:, None]) & (kpos[None, :] >= lo[:, None])
-            scores = jnp.where(valid[None, :, None], jnp.einsum("hcgd,hckd->hcgk", qi, k),
-                               -jnp.inf)
-            return _online_softmax_step(carry, scores, v, "hcgk,hckd->hcgd")
-
-        init = (jnp.full((hkv, c, g), -1e30, jnp.float32), jnp.zeros((hkv, c, g), jnp.float32),
-                jnp.zeros((hkv, c, g, d), jnp.float32))
-        real = posi >= 0
-        first = jnp.min(jnp.where(real, jnp.maximum(lo, 0), mb * b)) // span
-        stop = jnp.minimum(jnp.max(posi) // span + 1, mb // pages)  # 0 for a padding tile
-        _, total, acc = jax.lax.fori_loop(first, stop, column, init)
-        return acc / jnp.maximum(total, 1e-30)[..., None]  # [Hkv, c, G, D]
-
-    out = jax.lax.map(query_tile, (qt, seg.reshape(n, c), qpos.reshape(n, c)))
-    out = out.transpose(0, 2, 1, 3, 4).reshape(n * c, hq, d)[:t]
-    return out.astype(q.dtype)
 
 
 def _pallas(q, k_cache, v_cache, md, scale):
@@ -306,3 +85,21 @@ def _pallas(q, k_cache, v_cache, md, scale):
         return paged_decode(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale=scale)
     return ragged_paged_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens,
                                   md.query_start_loc, scale=scale)
+
+
+# ---- attention under shard_map ---------------------------------------------------------------
+
+def attention_per_kv_head(fn, q, k, v, kv_cache, md, **kwargs):
+    """fn(q, k, v, kv_cache, md, **kwargs) on each device's KV heads when traced under a mesh
+    with tp > 1 (jax.set_mesh, as the ModelRunner lowers its steps); fn itself otherwise.
+
+    q [T, Hq, D] and k, v [T, Hkv, D] split on axis 1, the caches [Hkv, N, B, D] on axis 0,
+    the metadata replicated: attention never mixes KV head groups, so no collective runs."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if kv_cache is None or mesh.empty or TP not in mesh.axis_names or mesh.shape[TP] == 1:
+        return fn(q, k, v, kv_cache, md, **kwargs)
+    heads, cache = P(None, TP, None), P(TP)
+    per_shard = jax.shard_map(functools.partial(fn, **kwargs), mesh=mesh,
+                              in_specs=(heads, heads, heads, (cache, cache), P()),
+                              out_specs=(heads, (cache, cache)), check_vma=False)
+    return per_shard(q, k, v, tuple(kv_cache), md)

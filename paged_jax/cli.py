@@ -24,6 +24,7 @@ import re
 import sys
 
 from paged_jax.config import EngineConfig, ServerLimits
+from paged_jax.plan import check_options
 
 _SIZE_SUFFIXES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -60,7 +61,11 @@ def add_engine_options(parser: argparse.ArgumentParser, **defaults) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)})
+    """The flags' EngineConfig; raises ValueError for a value or a combination it refuses."""
+    config = EngineConfig(**{f.name: getattr(args, f.name)
+                             for f in dataclasses.fields(EngineConfig)})
+    check_options(config)
+    return config
 
 
 def server_limits(args: argparse.Namespace) -> ServerLimits:

@@ -1,5 +1,6 @@
-"""Engine options, frozen and validated. Field names follow vLLM's engine arguments; the
-command line spells them in kebab case (--max-num-seqs)."""
+"""Engine options, frozen, each field validated alone. Field names follow vLLM's engine
+arguments; the command line spells them in kebab case (--max-num-seqs). The checks between
+fields and every "auto" default are paged_jax/plan.py's."""
 from __future__ import annotations
 
 import dataclasses
@@ -119,40 +120,23 @@ class EngineConfig:
         if self.speculative_method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_method must be None or 'ngram', got "
                              f"{self.speculative_method!r}")
-        if self.speculative_method is not None:
-            if not 1 <= self.num_speculative_tokens <= 16:
-                raise ValueError(f"num_speculative_tokens must be in [1, 16] with "
-                                 f"speculative_method, got {self.num_speculative_tokens}")
-            if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
-                raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
-                                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
-            if not self.mixed_batches:
-                raise ValueError("speculative decoding needs mixed_batches (a request's drafts "
-                                 "ride as a row of several tokens beside the decodes)")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got "
+                             f"{self.num_speculative_tokens}")
+        if self.prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1, got {self.prompt_lookup_min}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size}")
         if self.num_processes is not None and self.num_processes < 1:
             raise ValueError(f"num_processes must be >= 1, got {self.num_processes}")
-        if self.process_id is not None and not (
-                0 <= self.process_id < (self.num_processes or self.process_id + 1)):
-            raise ValueError(f"process_id {self.process_id} is outside [0, num_processes "
-                             f"{self.num_processes})")
+        if self.process_id is not None and self.process_id < 0:
+            raise ValueError(f"process_id must be >= 0, got {self.process_id}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if self.enable_chunked_prefill and not self.mixed_batches:
-            raise ValueError("enable_chunked_prefill needs mixed_batches (prompt chunks ride "
-                             "in decoding steps)")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got "
                              f"{self.max_num_batched_tokens}")
-        if (self.max_num_batched_tokens is not None and self.max_model_len is not None
-                and self.max_num_batched_tokens < self.max_model_len
-                and not self.enable_chunked_prefill):
-            # Without chunked prefill a whole prompt must fit in one step's token budget.
-            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
-                             f"max_model_len {self.max_model_len}: a prompt must fit one step "
-                             "unless enable_chunked_prefill is on")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

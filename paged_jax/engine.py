@@ -18,16 +18,19 @@ import jax.numpy as jnp
 from paged_jax import kv_cache, multihost, sampler, sharding, spec_decode, step_inputs, swap
 from paged_jax.config import EngineConfig
 from paged_jax.generation_defaults import load_sampling_defaults
-from paged_jax.kv_cache_manager import KVCacheManager, KVUsage, cdiv
+from paged_jax.intmath import cdiv
+from paged_jax.kv_cache_manager import KVCacheManager, KVUsage
 from paged_jax.model_runner import ModelRunner
-from paged_jax.models.loader import LoadedModel, load_model
+from paged_jax.models.loader import LoadedModel, load_model, shard_model
 from paged_jax.outputs import OutputBuilder
+from paged_jax.plan import check_options, make_plan, resolve_dtype, warn_bfloat16_on_cpu
 from paged_jax.request import Request, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
+from paged_jax.snapshot import EngineSnapshot, RequestView
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_MODEL_LEN = 2048  # cap on the model's own context when max_model_len is not given
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model (config.model None)
 
 
 class StepError(RuntimeError):
@@ -59,6 +62,7 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None):
+        check_options(config)  # before joining other processes or loading anything
         self.multihost, self.mesh, dtype = setup_devices(config)
         on_cpu = jax.default_backend() == "cpu"
         tp = config.tensor_parallel_size
@@ -66,43 +70,25 @@ class LLMEngine:
             model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
                                mesh=self.mesh)
         elif self.mesh is not None:
-            model = sharding.shard_model(model, self.mesh)
+            model = shard_model(model, self.mesh)
         self.model = model
+        # What the server calls the model (unless --served-model-name) and where it lies.
+        self.model_name = config.model or DEFAULT_MODEL_NAME
+        self.model_path = model.path
         mcfg = self.model.config
         # {SamplingParams field: value} a request without its own params gets (the server
         # fills each unset field from it)
         self.sampling_defaults = load_sampling_defaults(model.path, config.generation_config)
         # The loaded model's dtype decides (a model handed in may differ from config.dtype).
-        self.backend = _pick_backend(config.attention_backend, on_cpu,
-                                     jnp.dtype(mcfg.dtype).name, bool(self.multihost))
+        self.plan = plan = make_plan(config, mcfg, jax.default_backend(), bool(self.multihost),
+                                     jnp.dtype(mcfg.dtype).name)
         if on_cpu and jnp.dtype(mcfg.dtype) == jnp.bfloat16:
-            _warn_bfloat16_on_cpu()
-        self.max_model_len = config.max_model_len or min(mcfg.max_position_embeddings,
-                                                         DEFAULT_MAX_MODEL_LEN)
-        if self.max_model_len > mcfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mcfg.max_position_embeddings}")
-        # Default: one max_model_len of tokens per step. On the CPU a 2048-token budget ran
-        # the throughput workload no faster (docs/RESULTS.md) and needs larger step buckets.
-        self.max_num_batched_tokens = config.max_num_batched_tokens or self.max_model_len
-        if (self.max_num_batched_tokens < self.max_model_len
-                and not config.enable_chunked_prefill):
-            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below "
-                             f"max_model_len {self.max_model_len}: a prompt must fit one step "
-                             "unless enable_chunked_prefill is on")
-        # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
-        num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
-            mcfg, config.block_size, config.kv_cache_memory_bytes * tp)
-        swapping = config.preemption_mode == "swap"
-        if swapping and self.multihost:
-            raise ValueError("preemption_mode 'swap' runs on one host; multi-host runs "
-                             "preempt by recompute")
-        # The host keeps whole blocks (all KV heads), whatever the tensor parallelism.
-        num_cpu_blocks = (config.num_cpu_blocks or config.swap_space_bytes
-                          // kv_cache.block_bytes(mcfg, config.block_size)) if swapping else 0
-        if swapping and num_cpu_blocks < 1:
-            raise ValueError(f"swap_space_bytes {config.swap_space_bytes} holds no block of "
-                             f"{kv_cache.block_bytes(mcfg, config.block_size)} bytes")
+            warn_bfloat16_on_cpu()
+        self.backend = plan.backend
+        self.max_model_len = plan.max_model_len
+        self.max_num_batched_tokens = plan.max_num_batched_tokens
+        num_blocks, num_cpu_blocks, swapping = (plan.num_kv_blocks, plan.num_cpu_blocks,
+                                                plan.swapping)
         self.config = config
         self.tokenizer = self.model.tokenizer
         self.kv = KVCacheManager(num_blocks, config.block_size,
@@ -113,14 +99,10 @@ class LLMEngine:
                                    chunked=config.enable_chunked_prefill, swap=swapping)
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size,
-                                                table_ladder=self.backend == "pallas",
-                                                mixed_steps=self.backend == "xla" and (
-                                                    config.enable_prefix_caching
-                                                    or config.enable_chunked_prefill
-                                                    or config.speculative_method is not None),
+                                                table_ladder=plan.table_ladder,
+                                                mixed_steps=plan.mixed_steps,
                                                 num_speculative_tokens=(
-                                                    config.num_speculative_tokens
-                                                    if config.speculative_method else 0))
+                                                    plan.num_speculative_tokens))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
         self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
@@ -136,7 +118,6 @@ class LLMEngine:
         self.outputs = OutputBuilder(self.tokenizer)
         self.stats = EngineStats()
         self._rng = random.Random(config.seed)
-        self._requests: dict[str, Request] = {}
         self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
@@ -183,11 +164,20 @@ class LLMEngine:
                                      self.model.eos_token_ids, text, arrival))
             self._groups[request_id] = group
             for req in group:
-                self._requests[req.request_id] = req
                 self._group_of[req.request_id] = request_id
                 self.scheduler.add(req)
             if self._channel is not None:
                 self._published.append(("add", request_id, prompt, params, arrival))
+
+    @property
+    def stream_text(self) -> bool:
+        """Whether every output carries its text so far (a streaming server), or only
+        finished ones (offline generation: decoding each step would be wasted)."""
+        return self.outputs.text_every_step
+
+    @stream_text.setter
+    def stream_text(self, value: bool) -> None:
+        self.outputs.text_every_step = value
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation-config defaults (vLLM's
@@ -392,7 +382,6 @@ class LLMEngine:
         return outs
 
     def _forget(self, req: Request) -> None:
-        self._requests.pop(req.request_id, None)
         self._group_of.pop(req.request_id, None)
 
     # ---- multi-host serving ---------------------------------------------------------------
@@ -432,6 +421,34 @@ class LLMEngine:
         held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
         return self.kv.usage(held)
 
+    def snapshot(self, with_requests: bool = False) -> EngineSnapshot:
+        """The engine's queues, KV and host pools and running totals, frozen: what metrics,
+        the server loop, notebooks and experiments read. with_requests: each unfinished
+        sequence too, with its block table (costs a walk over them)."""
+        sched, kv, stats, cpu = self.scheduler, self.kv, self.stats, self.kv.cpu_pool
+        requests = ()
+        if with_requests:
+            requests = tuple(
+                RequestView(r.request_id, status, len(r.prompt_token_ids), r.num_tokens,
+                            r.num_computed_tokens,
+                            tuple(kv.block_table(r.request_id)) if status == "running" else (),
+                            r.num_preemptions)
+                for status, queue in (("running", sched.running), ("waiting", sched.waiting),
+                                      ("swapped", sched.swapped))
+                for r in queue)
+        return EngineSnapshot(
+            num_waiting=len(sched.waiting), num_running=len(sched.running),
+            num_swapped=len(sched.swapped), kv=self.kv_usage(), block_size=kv.block_size,
+            num_free_blocks=kv.pool.num_free,
+            num_cpu_blocks=cpu.num_usable if cpu is not None else 0,
+            num_cpu_blocks_used=cpu.num_used if cpu is not None else 0,
+            num_preemptions=sched.num_preemptions, num_swapped_out=sched.num_swapped_out,
+            prefix_cache_queries=kv.cache_stats.queries, prefix_cache_hits=kv.cache_stats.hits,
+            spec_draft_tokens=stats.spec_draft_tokens,
+            spec_accepted_tokens=stats.spec_accepted_tokens, prompt_tokens=stats.prompt_tokens,
+            generation_tokens=stats.generation_tokens, num_steps=stats.num_steps,
+            finished=dict(stats.finished), requests=requests)
+
 
 def setup_devices(config: EngineConfig):
     """(whether this is a multi-host run, the tensor-parallel mesh or None, the model dtype).
@@ -440,43 +457,4 @@ def setup_devices(config: EngineConfig):
         config.coordinator_address, config.num_processes, config.process_id)
     tp = config.tensor_parallel_size
     mesh = sharding.make_mesh(tp) if tp > 1 or distributed else None
-    dtype = config.dtype if config.dtype != "auto" else (
-        "float32" if jax.default_backend() == "cpu" else "bfloat16")
-    return distributed, mesh, dtype
-
-
-def _warn_bfloat16_on_cpu() -> None:
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        flags = set()
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    log.warning("dtype bfloat16 on the CPU: decoding SmolLM2 was measured about 3x slower than "
-                "float32 on a 2-core AVX2 EPYC. The C++ attention kernel takes float32 only, so "
-                "attention runs on the XLA path%s. float32 is the CPU's default (--dtype auto).",
-                "" if native else ", and this CPU has no native bfloat16 matmul (avx512_bf16 "
-                "or amx_bf16)")
-
-
-def _pick_backend(requested: str, on_cpu: bool, dtype: str, multihost: bool) -> str:
-    """The attention backend "auto" stands for, or the requested one if it can run."""
-    if requested not in ("auto", "cpu"):
-        return requested
-    if not on_cpu:
-        if requested == "cpu":
-            raise ValueError(f"attention_backend 'cpu' needs the CPU platform, not "
-                             f"{jax.default_backend()!r}")
-        return "pallas"
-    from paged_jax import cpu_kernels
-
-    # The kernel is float32. Under a one-process tensor-parallel mesh attention runs under
-    # shard_map, so each call sees one device's KV heads; across processes it is untested.
-    reason = (f"it takes float32, not {dtype}" if dtype != "float32"
-              else "it is not tested across processes (multi-host)" if multihost
-              else cpu_kernels.unavailable_reason())
-    if reason is None:
-        return "cpu"
-    if requested == "cpu":
-        raise ValueError(f"attention_backend 'cpu' cannot run here: {reason}")
-    log.info("attention backend xla: the CPU kernel is unavailable (%s)", reason)
-    return "xla"
+    return distributed, mesh, resolve_dtype(config, jax.default_backend())

@@ -6,11 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from paged_jax.block_pool import BlockPool
+from paged_jax.intmath import cdiv
 from paged_jax.prefix_cache import PrefixHit, block_hashes
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)

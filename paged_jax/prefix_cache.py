@@ -41,22 +41,3 @@ class PrefixHit:
     @property
     def num_tokens(self) -> int:
         return len(self.blocks) * self.block_size
-
-
-class NoPrefixCache:
-    """The prefix-cache half of the Scheduler's KV interface, for KV managers without one
-    (the Orca baselines): nothing is ever found, registered or counted."""
-
-    block_size = 0
-
-    def find_cached(self, token_ids, known=None) -> PrefixHit:
-        return PrefixHit()
-
-    def new_full_blocks(self, request_id: str, num_tokens: int) -> bool:
-        return False
-
-    def cache_blocks(self, request_id: str, token_ids) -> None:
-        pass
-
-    def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
-        pass

@@ -17,14 +17,13 @@ multiple of it), every KV head is repeated tp // Hkv times in the k/v projection
 (as vLLM does), so the model runs with tp KV heads, one per device: each device holds only the
 KV head its q heads read, and the cache stays sharded rather than replicated.
 
-Attention runs under shard_map over the tp axis (`attention_per_kv_head`): attention is
+Attention runs under shard_map over the tp axis (`attention.attention_per_kv_head`): attention is
 independent per KV head group, so each device writes and attends its own heads with the XLA
 path or the Pallas kernels, with no communication.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -130,55 +129,3 @@ def repeat_kv_heads(value: np.ndarray, repeat: int, head_dim: int) -> np.ndarray
 def is_kv_projection(path: tuple) -> bool:
     parts = [str(p) for p in path]
     return len(parts) >= 2 and parts[-2] in ("k_proj", "v_proj")
-
-
-def shard_model(model, mesh: Mesh):
-    """A LoadedModel whose parameters sit on the mesh. A model loaded for this mesh is returned
-    as is; an unsharded one (e.g. loaded with mesh=None) is placed parameter by parameter."""
-    from flax import nnx
-
-    from paged_jax.models.llama import abstract_model
-
-    tp = tp_size(mesh)
-    if all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
-           and x.sharding.mesh == mesh for x in jax.tree.leaves(model.params)):
-        return model
-    cfg, repeat = tp_model_config(model.config, tp)
-    rules = rules_for(cfg, tp)
-    graphdef, state = nnx.split(abstract_model(cfg))
-    names = logical_names(state)
-    old = {tuple(p): v for p, v in nnx.to_flat_state(model.params)}
-    pure = nnx.to_pure_dict(state)
-
-    def fill(tree, prefix):
-        for key, node in tree.items():
-            path = prefix + (key,)
-            if isinstance(node, dict):
-                fill(node, path)
-                continue
-            value = np.asarray(old[path][...])
-            if is_kv_projection(path):
-                value = repeat_kv_heads(value, repeat, cfg.head_dim)
-            tree[key] = put(value, NamedSharding(mesh, spec(names[path], rules)), cfg.dtype)
-
-    fill(pure, ())
-    nnx.replace_by_pure_dict(state, pure)
-    return dataclasses.replace(model, config=cfg, graphdef=graphdef, params=state)
-
-
-# ---- attention under shard_map ---------------------------------------------------------------
-
-def attention_per_kv_head(fn, q, k, v, kv_cache, md, **kwargs):
-    """fn(q, k, v, kv_cache, md, **kwargs) on each device's KV heads when traced under a mesh
-    with tp > 1 (jax.set_mesh, as the ModelRunner lowers its steps); fn itself otherwise.
-
-    q [T, Hq, D] and k, v [T, Hkv, D] split on axis 1, the caches [Hkv, N, B, D] on axis 0,
-    the metadata replicated: attention never mixes KV head groups, so no collective runs."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if kv_cache is None or mesh.empty or TP not in mesh.axis_names or mesh.shape[TP] == 1:
-        return fn(q, k, v, kv_cache, md, **kwargs)
-    heads, cache = P(None, TP, None), P(TP)
-    per_shard = jax.shard_map(functools.partial(fn, **kwargs), mesh=mesh,
-                              in_specs=(heads, heads, heads, (cache, cache), P()),
-                              out_specs=(heads, (cache, cache)), check_vma=False)
-    return per_shard(q, k, v, tuple(kv_cache), md)

@@ -6,7 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from paged_jax.kv_cache_manager import KVCacheManager, cdiv
+from paged_jax.intmath import cdiv
+from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.scheduler import ScheduledBatch
 
 

@@ -20,9 +20,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from paged_jax.intmath import next_pow2
+
 
 def _bucket(n: int, limit: int) -> int:
-    return min(1 << max(0, n - 1).bit_length(), limit)
+    return min(next_pow2(n), limit)
 
 
 def _gather(caches, ids):

@@ -11,7 +11,7 @@ import pytest
 from experiments import batching
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
-from paged_jax.reservation import orca_oracle
+from paged_jax.baselines import orca_oracle
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
 

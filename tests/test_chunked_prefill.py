@@ -58,11 +58,14 @@ def test_a_chunked_prompt_yields_no_output_until_its_last_chunk(tiny_dir):
 
 
 def test_chunked_prefill_options_are_checked():
+    from paged_jax.plan import check_options
+
     with pytest.raises(ValueError, match="needs mixed_batches"):
-        EngineConfig(enable_chunked_prefill=True, mixed_batches=False)
+        check_options(EngineConfig(enable_chunked_prefill=True, mixed_batches=False))
     with pytest.raises(ValueError, match="max_num_batched_tokens 64 is below max_model_len 128"):
-        EngineConfig(max_num_batched_tokens=64, max_model_len=128)
-    EngineConfig(max_num_batched_tokens=64, max_model_len=128, enable_chunked_prefill=True)
+        check_options(EngineConfig(max_num_batched_tokens=64, max_model_len=128))
+    check_options(EngineConfig(max_num_batched_tokens=64, max_model_len=128,
+                               enable_chunked_prefill=True))
 
 
 def test_chunked_prompts_under_block_pressure_equal_dense(tiny_dir):

@@ -139,6 +139,42 @@ def test_abort_frees_every_block(llm):
     assert engine.stats.finished["abort"] >= 3
 
 
+def test_the_snapshot_shows_queues_blocks_and_totals_and_stays_frozen(tiny_dir):
+    import dataclasses
+
+    small = make_llm(tiny_dir, num_kv_blocks=9, max_num_seqs=3)  # 8 usable blocks, 3 seqs
+    engine = small.llm_engine
+    start = engine.snapshot()
+    assert (start.num_running, start.num_waiting, start.kv.used_blocks) == (0, 0, 0)
+    assert start.num_free_blocks == start.kv.total_blocks == 8
+    prompts = random_prompts(5, 11, 20, 40)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"s{i}", p, SamplingParams(temperature=0.0, max_tokens=30,
+                                                      ignore_eos=True))
+    engine.step()
+    snap = engine.snapshot(with_requests=True)
+    assert (snap.num_running, snap.num_waiting) == (3, 2)  # max_num_seqs admitted
+    running = [r for r in snap.requests if r.status == "running"]
+    assert [r.request_id for r in snap.requests if r.status == "waiting"] == ["s3", "s4"]
+    held = {b for r in running for b in r.block_table}
+    assert len(held) == snap.kv.used_blocks == 8 - snap.num_free_blocks
+    for r in running:  # a block for every 16 computed tokens, none more
+        assert len(r.block_table) == -(-r.num_computed_tokens // 16)
+        assert r.num_computed_tokens == r.num_prompt_tokens
+    assert snap.kv.token_states == sum(r.num_computed_tokens for r in running)
+    assert snap.num_steps == 1 and snap.prompt_tokens == sum(r.num_prompt_tokens
+                                                             for r in running)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        snap.num_running = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    end = engine.snapshot(with_requests=True)
+    assert end.num_preemptions > 0  # 5 x 60 tokens do not fit 8 blocks at once
+    assert (end.num_unfinished, end.requests, end.kv.used_blocks) == (0, (), 0)
+    assert end.generation_tokens == 5 * 30 and end.finished == {"length": 5}
+    assert snap.num_running == 3  # the earlier snapshot did not move
+
+
 def test_seeded_sampling_is_the_same_whatever_the_batch(llm):
     target = random_prompts(1, 5)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16,
@@ -216,7 +252,7 @@ def test_eos_stops_unless_ignored(tiny_dir):
     # the ignore_eos run above went past it.
     engine_eos = (free.token_ids[2],)
     engine.add_request("eos", prompt, SamplingParams(temperature=0, max_tokens=20))
-    engine._requests["eos"].eos_token_ids = engine_eos
+    engine._groups["eos"][0].eos_token_ids = engine_eos
     while engine.has_unfinished_requests():
         outs = engine.step()
     first = free.token_ids.index(engine_eos[0])
@@ -279,20 +315,6 @@ def test_chat_uses_the_template(llm):
     tok = llm.get_tokenizer()
     assert "hello" in tok.decode(out.prompt_token_ids)
     assert len(out.outputs[0].token_ids) <= 4
-
-
-def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
-    from paged_jax.engine import _pick_backend
-
-    assert _pick_backend("auto", True, "float32", False) == "cpu"
-    assert _pick_backend("auto", True, "bfloat16", False) == "xla"
-    assert _pick_backend("auto", True, "float32", True) == "xla"  # multi-host
-    assert _pick_backend("auto", False, "bfloat16", False) == "pallas"
-    assert _pick_backend("xla", True, "float32", False) == "xla"
-    with pytest.raises(ValueError, match="'cpu' cannot run here: it takes float32, not bfloat16"):
-        _pick_backend("cpu", True, "bfloat16", False)
-    with pytest.raises(ValueError, match="'cpu' needs the CPU platform"):
-        _pick_backend("cpu", False, "float32", False)
 
 
 def test_a_bfloat16_model_handed_in_runs_on_the_xla_path(tiny_dir, caplog):

@@ -8,7 +8,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from paged_jax.kv_cache_manager import KVCacheManager, cdiv
+from paged_jax.intmath import cdiv
+from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request, Status
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import ScheduledBatch, Scheduler

@@ -117,7 +117,7 @@ def test_greedy_with_drafts_equals_dense(tiny_dir, opts, monkeypatch):
     stats, plain_steps = spec.llm_engine.stats, plain.llm_engine.stats.num_steps
     assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # kept some, not all
     metrics = ServerMetrics("m")  # what the server exports
-    metrics.update_from_engine(spec.llm_engine)
+    metrics.update(spec.llm_engine.snapshot())
     for name, value in (("draft", stats.spec_draft_tokens),
                         ("accepted", stats.spec_accepted_tokens)):
         assert metrics.registry.get_sample_value(

@@ -189,7 +189,7 @@ def test_aborting_a_swapped_out_request_frees_its_host_blocks(tiny_dir):
     victim = engine.scheduler.swapped[0]
     assert engine.kv.num_swapped_blocks() > 0
     metrics = ServerMetrics("m")  # what the server exports meanwhile
-    metrics.update_from_engine(engine)
+    metrics.update(engine.snapshot())
     sample = lambda name: metrics.registry.get_sample_value(  # noqa: E731
         "paged_jax:" + name, {"model_name": "m"})
     assert sample("num_requests_swapped") == len(engine.scheduler.swapped)

@@ -24,9 +24,6 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from pallas_kernels.paged_attention import validate_cache_args
-from paged_jax.weights import default_cache_dir
-
 SOURCE = pathlib.Path(__file__).with_name("paged_attention.cc")
 TARGET = "paged_jax_cpu_paged_attention_f32"
 # -ffast-math lets the dot products and exp vectorize (libmvec); the kernel keeps no
@@ -37,8 +34,39 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c
 
 
 def cache_dir() -> pathlib.Path:
-    """Beside the converted checkpoints (weights.default_cache_dir)."""
-    return default_cache_dir() / "cpu_kernels"
+    """Where built kernels are kept: beside paged-jax's other caches (converted checkpoints,
+    compiled steps), under $XDG_CACHE_HOME or ~/.cache."""
+    root = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return pathlib.Path(root).expanduser() / "paged_jax" / "cpu_kernels"
+
+
+def validate(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables) -> None:
+    """What the kernel assumes of its arguments; raises ValueError naming the mismatch."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be 3-D [tokens, q heads, head size], got shape {q.shape}")
+    if k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must be 4-D [kv heads, blocks, block size, "
+                         f"head size] of one shape, got {k_cache.shape} and {v_cache.shape}")
+    if q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"q head size {q.shape[2]} != k_cache head size {k_cache.shape[3]}")
+    if q.shape[1] % k_cache.shape[0]:
+        raise ValueError(f"q heads {q.shape[1]} not a multiple of kv heads {k_cache.shape[0]}")
+    group = q.shape[1] // k_cache.shape[0]
+    if group > 64:
+        raise ValueError(f"{group} query heads per KV head; the kernel takes at most 64")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != jnp.float32:
+            raise ValueError(f"the CPU kernel takes float32, got {x.dtype} for {name}")
+    if block_tables.ndim != 2 or block_tables.dtype != jnp.int32:
+        raise ValueError(f"block_tables must be int32 [S, MB], got {block_tables.dtype} "
+                         f"{block_tables.shape}")
+    s = block_tables.shape[0]
+    if seq_lens.shape != (s,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be int32 [{s}] like block_tables' rows, got "
+                         f"{seq_lens.dtype} {seq_lens.shape}")
+    if query_start_loc.shape != (s + 1,):
+        raise ValueError(f"query_start_loc must be [{s + 1}] (S + 1), got "
+                         f"{query_start_loc.shape}")
 
 
 def _cpu_signature() -> str:
@@ -109,16 +137,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     position seq_len - qlen + i and attends causally (to its last sliding_window positions if
     given). Returns [T, Hq, D]; padding tokens and sequences of length 0 give zeros.
     """
-    # What every paged kernel checks (shapes, head grouping, int32 tables), then the CPU's own.
-    validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
-    group = q.shape[1] // k_cache.shape[0]
-    if group > 64:
-        raise ValueError(f"{group} query heads per KV head; the kernel takes at most 64")
-    if q.dtype != jnp.float32:
-        raise ValueError(f"the CPU kernel takes float32, got {q.dtype}")
-    if query_start_loc.shape != (block_tables.shape[0] + 1,):
-        raise ValueError(f"query_start_loc must be [{block_tables.shape[0] + 1}] (S + 1), got "
-                         f"{query_start_loc.shape}")
+    validate(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
     reason = unavailable_reason()

@@ -11,10 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from paged_jax.attention import AttentionMetadata, attention
+from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_head
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.rope import apply_rope, inv_freq
-from paged_jax.sharding import attention_per_kv_head
 
 
 def _param(shape, names, dtype):

@@ -1,12 +1,17 @@
-"""One call from a model name to (config, graphdef, params, tokenizer)."""
+"""One call from a model name to (config, graphdef, params, tokenizer); a loaded model onto a
+tensor-parallel mesh (shard_model)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
 
-from paged_jax import weights
+import jax
+import numpy as np
+
+from paged_jax import sharding, weights
 from paged_jax.models.config import ModelConfig
+from paged_jax.models.llama import abstract_model
 from paged_jax.models.params import load_params
 from paged_jax.tokenizer import load_tokenizer
 
@@ -44,8 +49,6 @@ def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str 
     cfg = ModelConfig.from_hf(hf_config, dtype=dtype)
     kv_repeat = 1
     if mesh is not None:
-        from paged_jax import sharding
-
         cfg, kv_repeat = sharding.tp_model_config(cfg, sharding.tp_size(mesh))
     if sharded.is_checkpoint(folder):
         graphdef, params = sharded.restore_params(folder, cfg, mesh, kv_repeat)
@@ -55,3 +58,36 @@ def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str 
     log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
              time.perf_counter() - start, dtype)
     return LoadedModel(cfg, graphdef, params, tokenizer, hf_config, str(folder))
+
+
+def shard_model(model: LoadedModel, mesh) -> LoadedModel:
+    """A LoadedModel whose parameters sit on the mesh. A model loaded for this mesh is returned
+    as is; an unsharded one (e.g. loaded with mesh=None) is placed parameter by parameter."""
+    from flax import nnx
+
+    tp = sharding.tp_size(mesh)
+    if all(isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
+           and x.sharding.mesh == mesh for x in jax.tree.leaves(model.params)):
+        return model
+    cfg, repeat = sharding.tp_model_config(model.config, tp)
+    rules = sharding.rules_for(cfg, tp)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    names = sharding.logical_names(state)
+    old = {tuple(p): v for p, v in nnx.to_flat_state(model.params)}
+    pure = nnx.to_pure_dict(state)
+
+    def fill(tree, prefix):
+        for key, node in tree.items():
+            path = prefix + (key,)
+            if isinstance(node, dict):
+                fill(node, path)
+                continue
+            value = np.asarray(old[path][...])
+            if sharding.is_kv_projection(path):
+                value = sharding.repeat_kv_heads(value, repeat, cfg.head_dim)
+            where = jax.sharding.NamedSharding(mesh, sharding.spec(names[path], rules))
+            tree[key] = sharding.put(value, where, cfg.dtype)
+
+    fill(pure, ())
+    nnx.replace_by_pure_dict(state, pure)
+    return dataclasses.replace(model, config=cfg, graphdef=graphdef, params=state)

@@ -26,19 +26,18 @@ from paged_jax.server.metrics import ServerMetrics
 from paged_jax.server.serving import OpenAIServing
 from paged_jax.tokenizer import load_tokenizer
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
                limits: ServerLimits = ServerLimits(), disable_docs: bool = False) -> FastAPI:
-    model_name = served_model_name or engine.config.model or DEFAULT_MODEL_NAME
+    model_name = served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a
     # dead engine loop stops the server, which exits non-zero for a supervisor to restart.
     engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death())
-    serving = OpenAIServing(engine_loop, load_tokenizer(engine.model.path), model_name,
+    serving = OpenAIServing(engine_loop, load_tokenizer(engine.model_path), model_name,
                             engine.max_model_len, limits.max_sequences_per_request,
                             engine.sampling_defaults)
 
@@ -75,7 +74,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.get("/v1/models", response_model=protocol.ModelList,
              responses={401: ERROR_RESPONSES[401]})
     async def models():
-        card = protocol.ModelCard(id=model_name, root=engine.model.path,
+        card = protocol.ModelCard(id=model_name, root=engine.model_path,
                                   max_model_len=engine.max_model_len)
         return protocol.ModelList(data=[card]).model_dump()
 

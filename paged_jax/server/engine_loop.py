@@ -70,7 +70,7 @@ class EngineLoop:
         """on_death: called from the engine thread once, if the loop stops for an error."""
         self.engine = engine
         self.on_death = on_death
-        engine.outputs.text_every_step = True  # streamed outputs carry their text so far
+        engine.stream_text = True  # streamed outputs carry their text so far
         self.metrics = metrics
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._deliver: dict[str, Callable[[object], None]] = {}  # engine thread only
@@ -131,11 +131,12 @@ class EngineLoop:
     def _run(self) -> None:
         failures = 0  # steps in a row that raised StepError
         try:
+            steps = self.engine.snapshot().num_steps
             while not self._stopping:
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
-                started, steps = time.monotonic(), self.engine.stats.num_steps
+                started = time.monotonic()
                 try:
                     outputs = self.engine.step()
                     failures = 0
@@ -146,12 +147,14 @@ class EngineLoop:
                         raise RuntimeError(f"{failures} steps in a row failed, the last with "
                                            f"{err.cause!r}: the engine is not well") from err
                 self._publish(outputs, started)
+                snapshot = self.engine.snapshot()
                 if self.metrics is not None:
-                    self.metrics.update_from_engine(self.engine)
-                if self.engine.stats.num_steps == steps:
+                    self.metrics.update(snapshot)
+                if snapshot.num_steps == steps:
                     # Nothing ran (e.g. all preempted): do not spin. A step of prompt chunks
                     # only has no outputs either, but it ran: go straight on.
                     time.sleep(0.001)
+                steps = snapshot.num_steps
         except BaseException as err:  # a bug in the engine: fail every request, stay down
             log.exception("engine loop died")
             self.error = err
@@ -205,7 +208,7 @@ class EngineLoop:
             except queue.Empty:
                 break
         if applied_abort and self.metrics is not None:
-            self.metrics.update_from_engine(self.engine)  # freed blocks show at once
+            self.metrics.update(self.engine.snapshot())  # freed blocks show at once
 
     def _add(self, cmd: _AddBatch) -> None:
         try:  # one refusal refuses the whole batch, unqueued

@@ -12,6 +12,8 @@ from __future__ import annotations
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 
+from paged_jax.snapshot import EngineSnapshot
+
 PREFIX = "paged_jax:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -82,28 +84,25 @@ class ServerMetrics:
         self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "prefix_queries": 0,
                       "prefix_hits": 0, "spec_drafts": 0, "spec_accepted": 0, "finished": {}}
 
-    def update_from_engine(self, engine) -> None:
-        """Gauges from the engine's state and counters from its running totals (engine thread)."""
-        sched = engine.scheduler
-        self.running.set(len(sched.running))
-        self.waiting.set(len(sched.waiting))
-        self.swapped.set(len(sched.swapped))
-        cpu = engine.kv.cpu_pool
-        self.cpu_usage.set(cpu.usage() if cpu is not None else 0.0)
-        kv = engine.kv_usage()
-        self.kv_usage.set(kv.usage)
-        self.kv_fragmentation.set(kv.internal_fragmentation)
-        self.kv_token_states.set(kv.token_state_share)
-        stats, seen = engine.stats, self._seen
-        self._advance(self.prompt_tokens, "prompt", stats.prompt_tokens)
-        self._advance(self.generation_tokens, "generation", stats.generation_tokens)
-        self._advance(self.preemptions, "preemptions", sched.num_preemptions)
-        self._advance(self.spec_drafts, "spec_drafts", stats.spec_draft_tokens)
-        self._advance(self.spec_accepted, "spec_accepted", stats.spec_accepted_tokens)
-        cache = engine.kv.cache_stats
-        self._advance(self.prefix_queries, "prefix_queries", cache.queries)
-        self._advance(self.prefix_hits, "prefix_hits", cache.hits)
-        for reason, count in list(stats.finished.items()):
+    def update(self, snap: EngineSnapshot) -> None:
+        """Gauges from the engine's state and counters from its running totals (engine
+        thread, after each step)."""
+        self.running.set(snap.num_running)
+        self.waiting.set(snap.num_waiting)
+        self.swapped.set(snap.num_swapped)
+        self.cpu_usage.set(snap.cpu_usage)
+        self.kv_usage.set(snap.kv.usage)
+        self.kv_fragmentation.set(snap.kv.internal_fragmentation)
+        self.kv_token_states.set(snap.kv.token_state_share)
+        seen = self._seen
+        self._advance(self.prompt_tokens, "prompt", snap.prompt_tokens)
+        self._advance(self.generation_tokens, "generation", snap.generation_tokens)
+        self._advance(self.preemptions, "preemptions", snap.num_preemptions)
+        self._advance(self.spec_drafts, "spec_drafts", snap.spec_draft_tokens)
+        self._advance(self.spec_accepted, "spec_accepted", snap.spec_accepted_tokens)
+        self._advance(self.prefix_queries, "prefix_queries", snap.prefix_cache_queries)
+        self._advance(self.prefix_hits, "prefix_hits", snap.prefix_cache_hits)
+        for reason, count in snap.finished.items():
             delta = count - seen["finished"].get(reason, 0)
             if delta > 0:
                 self._success.labels(self.model_name, reason).inc(delta)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import kernel_testing as kt
-from paged_jax.attention import (AttentionMetadata, _decode_xla, _mixed_xla, _prefill_tiled,
-                                 _prefill_xla, attention)
+from paged_jax.attention import AttentionMetadata, attention
+from paged_jax.xla_attention import decode, mixed, prefill_dense, prefill_tiled
 
 
 def metadata(case, query_start_loc, mode):
@@ -29,7 +29,7 @@ def test_decode_xla_matches_numpy(heads, head_size, block_size):
     q = kt.random_q(rng, len(lens), heads[0], head_size, jnp.float32)
     scale = head_size ** -0.5
     md = metadata(case, np.arange(len(lens) + 1, dtype=np.int32), "decode")
-    got = _decode_xla(q, case.k_cache, case.v_cache, md, scale, None)
+    got = decode(q, case.k_cache, case.v_cache, md, scale, None)
     np.testing.assert_allclose(kt.as_f64(got), kt.decode_reference_np(q, case, scale),
                                atol=2e-5, rtol=2e-5)
 
@@ -45,7 +45,7 @@ def test_mixed_xla_matches_numpy(tile, window):
     case = kt.make_case(rng, num_kv_heads=2, head_size=64, block_size=block_size,
                         dtype=jnp.float32, seq_lens=lens)
     q = kt.random_q(rng, int(qsl[-1]) + 11, 6, 64, jnp.float32)  # 11 padding tokens at the end
-    got = kt.as_f64(_mixed_xla(q, case.k_cache, case.v_cache, metadata(case, qsl, "mixed"),
+    got = kt.as_f64(mixed(q, case.k_cache, case.v_cache, metadata(case, qsl, "mixed"),
                                0.125, window, tile=tile))
     assert np.all(np.isfinite(got))
     q64 = kt.as_f64(q)
@@ -85,8 +85,8 @@ def test_tiled_prefill_matches_flat_prefill(tile, window):
     v = kt.random_q(rng, t, 2, 64, jnp.float32)
     md = AttentionMetadata(jnp.zeros((t,), jnp.int32), jnp.asarray(qsl), jnp.asarray(lens),
                            jnp.zeros((len(lens), 1), jnp.int32), jnp.zeros((1,), jnp.int32))
-    want = np.asarray(_prefill_xla(q, k, v, md, 0.125, window))
-    got = np.asarray(_prefill_tiled(q, k, v, md, 0.125, window, tile))
+    want = np.asarray(prefill_dense(q, k, v, md, 0.125, window))
+    got = np.asarray(prefill_tiled(q, k, v, md, 0.125, window, tile))
     n = int(qsl[-1])
     np.testing.assert_allclose(got[:n], want[:n], atol=2e-6, rtol=2e-6)
     assert np.all(np.isfinite(got))

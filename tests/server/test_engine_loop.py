@@ -19,8 +19,8 @@ class FakeEngine:
     one step."""
 
     def __init__(self):
-        self.outputs = types.SimpleNamespace(text_every_step=False)
-        self.stats = types.SimpleNamespace(num_steps=0)
+        self.stream_text = False
+        self.num_steps = 0
         self.pending: dict[str, str] = {}
         self.steps_failed = 0
 
@@ -42,9 +42,12 @@ class FakeEngine:
             self.steps_failed += 1
             self.abort_request(bad)
             raise StepError(bad, OverflowError("no room in int32"))
-        self.stats.num_steps += 1
+        self.num_steps += 1
         done, self.pending = self.pending, {}
         return [RequestOutput(rid, p, [], [], True) for rid, p in done.items()]
+
+    def snapshot(self):
+        return types.SimpleNamespace(num_steps=self.num_steps)
 
     def stop_followers(self):
         pass

@@ -230,4 +230,5 @@ def test_multi_host_flags_reach_the_engine_config():
                 config.process_id) == (8, "10.0.0.1:1234", 2, 1)
     with pytest.raises(ValueError, match=r"process_id 2 is outside \[0, num_processes 2\)"):
         from paged_jax.config import EngineConfig
-        EngineConfig(num_processes=2, process_id=2)
+        from paged_jax.plan import check_options
+        check_options(EngineConfig(num_processes=2, process_id=2))

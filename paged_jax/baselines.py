@@ -1,4 +1,5 @@
-"""The paper's Orca baselines: up-front KV reservations in contiguous buddy-allocated ranges.
+"""The paper's Orca baselines, kept apart from the engine: up-front KV reservations in
+contiguous buddy-allocated ranges, and a KV manager without a prefix cache.
 
 Three reservation policies (paper §6, Fig. 2), each a callable req -> tokens to hold at
 admission that the Scheduler accepts as `reservation=`. The true output length is read from
@@ -17,14 +18,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from paged_jax.prefix_cache import NoPrefixCache, PrefixHit
+from paged_jax.intmath import next_pow2
+from paged_jax.prefix_cache import PrefixHit
 from paged_jax.request import Request
 
 Reservation = Callable[[Request], int]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _true_output_len(req: Request) -> int:
@@ -150,6 +148,25 @@ class Range:
     start: int
     size: int  # the buddy block's slots
     reserved: int  # slots the request asked for (its reservation)
+
+
+class NoPrefixCache:
+    """The prefix-cache half of the Scheduler's KV interface, for KV managers without one
+    (the Orca baselines): nothing is ever found, registered or counted."""
+
+    block_size = 0
+
+    def find_cached(self, token_ids, known=None) -> PrefixHit:
+        return PrefixHit()
+
+    def new_full_blocks(self, request_id: str, num_tokens: int) -> bool:
+        return False
+
+    def cache_blocks(self, request_id: str, token_ids) -> None:
+        pass
+
+    def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
+        pass
 
 
 class ContiguousKV(NoPrefixCache):

@@ -6,9 +6,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from paged_jax.kv_cache_manager import KVCacheManager, cdiv
+from paged_jax.intmath import cdiv
+from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
-from paged_jax.reservation import (BuddyAllocator, ContiguousKV, next_pow2, orca_max,
+from paged_jax.baselines import (BuddyAllocator, ContiguousKV, next_pow2, orca_max,
                                    orca_oracle, orca_pow2)
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
