@@ -55,6 +55,11 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_steps: int = 0
+    # Seconds spent in each phase of step(), summed: schedule (drafts and scheduling), build
+    # (the step's padded arrays), device (dispatch, run, and the wait for the sampled
+    # tokens), update (applying them: stop checks, detokenizing, outputs).
+    step_seconds: dict = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("schedule", "build", "device", "update"), 0.0))
     spec_draft_tokens: int = 0  # speculative tokens computed ...
     spec_accepted_tokens: int = 0  # ... and kept
     finished: dict = dataclasses.field(default_factory=dict)  # finish reason -> count
@@ -118,6 +123,7 @@ class LLMEngine:
         self.outputs = OutputBuilder(self.tokenizer)
         self.stats = EngineStats()
         self._rng = random.Random(config.seed)
+        self._lap_start = 0.0  # step(): when the phase being timed began
         self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
@@ -260,10 +266,12 @@ class LLMEngine:
                 self._channel.publish(self._published)
                 self._published = []
         batch = None
+        self._lap_start = time.perf_counter()
         try:
             if self.config.speculative_method:
                 self._propose_drafts()
             batch = self.scheduler.schedule()
+            self._lap("schedule")
             return self._run_step(batch)
         except BaseException as err:
             # Scheduling registered the blocks this step was to compute in the prefix cache;
@@ -330,10 +338,13 @@ class LLMEngine:
             decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_tokens)
             batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
+        self._lap("schedule")  # sorting the rows is part of scheduling them
         inputs = step_inputs.build(batch, self.kv, self.buckets)
         sampling = sampler.build_inputs(list(batch.requests), len(inputs.logits_indices),
                                         self.max_model_len, [list(d) for d in inputs.drafts])
+        self._lap("build")
         result = self.runner.run(inputs, sampling)
+        self._lap("device")
         self.stats.num_steps += 1
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
@@ -363,7 +374,15 @@ class LLMEngine:
                     self.stats.finished[req.finish_reason] = (
                         self.stats.finished.get(req.finish_reason, 0) + 1)
                     break
-        return self._collect(advanced)
+        outputs = self._collect(advanced)
+        self._lap("update")
+        return outputs
+
+    def _lap(self, phase: str) -> None:
+        """Adds the time since the last lap to the phase's total."""
+        now = time.perf_counter()
+        self.stats.step_seconds[phase] += now - self._lap_start
+        self._lap_start = now
 
     def _collect(self, updated) -> list[RequestOutput]:
         outs, seen = [], set()
@@ -447,6 +466,7 @@ class LLMEngine:
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens, prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generation_tokens, num_steps=stats.num_steps,
+            step_seconds=dict(stats.step_seconds),
             finished=dict(stats.finished), requests=requests)
 
 

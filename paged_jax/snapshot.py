@@ -47,6 +47,8 @@ class EngineSnapshot:
     prompt_tokens: int  # of admitted prompts (a preempted request's again), cached included
     generation_tokens: int
     num_steps: int  # steps that ran on the device
+    # seconds in each phase of step(), summed: schedule, build, device, update
+    step_seconds: Mapping[str, float]
     finished: Mapping[str, int]  # finish reason -> sequences
     requests: tuple[RequestView, ...] = ()  # with_requests=True: every unfinished sequence
 

@@ -45,7 +45,7 @@ SLOW_MODULES = {
     # several processes, or a live server process
     "test_tensor_parallel.py", "test_cli.py", "test_server_api.py", "test_server_errors.py",
     "test_server_fuzz.py", "test_server_hostile.py", "test_server_lifecycle.py",
-    "test_server_load.py", "test_server_generation_config.py",
+    "test_server_load.py", "test_server_startup.py",
     # experiments and notebooks run end to end
     "test_notebooks.py", "test_batching.py", "test_memory_waste.py",
     "test_preemption_experiment.py", "test_schedule_cost_experiment.py",

@@ -173,6 +173,8 @@ def test_the_snapshot_shows_queues_blocks_and_totals_and_stays_frozen(tiny_dir):
     assert (end.num_unfinished, end.requests, end.kv.used_blocks) == (0, (), 0)
     assert end.generation_tokens == 5 * 30 and end.finished == {"length": 5}
     assert snap.num_running == 3  # the earlier snapshot did not move
+    assert all(end.step_seconds[p] > snap.step_seconds[p] > 0
+               for p in ("schedule", "build", "device", "update"))
 
 
 def test_seeded_sampling_is_the_same_whatever_the_batch(llm):

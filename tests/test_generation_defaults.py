@@ -1,6 +1,7 @@
 """Sampling defaults from the model's generation_config.json (vLLM's --generation-config):
 the loader's mapping and checks, the GGUF conversion's file, and LLM.generate without params.
-The server's use of them is tested against a live server in tests/server/test_cli.py."""
+The server's use of them is tested against a live server in
+tests/server/test_server_startup.py."""
 from __future__ import annotations
 
 import json
@@ -123,4 +124,3 @@ def test_llm_generate_without_params_samples_with_the_models_defaults(model_with
     # --generation-config vllm: SamplingParams' own defaults (16 tokens, temperature 1).
     ignored = LLM(str(model_with_defaults), generation_config="vllm", **options)
     assert ignored.get_default_sampling_params() == SamplingParams()
-    assert len(ignored.generate(prompts[:1], use_tqdm=False)[0].outputs[0].token_ids) == 16

@@ -1,6 +1,5 @@
-"""The server's process at start-up, under failure and at shutdown, each on a server of its
-own:
-- it reports healthy only once every step shape is compiled, and compiles nothing after;
+"""The server's process under failure and at shutdown, each on a server of its own (start-up:
+test_server_startup.py):
 - a step that fails is a 500 (or a stream's error event) for its requests alone;
 - an engine that cannot go on makes the process exit 1, for a supervisor to restart it;
 - SIGTERM with 16 streams open: every client gets its normal end or an error event naming
@@ -160,29 +159,3 @@ async def _sigterm_under_load(server):
         results = await asyncio.gather(*streams)
         whole_results = await asyncio.gather(*whole)
         return results, whole_results, time.monotonic() - start
-
-
-def test_serve_is_healthy_only_once_compiled_and_compiles_nothing_after(tiny_chat_model_dir,
-                                                                       tmp_path):
-    # Few shapes (at most 4 sequences, 64 tokens) keep the compile short.
-    server = start_server(tiny_chat_model_dir, tmp_path / "log", dict(
-        num_kv_blocks=32, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64))
-    try:
-        log = server.log()
-        assert "precompiled" in log  # before /health first said 200
-        compiled = log.count("compiled step")
-        assert compiled > 1
-        with server.http() as http:
-            for prompts, n, max_tokens in [("Hi", 1, 8), (["a b c d e f g h"] * 3, 1, 20),
-                                           ("x " * 40, 2, 4), ([[5] * 50], 1, 12)]:
-                r = http.post("/v1/completions", json={
-                    "model": server.model, "prompt": prompts, "n": n, "max_tokens": max_tokens,
-                    "ignore_eos": True})
-                assert r.status_code == 200, r.text
-            chat = http.post("/v1/chat/completions", json={
-                "model": server.model, "max_tokens": 8,
-                "messages": [{"role": "user", "content": "Hello there"}]})
-            assert chat.status_code == 200, chat.text
-        assert server.log().count("compiled step") == compiled, server.log()
-    finally:
-        stop_server(server)

@@ -1,5 +1,7 @@
-"""The server samples with the model's generation_config.json where a request leaves a field
-unset (vLLM's --generation-config), through the openai client against a live server."""
+"""How a server starts, on one server of its own (tiny model, few step shapes):
+- it reports healthy only once every step shape is compiled, and compiles nothing after;
+- it samples with the model's generation_config.json where a request leaves a field unset
+  (vLLM's --generation-config), through the openai client."""
 from __future__ import annotations
 
 import json
@@ -14,21 +16,43 @@ MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_model_dir, tmp_path_factory):
-    # The defaults come from a folder of their own (--generation-config DIR), so the shared
-    # tiny model keeps its plain generation config: greedy, 6 tokens.
+    # Few shapes (at most 4 sequences, 64 tokens) keep the compile short. The defaults come
+    # from a folder of their own (--generation-config DIR), so the shared tiny model keeps its
+    # plain generation config: greedy, 6 tokens.
     folder = tmp_path_factory.mktemp("generation_config")
     (folder / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.0, "max_new_tokens": 6}))
     live = start_server(tiny_chat_model_dir, folder / "log", dict(
         num_kv_blocks=32, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
-        generation_config=str(folder), no_precompile=None))
+        generation_config=str(folder)))
     try:
         yield live
     finally:
         stop_server(live)
 
 
+def test_serve_is_healthy_only_once_compiled_and_compiles_nothing_after(server):
+    # The first test on this server: no request came before it.
+    log = server.log()
+    assert "precompiled" in log  # before /health first said 200
+    compiled = log.count("compiled step")
+    assert compiled > 1
+    with server.http() as http:
+        for prompts, n, max_tokens in [("Hi", 1, 8), (["a b c d e f g h"] * 3, 1, 20),
+                                       ("x " * 40, 2, 4), ([[5] * 50], 1, 12)]:
+            r = http.post("/v1/completions", json={
+                "model": server.model, "prompt": prompts, "n": n, "max_tokens": max_tokens,
+                "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        chat = http.post("/v1/chat/completions", json={
+            "model": server.model, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello there"}]})
+        assert chat.status_code == 200, chat.text
+    assert server.log().count("compiled step") == compiled, server.log()
+
+
 def test_unset_fields_take_the_models_defaults_and_set_ones_win(server):
+    compiled = server.log().count("compiled step")
     with server.client() as client:
         def chat(**kwargs):
             out = client.chat.completions.create(model=server.model, messages=MESSAGES,
@@ -53,3 +77,4 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_win(server):
                                                extra_body={"ignore_eos": True})
         assert completion.usage.completion_tokens == 6  # the config's, not OpenAI's 16
     assert "sampling defaults from" in server.log()
+    assert server.log().count("compiled step") == compiled  # still nothing new

@@ -1,0 +1,147 @@
+"""Host work per engine step: where a decode step's wall time goes when the device work is small.
+
+On a GPU a small model's decode step takes a few milliseconds, so the host's share (scheduling,
+building the step's arrays, applying the sampled tokens: stop checks, detokenizing, outputs)
+decides how long the device waits between steps. This measures it on two models:
+
+  tiny     one layer, hidden 64, SmolLM2's tokenizer, 256 running requests (device work small)
+  smollm2  the embedded SmolLM2-135M, 64 running requests
+
+For each, after every request is admitted, --steps decode steps are timed; the engine's own
+phase timers (LLMEngine.snapshot().step_seconds) split each step into schedule, build, device
+(dispatch, run, and the wait for the sampled tokens) and update. `--stream_text` makes every
+step detokenize, as the server does.
+
+  python -m experiments.host_overhead --out_dir=/tmp/host_overhead
+"""
+from __future__ import annotations
+
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments.progress import tracked
+from experiments.results_file import publish
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["tiny", "smollm2"], "which of tiny, smollm2")
+flags.DEFINE_integer("tiny_requests", 256, "running requests on the tiny model")
+flags.DEFINE_integer("smollm2_requests", 64, "running requests on SmolLM2")
+flags.DEFINE_integer("prompt_len", 16, "tokens per prompt")
+flags.DEFINE_integer("steps", 40, "decode steps timed (after a warm-up of 5)")
+flags.DEFINE_bool("stream_text", False, "detokenize every step, as the server does")
+flags.DEFINE_string("attention_backend", "auto", "attention backend")
+flags.DEFINE_string("out_dir", "results/host_overhead", "where results.json goes")
+
+PHASES = ("schedule", "build", "device", "update")
+
+
+def tiny_model_dir(root: pathlib.Path) -> pathlib.Path:
+    """One Llama layer of hidden size 64 with SmolLM2's tokenizer, random weights (numpy and
+    safetensors; no torch)."""
+    import transformers
+    from safetensors.numpy import save_file
+
+    from paged_jax.weights import resolve_model
+
+    smollm2 = resolve_model(None)
+    folder = root / "tiny"
+    folder.mkdir()
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=2048,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(folder)
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": w(49152, 64), "lm_head.weight": w(49152, 64),
+               "model.norm.weight": np.ones(64, np.float32)}
+    layer = "model.layers.0."
+    tensors.update({
+        layer + "input_layernorm.weight": np.ones(64, np.float32),
+        layer + "post_attention_layernorm.weight": np.ones(64, np.float32),
+        layer + "self_attn.q_proj.weight": w(64, 64), layer + "self_attn.k_proj.weight": w(32, 64),
+        layer + "self_attn.v_proj.weight": w(32, 64), layer + "self_attn.o_proj.weight": w(64, 64),
+        layer + "mlp.gate_proj.weight": w(128, 64), layer + "mlp.up_proj.weight": w(128, 64),
+        layer + "mlp.down_proj.weight": w(64, 128)})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (smollm2 / name).is_file():
+            (folder / name).write_bytes((smollm2 / name).read_bytes())
+    return folder
+
+
+def measure(model: str | None, num_requests: int) -> dict:
+    from paged_jax import LLM, SamplingParams
+
+    steps, warmup = FLAGS.steps, 5
+    max_len = FLAGS.prompt_len + steps + warmup + 8
+    llm = LLM(model, max_num_seqs=num_requests, max_model_len=max_len,
+              max_num_batched_tokens=max(max_len, num_requests * FLAGS.prompt_len),
+              num_kv_blocks=num_requests * -(-max_len // 16) + 1,
+              attention_backend=FLAGS.attention_backend)  # compiles the shapes it meets
+    engine = llm.llm_engine
+    engine.stream_text = FLAGS.stream_text
+    rng = np.random.default_rng(0)
+    vocab = engine.model.config.vocab_size
+    for i in range(num_requests):
+        engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(
+            100, vocab, FLAGS.prompt_len).tolist()}, SamplingParams(
+            temperature=0.8, seed=i, max_tokens=steps + warmup + 4, ignore_eos=True))
+    while engine.snapshot().num_waiting:  # admit every request (prefill steps)
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    before, compiled = engine.snapshot(), engine.runner.num_compiled
+    assert before.num_running == num_requests, before
+    walls = []
+    for _ in tracked(range(steps), f"{num_requests} requests", unit="step"):
+        start = time.perf_counter()
+        engine.step()
+        walls.append(time.perf_counter() - start)
+    after = engine.snapshot()
+    assert after.num_steps - before.num_steps == steps  # every one ran a decode
+    assert engine.runner.num_compiled == compiled  # no compile inside the timed steps
+    per_step = {p: (after.step_seconds[p] - before.step_seconds[p]) / steps * 1e3
+                for p in PHASES}
+    host = per_step["schedule"] + per_step["build"] + per_step["update"]
+    engine.abort_request([f"r{i}" for i in range(num_requests)])
+    return dict(num_requests=num_requests, steps=steps, backend=engine.backend,
+                ms_per_step=per_step, host_ms_per_step=host,
+                wall_ms_per_step=float(np.mean(walls) * 1e3),
+                wall_ms_per_step_median=float(np.median(walls) * 1e3),
+                host_share_of_wall=host / (np.mean(walls) * 1e3))
+
+
+def main(argv):
+    del argv
+    results, lines = {"stream_text": FLAGS.stream_text, "asynchronous": None}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in FLAGS.models:
+            if name == "tiny":
+                r = measure(str(tiny_model_dir(pathlib.Path(tmp))), FLAGS.tiny_requests)
+            elif name == "smollm2":
+                r = measure(None, FLAGS.smollm2_requests)
+            else:
+                raise app.UsageError(f"unknown model {name!r}; known: tiny, smollm2")
+            results[name] = r
+            ms = r["ms_per_step"]
+            lines.append(
+                f"{name:8s} {r['num_requests']:4d} requests ({r['backend']}): wall "
+                f"{r['wall_ms_per_step']:7.2f} ms/step; host {r['host_ms_per_step']:6.2f} ms "
+                f"({r['host_share_of_wall']:.0%}: schedule {ms['schedule']:.2f}, build "
+                f"{ms['build']:.2f}, update {ms['update']:.2f}); device {ms['device']:.2f}")
+    lines.append("synchronous steps (asynchronous scheduling is not implemented yet); issue "
+                 "target: host < 1 ms/step at 256 requests outside the overlapped part")
+    publish(FLAGS.out_dir, results, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)
