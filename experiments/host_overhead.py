@@ -10,7 +10,8 @@ decides how long the device waits between steps. This measures it on two models:
 For each, after every request is admitted, --steps decode steps are timed; the engine's own
 phase timers (LLMEngine.snapshot().step_seconds) split each step into schedule, build, device
 (dispatch, run, and the wait for the sampled tokens) and update. `--stream_text` makes every
-step detokenize, as the server does.
+step detokenize, as the server does; `--output_kind=final_only` builds outputs only for
+finished requests, as LLM.generate asks.
 
   python -m experiments.host_overhead --out_dir=/tmp/host_overhead
 """
@@ -33,6 +34,9 @@ flags.DEFINE_integer("smollm2_requests", 64, "running requests on SmolLM2")
 flags.DEFINE_integer("prompt_len", 16, "tokens per prompt")
 flags.DEFINE_integer("steps", 40, "decode steps timed (after a warm-up of 5)")
 flags.DEFINE_bool("stream_text", False, "detokenize every step, as the server does")
+flags.DEFINE_enum("output_kind", "cumulative", ["cumulative", "final_only"],
+                  "cumulative: an output per request per step (the server); final_only: "
+                  "one when it finishes (LLM.generate)")
 flags.DEFINE_string("attention_backend", "auto", "attention backend")
 flags.DEFINE_string("out_dir", "results/host_overhead", "where results.json goes")
 
@@ -94,7 +98,8 @@ def measure(model: str | None, num_requests: int) -> dict:
     for i in range(num_requests):
         engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(
             100, vocab, FLAGS.prompt_len).tolist()}, SamplingParams(
-            temperature=0.8, seed=i, max_tokens=steps + warmup + 4, ignore_eos=True))
+            temperature=0.8, seed=i, max_tokens=steps + warmup + 4, ignore_eos=True,
+            output_kind=FLAGS.output_kind))
     while engine.snapshot().num_waiting:  # admit every request (prefill steps)
         engine.step()
     for _ in range(warmup):
@@ -122,7 +127,9 @@ def measure(model: str | None, num_requests: int) -> dict:
 
 def main(argv):
     del argv
-    results, lines = {"stream_text": FLAGS.stream_text, "asynchronous": None}, []
+    results = {"stream_text": FLAGS.stream_text, "output_kind": FLAGS.output_kind,
+               "asynchronous": None}
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in FLAGS.models:
             if name == "tiny":

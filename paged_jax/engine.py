@@ -391,7 +391,10 @@ class LLMEngine:
             if gid in seen or gid is None:
                 continue
             seen.add(gid)
-            outs.append(self.outputs.request_output(gid, self._groups[gid]))
+            group = self._groups[gid]
+            if req.params.output_kind == "final_only" and any(not r.finished for r in group):
+                continue
+            outs.append(self.outputs.request_output(gid, group))
         # Only once every output is built: a failure above leaves every group in place for
         # _fail_step, none finished and forgotten with its output lost.
         for out in outs:

@@ -1,6 +1,7 @@
 """The offline entry point, named as vLLM names it: LLM(...).generate / .chat / .beam_search."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -48,6 +49,8 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = [str(next(self._ids)) for _ in prompts]
+        # Only finished outputs are returned: the engine builds none for the steps between.
+        params = [dataclasses.replace(p, output_kind="final_only") for p in params]
         engine.add_requests(list(zip(ids, prompts, params)))  # a bad prompt refuses them all
         return self._run(ids, use_tqdm)
 

@@ -5,6 +5,10 @@ import dataclasses
 import math
 from typing import Sequence
 
+# vLLM's RequestOutputKind: "cumulative" (an output after every step that advanced the
+# request, with everything so far) or "final_only" (one output, when it finishes: what
+# LLM.generate asks for, which saves building one per running request per step).
+OUTPUT_KINDS = ("cumulative", "final_only")
 MAX_LOGPROBS = 20  # top-N logprobs are computed for this many ranks on device
 INT32_MAX = 2**31 - 1  # the device holds top_k and token ids as int32
 FLOAT32_MAX = 3.4028234663852886e38  # the device holds the float parameters as float32
@@ -28,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = "cumulative"  # OUTPUT_KINDS
 
     def __post_init__(self):
         # First: every float the sampler puts on the device is a finite float32, so that
@@ -57,6 +62,8 @@ class SamplingParams:
         bad = [t for t in self.stop_token_ids or () if not 0 <= t <= INT32_MAX]
         _check(not bad, "stop_token_ids", bad[0] if bad else None,
                f"must be token ids in [0, {INT32_MAX}]")
+        _check(self.output_kind in OUTPUT_KINDS, "output_kind", self.output_kind,
+               f"must be one of {', '.join(OUTPUT_KINDS)}")
         if self.seed == -1:  # "random", as vLLM and the web UIs that send it mean it
             object.__setattr__(self, "seed", None)
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed,

@@ -1,4 +1,6 @@
 """The paged engine against a dense (unpaged, one request at a time) run of the same model."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -140,8 +142,6 @@ def test_abort_frees_every_block(llm):
 
 
 def test_the_snapshot_shows_queues_blocks_and_totals_and_stays_frozen(tiny_dir):
-    import dataclasses
-
     small = make_llm(tiny_dir, num_kv_blocks=9, max_num_seqs=3)  # 8 usable blocks, 3 seqs
     engine = small.llm_engine
     start = engine.snapshot()
@@ -175,6 +175,24 @@ def test_the_snapshot_shows_queues_blocks_and_totals_and_stays_frozen(tiny_dir):
     assert snap.num_running == 3  # the earlier snapshot did not move
     assert all(end.step_seconds[p] > snap.step_seconds[p] > 0
                for p in ("schedule", "build", "device", "update"))
+
+
+def test_final_only_requests_get_one_output_when_they_finish(llm):
+    engine = llm.llm_engine
+    prompt = random_prompts(1, 21)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=2)
+    engine.add_request("every-step", prompt, params)
+    engine.add_request("final", prompt, dataclasses.replace(params, output_kind="final_only"))
+    seen = {"every-step": [], "final": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["every-step"]) == 6 and not seen["every-step"][0].finished
+    assert [o.finished for o in seen["final"]] == [True]
+    assert ([c.token_ids for c in seen["final"][0].outputs]
+            == [c.token_ids for c in seen["every-step"][-1].outputs])
+    with pytest.raises(ValueError, match="output_kind must be one of cumulative, final_only"):
+        SamplingParams(output_kind="delta")
 
 
 def test_seeded_sampling_is_the_same_whatever_the_batch(llm):
