@@ -37,12 +37,17 @@ NonEmpty = Field(min_length=1)
 
 
 class StreamOptions(BaseModel):
+    # Undeclared options are kept to be refused by name (server/unsupported.py).
+    model_config = ConfigDict(extra="allow")
+
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions, with OpenAI's defaults."""
-    model_config = ConfigDict(extra="ignore")
+    """Fields shared by completions and chat completions, with OpenAI's defaults. Undeclared
+    fields are kept (model_extra) so that the server refuses them by name
+    (server/unsupported.py) instead of ignoring them."""
+    model_config = ConfigDict(extra="allow")
     # max_tokens when neither the request nor the model's generation config gives it (None:
     # the rest of the context)
     default_max_tokens: ClassVar[int | None] = None

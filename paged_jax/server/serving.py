@@ -26,6 +26,7 @@ from paged_jax.server.engine_loop import (ClientDisconnected, EngineDeadError, E
                                           GenerationHandle, RequestFailedError)
 from paged_jax.server.errors import (OpenAIError, bad_request, context_length_error,
                                      error_body, from_value_error)
+from paged_jax.server.unsupported import unsupported_fields, unsupported_message
 from paged_jax.config import ServerLimits
 from paged_jax.tokenizer import max_bytes_per_token, render_chat
 
@@ -87,6 +88,7 @@ class OpenAIServing:
 
     async def completions(self, body: p.CompletionRequest, request: Request) -> Response:
         self._check_open()
+        self._refuse_unsupported(body, "/v1/completions")
         self._check_model(body.model)
         if body.echo or body.suffix:
             raise bad_request("echo and suffix are not supported", param="echo"
@@ -113,6 +115,7 @@ class OpenAIServing:
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Response:
         self._check_open()
+        self._refuse_unsupported(body, "/v1/chat/completions")
         self._check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
@@ -161,6 +164,17 @@ class OpenAIServing:
             f"your {param} of {len(text)} characters take at least {at_least} tokens (a token "
             f"stands for at most {self.max_bytes_per_token} bytes){asked}. Please reduce the "
             f"length of the {param}.", param=param, code="context_length_exceeded")
+
+    @staticmethod
+    def _refuse_unsupported(body, endpoint: str) -> None:
+        """A 400 naming the first field of the body that this server does not implement."""
+        names = unsupported_fields(body.model_extra)
+        if body.stream_options is not None:
+            names += [f"stream_options.{n}"
+                      for n in unsupported_fields(body.stream_options.model_extra)]
+        if names:
+            raise bad_request(unsupported_message(names, endpoint), param=names[0],
+                              code="unsupported_parameter")
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -120,3 +120,60 @@ def test_server_still_serves_after_errors(client, server):
     out = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3)
     assert out.usage.completion_tokens >= 1
     assert server.process.poll() is None
+
+
+# ---- fields the server does not implement: refused by name, never ignored -----------------
+
+def test_every_vllm_field_is_declared_or_refused_by_name(server):
+    """Walks vLLM's request fields (server/unsupported.py): each one paged-jax's models do
+    not declare, sent with a value that asks for something, is a 400 naming it."""
+    from paged_jax.server import protocol as p
+    from paged_jax.server.unsupported import (VLLM_CHAT_FIELDS, VLLM_COMPLETION_FIELDS,
+                                              VLLM_REMOVED_FIELDS)
+
+    base = {"chat": {"model": server.model, "max_tokens": 1,
+                     "messages": [{"role": "user", "content": PROMPT}]},
+            "completions": {"model": server.model, "prompt": PROMPT, "max_tokens": 1}}
+    routes = {"chat": ("/v1/chat/completions", p.ChatCompletionRequest,
+                       VLLM_CHAT_FIELDS + VLLM_REMOVED_FIELDS),
+              "completions": ("/v1/completions", p.CompletionRequest,
+                              VLLM_COMPLETION_FIELDS + VLLM_REMOVED_FIELDS)}
+    refused = 0
+    with server.http() as http:
+        for kind, (route, model, fields) in routes.items():
+            for field in fields:
+                if field in model.model_fields:
+                    continue
+                r = http.post(route, json={**base[kind], field: 1})
+                assert r.status_code == 400, (route, field, r.text)
+                err = assert_error(r.json(), field)
+                assert err["code"] == "unsupported_parameter", err
+                assert f"`{field}` is not implemented by this server" in err["message"]
+                refused += 1
+    assert refused > 60  # most of vLLM's extensions are not built yet (issue 15)
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tools", "`tools` is not implemented"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "not implemented"),
+    ({"colour": "blue"}, "colour",
+     "`colour` is not a field of /v1/chat/completions in OpenAI's or vLLM's API"),
+    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "is not implemented"),
+])
+def test_an_unimplemented_field_is_a_400_through_the_openai_client(client, server, extra,
+                                                                   param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, max_tokens=2, extra_body=extra,
+                                       messages=[{"role": "user", "content": PROMPT}])
+    err = assert_error(info.value.body, param)
+    assert words in err["message"] and err["code"] == "unsupported_parameter"
+
+
+def test_a_field_that_asks_for_nothing_goes_through(client, server):
+    out = client.chat.completions.create(
+        model=server.model, max_tokens=2, messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"response_format": {"type": "text"}, "logit_bias": None, "tools": [],
+                    "use_beam_search": False, "stream_options": None})
+    assert out.choices[0].message.content is not None
