@@ -190,7 +190,7 @@ def convert(args: argparse.Namespace, config: EngineConfig) -> None:
 
     _, mesh, dtype = setup_devices(config)  # as the engine does, without building one
     model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
-                       with_tokenizer=False, mesh=mesh)
+                       with_tokenizer=False, mesh=mesh, revision=config.revision)
     folder = save_checkpoint(model, args.output)
     if multihost.is_leader():
         print(folder)

@@ -24,8 +24,11 @@ def option(default, help: str, choices: tuple | None = None):
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str | None = option(
-        None, "a Hugging Face checkpoint folder, a .gguf file or an Orbax folder written by "
-        "`paged-jax convert` (default: the embedded SmolLM2-135M-Instruct)")
+        None, "a Hugging Face checkpoint folder, a .gguf file, an Orbax folder written by "
+        "`paged-jax convert`, or a hub name (Org/Name) already in the local Hugging Face "
+        "cache (default: the embedded SmolLM2-135M-Instruct)")
+    revision: str | None = option(None, "with a hub name: the branch, tag or commit of its "
+                                  "cached snapshot (default: main)")
     dtype: str = option("auto", "the model's dtype; auto: float32 on the CPU (XLA's CPU "
                         "bfloat16 matmuls are slower), bfloat16 on accelerators",
                         DTYPES)

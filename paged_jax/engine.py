@@ -73,7 +73,7 @@ class LLMEngine:
         tp = config.tensor_parallel_size
         if model is None:
             model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
-                               mesh=self.mesh)
+                               mesh=self.mesh, revision=config.revision)
         elif self.mesh is not None:
             model = shard_model(model, self.mesh)
         self.model = model

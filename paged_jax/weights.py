@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import time
@@ -64,12 +65,15 @@ def default_gguf_path() -> pathlib.Path:
     )
 
 
-def resolve_model(model: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+def resolve_model(model: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                  revision: str | None = None) -> pathlib.Path:
     """A Hugging Face checkpoint folder for `model`.
 
     None: the embedded SmolLM2-135M-Instruct GGUF. A folder: returned as is. A `.gguf` file: converted
     once into `<cache_dir>/<file stem>-<key>/` (cache_dir defaults to ~/.cache/paged_jax), reused on
-    later calls while the file keeps its path, size and modification time.
+    later calls while the file keeps its path, size and modification time. A hub name ("Org/Name",
+    not an existing path): its snapshot in the local Hugging Face hub cache (HF_HUB_CACHE / HF_HOME),
+    at `revision` (a branch, tag or commit; default main); nothing is ever downloaded.
     """
     path = default_gguf_path() if model is None else pathlib.Path(model).expanduser()
     if path.is_dir():
@@ -78,13 +82,37 @@ def resolve_model(model: str | os.PathLike | None = None, cache_dir: str | os.Pa
     if not path.exists():
         if path.suffix.lower() == ".gguf":
             raise FileNotFoundError(f"GGUF file {path} does not exist")
+        if _HUB_NAME.fullmatch(str(model)):
+            return hub_snapshot(str(model), revision)
         raise FileNotFoundError(
-            f"model folder {path} does not exist (models load from local paths only: a Hugging Face "
-            "checkpoint folder or a .gguf file)"
+            f"model folder {path} does not exist (models load from local paths or the local "
+            "Hugging Face hub cache: a checkpoint folder, a .gguf file or an Org/Name in the cache)"
         )
     if path.suffix.lower() != ".gguf":
         raise ValueError(f"model {path} is neither a checkpoint folder nor a .gguf file")
     return _cached_conversion(path, pathlib.Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+
+
+# A hub repository id: "Org/Name" (letters, digits, "-", "_", "."), as huggingface_hub takes it.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> pathlib.Path:
+    """The folder of repo_id's snapshot in the local Hugging Face hub cache; FileNotFoundError
+    naming the cache and the revision if it is not there (the network is never used)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = pathlib.Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not a local path and not in the Hugging "
+            f"Face hub cache {constants.HF_HUB_CACHE}; paged-jax never downloads: fetch it beforehand "
+            f"(`huggingface-cli download {repo_id}`) or pass a checkpoint folder"
+        ) from None
+    logger.info("loading %s (revision %s) from the hub cache: %s", repo_id, revision or "main", folder)
+    return folder
 
 
 def _cache_key(gguf_path: pathlib.Path) -> str:

@@ -37,14 +37,14 @@ class LoadedModel:
 
 
 def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str | None = None,
-               with_tokenizer: bool = True, mesh=None) -> LoadedModel:
+               with_tokenizer: bool = True, mesh=None, revision: str | None = None) -> LoadedModel:
     """mesh: a tensor-parallel mesh (paged_jax/sharding.py): every parameter goes straight to
     its shards. A folder written by checkpoint.sharded.save_checkpoint is restored with Orbax,
     shard by shard; any other folder is read from its safetensors."""
     from paged_jax.checkpoint import sharded
 
     start = time.perf_counter()
-    folder = weights.resolve_model(model, cache_dir=cache_dir)
+    folder = weights.resolve_model(model, cache_dir=cache_dir, revision=revision)
     hf_config = weights.load_hf_config(folder)
     cfg = ModelConfig.from_hf(hf_config, dtype=dtype)
     kv_repeat = 1

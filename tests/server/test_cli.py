@@ -82,6 +82,8 @@ def test_convert_writes_an_orbax_checkpoint_that_loads_the_same(tiny_chat_model_
 @pytest.mark.parametrize("model, words", [
     ("/no/such/folder", "model folder /no/such/folder does not exist"),
     ("/no/such/model.gguf", "GGUF file /no/such/model.gguf does not exist"),
+    ("NoOrg/no-such-model", "model 'NoOrg/no-such-model' (revision main) is not a local path "
+     "and not in the Hugging Face hub cache"),
 ])
 def test_a_missing_model_is_one_line_on_stderr_and_exit_1(model, words):
     import subprocess

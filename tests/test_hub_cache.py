@@ -1,0 +1,59 @@
+"""Models by hub name ("Org/Name") from the local Hugging Face hub cache, never downloaded: a
+cache laid out as huggingface_hub writes it (models--org--name/refs, snapshots/<sha>/) in a
+temporary folder, with the network never asked."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from paged_jax import weights
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OLD = "fedcba9876543210fedcba9876543210fedcba98"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, make_tiny_llama_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    for sha in (SHA, OLD):
+        shutil.copytree(make_tiny_llama_dir(tokenizer=True), repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)
+    (repo / "refs" / "v1").write_text(OLD)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def test_a_hub_name_resolves_to_its_cached_snapshot(hub_cache):
+    assert weights.resolve_model("tiny-org/tiny-llama") == hub_cache / "snapshots" / SHA
+    assert weights.resolve_model("tiny-org/tiny-llama", revision="v1") == (
+        hub_cache / "snapshots" / OLD)
+    assert weights.resolve_model("tiny-org/tiny-llama", revision=OLD) == (
+        hub_cache / "snapshots" / OLD)
+
+
+def test_a_name_not_in_the_cache_names_the_cache_and_the_revision(hub_cache):
+    with pytest.raises(FileNotFoundError, match=r"'tiny-org/other' \(revision main\) is not a "
+                       r"local path and not in the Hugging Face hub cache .*hub; paged-jax "
+                       "never downloads"):
+        weights.resolve_model("tiny-org/other")
+    with pytest.raises(FileNotFoundError, match=r"\(revision v9\)"):
+        weights.resolve_model("tiny-org/tiny-llama", revision="v9")
+    # a path that merely looks like a name is a missing folder, not a hub lookup
+    with pytest.raises(FileNotFoundError, match="model folder tiny-org/x does not exist"):
+        weights.resolve_model("./tiny-org/x")
+
+
+@pytest.mark.slow  # builds an engine
+def test_llm_loads_a_cached_hub_model_by_name(hub_cache):
+    from paged_jax import LLM
+
+    llm = LLM("tiny-org/tiny-llama", num_kv_blocks=16, max_model_len=64, revision="v1")
+    engine = llm.llm_engine
+    assert engine.model_name == "tiny-org/tiny-llama"
+    assert engine.model_path == str(hub_cache / "snapshots" / OLD)
+    assert llm.get_tokenizer() is not None
