@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-concurrency", type=int, default=None,
                        help="open connections and requests beyond which new requests get a "
                        "503 (default: no limit)")
+    serve.add_argument("--disable-log-stats", action="store_true",
+                       help="no periodic stats line (throughput, queues, KV usage, prefix-cache "
+                       "hit rate) in the log")
+    serve.add_argument("--log-stats-interval", type=float, default=10.0,
+                       help="seconds between stats lines while there is work "
+                       "(default: %(default)s)")
     serve.add_argument("--disable-fastapi-docs", action="store_true",
                        help="serve no /docs, /redoc or /openapi.json (otherwise they are "
                        "behind --api-key like /v1)")
@@ -153,7 +159,9 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         return 0
     engine.lead()  # multi-host: publish every step's adds and aborts to the other processes
     app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
-                     limits=limits, disable_docs=args.disable_fastapi_docs)
+                     limits=limits, disable_docs=args.disable_fastapi_docs,
+                     log_stats_interval=None if args.disable_log_stats
+                     else args.log_stats_interval)
     try:
         return run_server(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=not args.no_access_log,
@@ -204,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config(args)
         if args.command == "serve":
             server_limits(args)
+            if not args.log_stats_interval > 0:
+                raise ValueError(f"--log-stats-interval must be > 0 seconds, got "
+                                 f"{args.log_stats_interval}")
     except ValueError as err:
         parser.error(str(err))
     level = getattr(args, "log_level", None)

@@ -23,6 +23,8 @@ from paged_jax.server.body import StrictJSONRoute
 from paged_jax.server.engine_loop import EngineLoop
 from paged_jax.server.errors import ERROR_RESPONSES, error_response, install_handlers
 from paged_jax.server.metrics import ServerMetrics
+from paged_jax.server.stats_logger import DEFAULT_INTERVAL as DEFAULT_STATS_INTERVAL
+from paged_jax.server.stats_logger import StatsLogger
 from paged_jax.server.serving import OpenAIServing
 from paged_jax.tokenizer import load_tokenizer
 
@@ -31,12 +33,16 @@ GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
-               limits: ServerLimits = ServerLimits(), disable_docs: bool = False) -> FastAPI:
+               limits: ServerLimits = ServerLimits(), disable_docs: bool = False,
+               log_stats_interval: float | None = DEFAULT_STATS_INTERVAL) -> FastAPI:
+    """log_stats_interval: seconds between the stats lines in the log (None: no lines)."""
     model_name = served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a
     # dead engine loop stops the server, which exits non-zero for a supervisor to restart.
-    engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death())
+    engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death(),
+                             stats=StatsLogger(log_stats_interval) if log_stats_interval
+                             else None)
     serving = OpenAIServing(engine_loop, load_tokenizer(engine.model_path), model_name,
                             engine.max_model_len, limits.max_sequences_per_request,
                             engine.sampling_defaults)

@@ -66,9 +66,12 @@ class _Timing:
 
 
 class EngineLoop:
-    def __init__(self, engine, metrics=None, on_death: Callable[[], None] | None = None):
-        """on_death: called from the engine thread once, if the loop stops for an error."""
+    def __init__(self, engine, metrics=None, on_death: Callable[[], None] | None = None,
+                 stats=None):
+        """on_death: called from the engine thread once, if the loop stops for an error;
+        stats: a StatsLogger, fed a snapshot after every step (the periodic log line)."""
         self.engine = engine
+        self.stats = stats
         self.on_death = on_death
         engine.stream_text = True  # streamed outputs carry their text so far
         self.metrics = metrics
@@ -150,6 +153,8 @@ class EngineLoop:
                 snapshot = self.engine.snapshot()
                 if self.metrics is not None:
                     self.metrics.update(snapshot)
+                if self.stats is not None:
+                    self.stats.observe(snapshot, time.monotonic())
                 if snapshot.num_steps == steps:
                     # Nothing ran (e.g. all preempted): do not spin. A step of prompt chunks
                     # only has no outputs either, but it ran: go straight on.

@@ -1,7 +1,8 @@
 """How a server starts, on one server of its own (tiny model, few step shapes):
 - it reports healthy only once every step shape is compiled, and compiles nothing after;
 - it samples with the model's generation_config.json where a request leaves a field unset
-  (vLLM's --generation-config), through the openai client."""
+  (vLLM's --generation-config), through the openai client;
+- it logs the stats line while it works and nothing while idle."""
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ def server(tiny_chat_model_dir, tmp_path_factory):
         {"temperature": 0.0, "max_new_tokens": 6}))
     live = start_server(tiny_chat_model_dir, folder / "log", dict(
         num_kv_blocks=32, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64,
-        generation_config=str(folder)))
+        generation_config=str(folder), log_stats_interval=0.2))
     try:
         yield live
     finally:
@@ -78,3 +79,18 @@ def test_unset_fields_take_the_models_defaults_and_set_ones_win(server):
         assert completion.usage.completion_tokens == 6  # the config's, not OpenAI's 16
     assert "sampling defaults from" in server.log()
     assert server.log().count("compiled step") == compiled  # still nothing new
+
+
+def test_the_stats_line_appears_while_it_works_and_not_when_idle(server):
+    import time
+
+    with server.client() as client:
+        for _ in range(3):
+            client.completions.create(model=server.model, prompt="a b c", max_tokens=20,
+                                      extra_body={"ignore_eos": True})
+    time.sleep(0.5)  # the engine thread publishes after its last step
+    lines = server.log().count("Avg generation throughput")
+    assert lines >= 1 and "Running: " in server.log()
+    time.sleep(1.0)  # five intervals of nothing
+    assert server.log().count("Avg generation throughput") == lines
+
