@@ -200,3 +200,22 @@ def make_tiny_llama_dir(tmp_path_factory, request):
 
     _ARGUMENTS = set(inspect.signature(make).parameters)
     return make
+
+
+@pytest.fixture(scope="session")
+def batching_run(tmp_path_factory, make_tiny_llama_dir):
+    """experiments/batching.py run once on a tiny model, light and overloaded arrival rates:
+    (the finished process, its out_dir). Checked by test_batching.py and plotted by notebook
+    03 in test_notebooks.py (one run of about half a minute for both)."""
+    import subprocess
+    import sys
+
+    model = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
+    out = tmp_path_factory.mktemp("batching")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.batching", f"--model={model}", "--num_requests=24",
+         "--rates=20,2000", "--kv_tokens=256", "--max_num_seqs=16", f"--out_dir={out}"],
+        cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+        timeout=300)
+    return proc, out
+

@@ -2,20 +2,15 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from experiments import batching
+from paged_jax.baselines import orca_oracle
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
-from paged_jax.baselines import orca_oracle
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_orca_view_admits_by_buddy_range_and_backs_it_with_blocks():
@@ -43,12 +38,8 @@ def test_scaled_trace_and_sustainable_rate():
     assert batching.sustainable_rate([1, 2], [0.1, 0.2], 0.4) == 2
 
 
-def test_main_writes_results_and_paged_batches_more(tmp_path, make_tiny_llama_dir):
-    model = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.batching", f"--model={model}", "--num_requests=24",
-         "--rates=20,2000", "--kv_tokens=256", "--max_num_seqs=16", f"--out_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_main_writes_results_and_paged_batches_more(batching_run):
+    proc, tmp_path = batching_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "30.42" in proc.stdout and "paged / orca_oracle" in proc.stdout  # the paper beside ours
     results = json.loads((tmp_path / "results.json").read_text())
