@@ -14,12 +14,19 @@ OLD = "fedcba9876543210fedcba9876543210fedcba98"
 
 
 @pytest.fixture
-def hub_cache(tmp_path, make_tiny_llama_dir, monkeypatch):
+def hub_cache(tmp_path, monkeypatch, request):
+    """The cache's snapshots hold a config.json only, unless the test asks for a whole model
+    (the tiny_model marker): resolving a name reads no weights."""
     from huggingface_hub import constants
 
     repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
     for sha in (SHA, OLD):
-        shutil.copytree(make_tiny_llama_dir(tokenizer=True), repo / "snapshots" / sha)
+        if request.node.get_closest_marker("tiny_model"):
+            model = request.getfixturevalue("make_tiny_llama_dir")(tokenizer=True)
+            shutil.copytree(model, repo / "snapshots" / sha)
+        else:
+            (repo / "snapshots" / sha).mkdir(parents=True)
+            (repo / "snapshots" / sha / "config.json").write_text("{}")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(SHA)
     (repo / "refs" / "v1").write_text(OLD)
@@ -49,6 +56,7 @@ def test_a_name_not_in_the_cache_names_the_cache_and_the_revision(hub_cache):
 
 
 @pytest.mark.slow  # builds an engine
+@pytest.mark.tiny_model
 def test_llm_loads_a_cached_hub_model_by_name(hub_cache):
     from paged_jax import LLM
 
