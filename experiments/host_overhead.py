@@ -127,8 +127,7 @@ def measure(model: str | None, num_requests: int) -> dict:
 
 def main(argv):
     del argv
-    results = {"stream_text": FLAGS.stream_text, "output_kind": FLAGS.output_kind,
-               "asynchronous": None}
+    results = {"stream_text": FLAGS.stream_text, "output_kind": FLAGS.output_kind}
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in FLAGS.models:

@@ -328,6 +328,7 @@ class LLMEngine:
         if batch is not None and (batch.swap_out or batch.swap_in):
             # Before the step: it may write blocks that swapped-out requests just freed.
             self.runner.swap(batch.swap_out, batch.swap_in)
+            self._lap("device")  # the page copies, not scheduling
         if batch is None or not batch.requests:
             return []
         # Decoding rows longest first: the XLA decode attention walks the rows in groups,

@@ -76,6 +76,10 @@ def resolve_model(model: str | os.PathLike | None = None, cache_dir: str | os.Pa
     at `revision` (a branch, tag or commit; default main); nothing is ever downloaded.
     """
     path = default_gguf_path() if model is None else pathlib.Path(model).expanduser()
+    if revision is not None and (model is None or path.exists() or not _HUB_NAME.fullmatch(str(model))):
+        # A revision names a snapshot in the hub cache; a local path has none to choose.
+        raise ValueError(f"revision {revision!r} applies to a hub name (Org/Name), not to "
+                         f"{'the embedded model' if model is None else path}")
     if path.is_dir():
         logger.info("loading model folder %s", path)
         return path

@@ -50,6 +50,12 @@ def test_a_name_not_in_the_cache_names_the_cache_and_the_revision(hub_cache):
         weights.resolve_model("tiny-org/other")
     with pytest.raises(FileNotFoundError, match=r"\(revision v9\)"):
         weights.resolve_model("tiny-org/tiny-llama", revision="v9")
+    # a revision chooses among cached snapshots; a local path or the embedded model has none
+    with pytest.raises(ValueError, match=r"revision 'v1' applies to a hub name \(Org/Name\), "
+                       "not to the embedded model"):
+        weights.resolve_model(None, revision="v1")
+    with pytest.raises(ValueError, match="revision 'v1' applies to a hub name"):
+        weights.resolve_model(str(hub_cache), revision="v1")
     # a path that merely looks like a name is a missing folder, not a hub lookup
     with pytest.raises(FileNotFoundError, match="model folder tiny-org/x does not exist"):
         weights.resolve_model("./tiny-org/x")

@@ -51,7 +51,10 @@ VLLM_COMPLETION_FIELDS = (
 )
 VLLM_REMOVED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
                        "guided_decoding_backend", "guided_whitespace_pattern")
-VLLM_FIELDS = frozenset(VLLM_CHAT_FIELDS + VLLM_COMPLETION_FIELDS + VLLM_REMOVED_FIELDS)
+# vLLM's StreamOptions (include_usage is implemented here)
+VLLM_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
+VLLM_FIELDS = frozenset(VLLM_CHAT_FIELDS + VLLM_COMPLETION_FIELDS + VLLM_REMOVED_FIELDS
+                        + tuple(f"stream_options.{o}" for o in VLLM_STREAM_OPTIONS))
 
 # Declared by the request models and accepted, but with nothing to do here.
 NO_EFFECT = {
@@ -74,7 +77,7 @@ def unsupported_fields(extra: dict[str, Any] | None) -> list[str]:
 
 
 def unsupported_message(names: list[str], endpoint: str) -> str:
-    known = [n for n in names if n.split(".")[0] in VLLM_FIELDS]
+    known = [n for n in names if n in VLLM_FIELDS]
     unknown = [n for n in names if n not in known]
     parts = []
     if known:

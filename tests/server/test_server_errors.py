@@ -161,6 +161,8 @@ def test_every_vllm_field_is_declared_or_refused_by_name(server):
      "`colour` is not a field of /v1/chat/completions in OpenAI's or vLLM's API"),
     ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats", "is not implemented"),
+    ({"stream_options": {"include_usage": True, "every_token": True}},
+     "stream_options.every_token", "`stream_options.every_token` is not a field"),
 ])
 def test_an_unimplemented_field_is_a_400_through_the_openai_client(client, server, extra,
                                                                    param, words):
