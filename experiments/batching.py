@@ -149,25 +149,25 @@ def serve(engine, trace, arrivals, vocab: int, seed: int, step_clock: StepClock)
     steps: list[tuple[bool, str, int]] = []  # (before the drain?, kind, requests in the step)
     schedule = sched.schedule
 
-    def recording_schedule():
-        batch = schedule()
+    def recording_schedule(drafts=None):
+        batch = schedule(drafts)
         if batch is not None and batch.requests:
             loaded = nxt < len(trace) or bool(sched.waiting)
             steps.append((loaded, batch.kind, len(batch.requests)))
         return batch
 
     shapes: list[tuple] = []
-    run_step = runner.run
+    dispatch = runner.dispatch
 
-    def recording_run(inputs, sampling):
+    def recording_dispatch(inputs, *args):
         shapes.append(inputs.shape_key)
-        return run_step(inputs, sampling)
+        return dispatch(inputs, *args)
 
     rng = np.random.default_rng(seed + 2)
     prompts = [rng.integers(100, vocab, p).tolist() for p, _ in trace]
     finish: dict[int, float] = {}
     clock, nxt, seen, idle = 0.0, 0, 0, 0
-    sched.schedule, runner.run = recording_schedule, recording_run
+    sched.schedule, runner.dispatch = recording_schedule, recording_dispatch
     try:
         while nxt < len(trace) or engine.has_unfinished_requests():
             if not engine.has_unfinished_requests() and arrivals[nxt] > clock:
@@ -192,7 +192,7 @@ def serve(engine, trace, arrivals, vocab: int, seed: int, step_clock: StepClock)
                     assert len(out.outputs[0].token_ids) == trace[i][1]
                     finish[i] = clock
     finally:
-        sched.schedule, runner.run = schedule, run_step
+        sched.schedule, runner.dispatch = schedule, dispatch
     assert len(finish) == len(trace)
     decode = [n for _, kind, n in steps if kind == "decode"]
     window = [n for loaded, kind, n in steps if kind == "decode" and loaded] or decode

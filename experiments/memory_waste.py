@@ -125,11 +125,8 @@ def simulate(policy: str, trace: list[tuple[int, int]], *, kv_tokens: int, block
         sample(sched, kv, {r.request_id for r in batch.requests}, tally)
         tally.steps += 1
         tally.running += len(sched.running)
-        for req in batch.requests:  # mirrors LLMEngine.step
-            req.num_computed_tokens = req.num_tokens
-            req.output_token_ids.append(0)
-            if req.num_tokens >= req.max_total_tokens:
-                sched.finish(req)
+        sched.dispatched(batch)  # as LLMEngine.step
+        sched.update_from_output(batch, [[0]] * len(batch.requests))
     return tally, sched.num_preemptions
 
 

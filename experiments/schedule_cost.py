@@ -39,9 +39,8 @@ def decode_schedule_ms(num_requests: int, prompt_len: int, block_size: int, step
 
     def step() -> int:
         batch = sched.schedule()
-        for req, new in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += new
-            req.output_token_ids.append(5)
+        sched.dispatched(batch)
+        sched.update_from_output(batch, [[5]] * len(batch.requests))
         return len(batch.requests)
 
     if step() != num_requests:

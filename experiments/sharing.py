@@ -77,11 +77,9 @@ def parallel_sampling(dataset: str, n: int, *, num_requests: int, kv_tokens: int
         used += kv.pool.num_used
         unshared += sum(len(kv.block_table(r.request_id)) for r in sched.running)
         steps += 1
-        for req in batch.requests:  # as LLMEngine.step, with a token of each sample's own
-            req.num_computed_tokens = req.num_tokens
-            req.output_token_ids.append(int(rng.integers(0, 1 << 30)))
-            if req.num_tokens >= req.max_total_tokens:
-                sched.finish(req)
+        sched.dispatched(batch)  # as LLMEngine.step, with a token of each sample's own
+        sched.update_from_output(batch, [[int(rng.integers(0, 1 << 30))]
+                                         for _ in batch.requests])
     if kv.pool.num_free != kv.pool.num_usable:
         raise RuntimeError("blocks leaked")
     return {"saving": 1 - used / unshared, "steps": steps,
@@ -107,8 +105,8 @@ def beam_sharing(model, widths: list[int], *, dataset: str, num_prompts: int, ma
         kv, sched, schedule = engine.kv, engine.scheduler, engine.scheduler.schedule
         tally = {"used": 0, "unshared": 0, "steps": 0}
 
-        def recording_schedule():
-            batch = schedule()
+        def recording_schedule(drafts=None):
+            batch = schedule(drafts)
             tally["used"] += kv.pool.num_used
             tally["unshared"] += sum(len(kv.block_table(r.request_id)) for r in sched.running)
             tally["steps"] += 1

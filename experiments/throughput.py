@@ -35,6 +35,8 @@ flags.DEFINE_integer("num_kv_blocks", None, "paged-jax: KV blocks (default: from
 flags.DEFINE_bool("precompile", True, "paged-jax: compile every step shape before the timed "
                   "run (reported apart, as vLLM captures its graphs at start-up)")
 flags.DEFINE_bool("mixed_batches", True, "paged-jax: decodes and new prompts in one step")
+flags.DEFINE_bool("async_scheduling", False, "paged-jax: schedule and dispatch each step "
+                  "while the one before runs")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "cpu", "pallas"],
                   "paged-jax: attention backend (auto: the C++ kernel on the CPU)")
 flags.DEFINE_integer("passes", 1, "paged-jax: run the workload this many times in one process; "
@@ -71,17 +73,23 @@ def run_paged(llm: LLM, work) -> dict:
                            SamplingParams(temperature=0.0, max_tokens=w.output_len,
                                           ignore_eos=True))
     usage, shares, done, tokens = [], [], 0, 0
-    # Seconds per compiled step shape (mode, tokens, sequences, table width): where time goes.
-    shapes, run = {}, engine.runner.run
+    # Seconds per compiled step shape (mode, tokens, sequences, table width, rows), from
+    # dispatch to the sampled tokens on the host: where time goes.
+    shapes, runner = {}, engine.runner
+    dispatch, fetch, started = runner.dispatch, runner.fetch, []
 
-    def timed_run(inputs, sampling):
-        t = time.perf_counter()
-        result = run(inputs, sampling)
-        count, total = shapes.get(inputs.shape_key, (0, 0.0))
-        shapes[inputs.shape_key] = (count + 1, total + time.perf_counter() - t)
+    def timed_dispatch(inputs, *args):
+        started.append((inputs.shape_key, time.perf_counter()))
+        return dispatch(inputs, *args)
+
+    def timed_fetch(*args):
+        result = fetch(*args)
+        key, t = started.pop(0)  # steps are fetched in the order they were dispatched
+        count, total = shapes.get(key, (0, 0.0))
+        shapes[key] = (count + 1, total + time.perf_counter() - t)
         return result
 
-    engine.runner.run = timed_run
+    runner.dispatch, runner.fetch = timed_dispatch, timed_fetch
     with progress(len(work), "paged-jax", unit="req") as bar:  # one update per finished request
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -93,7 +101,7 @@ def run_paged(llm: LLM, work) -> dict:
             usage.append(u.usage)
             shares.append(u.token_state_share)
     wall = time.perf_counter() - start
-    del engine.runner.run  # the instance attribute; the class's method again
+    del runner.dispatch, runner.fetch  # the instance attributes; the class's methods again
     compile_s = engine.runner.compile_seconds - compile_before
     seconds = wall - compile_s
     assert done == len(work) and tokens == sum(w.output_len for w in work)
@@ -326,7 +334,8 @@ def main(argv):
     start = time.perf_counter()
     llm = LLM(FLAGS.model, max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
               num_kv_blocks=FLAGS.num_kv_blocks, precompile=FLAGS.precompile,
-              mixed_batches=FLAGS.mixed_batches, attention_backend=FLAGS.attention_backend)
+              mixed_batches=FLAGS.mixed_batches, attention_backend=FLAGS.attention_backend,
+              async_scheduling=FLAGS.async_scheduling)
     startup = time.perf_counter() - start
     if FLAGS.chat:
         run_chat(llm)

@@ -13,6 +13,7 @@ _EXPORTS = {
     "LLMEngine": "paged_jax.engine",
     "EngineConfig": "paged_jax.config",
     "SamplingParams": "paged_jax.sampling_params",
+    "StructuredOutputsParams": "paged_jax.structured_outputs",
     "RequestOutput": "paged_jax.request",
     "CompletionOutput": "paged_jax.request",
     "Logprob": "paged_jax.request",
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from paged_jax.llm import LLM
     from paged_jax.request import CompletionOutput, Logprob, RequestOutput
     from paged_jax.sampling_params import SamplingParams
+    from paged_jax.structured_outputs import StructuredOutputsParams
 
 
 def __getattr__(name: str):

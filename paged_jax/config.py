@@ -79,6 +79,17 @@ class EngineConfig:
                                          "speculative_method)")
     prompt_lookup_max: int = option(4, "longest suffix an n-gram draft is looked up by")
     prompt_lookup_min: int = option(1, "shortest suffix an n-gram draft is looked up by")
+    # Asynchronous scheduling (vLLM's async_scheduling): step N+1 is scheduled and dispatched
+    # while step N runs; its sampled tokens stay on the device and feed step N+1 there, and
+    # the host applies them one step late. Same tokens as synchronous steps.
+    async_scheduling: bool = option(False, "schedule and dispatch each step while the one "
+                                    "before runs (speculative decoding and requests with "
+                                    "penalties run synchronously)")
+    # vLLM's structured_outputs_config.disable_any_whitespace: JSON held to a schema or to
+    # any object is written without whitespace between its tokens (small models given the
+    # choice may emit whitespace until max_tokens).
+    disable_any_whitespace: bool = option(False, "structured outputs: JSON without "
+                                          "whitespace between its tokens, for every request")
     attention_backend: str = option("auto", "paged attention: auto (pallas on a GPU, the C++ "
                                     "kernel on the CPU where it builds, else xla)",
                                     ATTENTION_BACKENDS)

@@ -26,7 +26,10 @@ from paged_jax.outputs import OutputBuilder
 from paged_jax.plan import check_options, make_plan, resolve_dtype, warn_bfloat16_on_cpu
 from paged_jax.request import Request, RequestOutput
 from paged_jax.sampling_params import SamplingParams
-from paged_jax.scheduler import Scheduler
+from paged_jax.scheduler import ScheduledBatch, Scheduler
+from paged_jax.stop import StopChecker
+from paged_jax.structured_outputs import GrammarCompiler
+from paged_jax.token_rules import TokenRules, bad_word_ids
 from paged_jax.snapshot import EngineSnapshot, RequestView
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,24 @@ class EngineStats:
     finished: dict = dataclasses.field(default_factory=dict)  # finish reason -> count
 
 
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A step dispatched to the device whose results the host has not yet applied."""
+    batch: ScheduledBatch
+    inputs: step_inputs.StepInputs
+    result: object  # the runner's device-side results
+
+    @property
+    def last_rows(self) -> dict[str, int]:
+        """Request id -> the sampled row of its last token: where the next step finds the
+        token its pending position holds."""
+        out, row = {}, 0
+        for req, drafts in zip(self.batch.requests, self.inputs.drafts):
+            row += len(drafts) + 1
+            out[req.request_id] = row - 1
+        return out
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: LoadedModel | None = None):
         check_options(config)  # before joining other processes or loading anything
@@ -101,7 +122,8 @@ class LLMEngine:
                                  num_cpu_blocks=num_cpu_blocks)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    mixed=config.mixed_batches,
-                                   chunked=config.enable_chunked_prefill, swap=swapping)
+                                   chunked=config.enable_chunked_prefill, swap=swapping,
+                                   stop=StopChecker(self.tokenizer))
         self.buckets = step_inputs.Buckets.make(config.max_num_seqs, self.max_num_batched_tokens,
                                                 self.max_model_len, config.block_size,
                                                 table_ladder=plan.table_ladder,
@@ -111,7 +133,8 @@ class LLMEngine:
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
         caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
         self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
-                                  self.backend, self.max_model_len, self.mesh,
+                                  self.backend, self.max_model_len, self.buckets.max_rows,
+                                  mcfg.vocab_size, self.mesh,
                                   swap.SwapSpace(num_cpu_blocks, caches) if swapping
                                   else None)
         self._channel = None  # multi-host serving: process 0's per-step command broadcast
@@ -121,17 +144,27 @@ class LLMEngine:
         self._channel_lock = threading.Lock()
         self._published: list = []
         self.outputs = OutputBuilder(self.tokenizer)
+        # Structured outputs' matchers, compiled per constraint (None: no tokenizer)
+        self.grammars = (GrammarCompiler(self.tokenizer, mcfg.vocab_size,
+                                         config.disable_any_whitespace)
+                         if self.tokenizer is not None else None)
         self.stats = EngineStats()
         self._rng = random.Random(config.seed)
         self._lap_start = 0.0  # step(): when the phase being timed began
         self._groups: dict[str, list[Request]] = {}  # user request id -> its n sequences
+        # Asynchronous scheduling: the step dispatched and not yet applied, the live groups
+        # whose steps must run synchronously, and whether the last step overlapped.
+        self._inflight: _InFlight | None = None
+        self._sync_groups: dict[str, str] = {}  # group id -> why
+        self._overlapping = True
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
         log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
-                 "max_model_len %d, tensor_parallel_size %d, preemption by %s%s",
+                 "max_model_len %d, tensor_parallel_size %d, preemption by %s%s%s",
                  num_blocks, config.block_size,
                  num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / tp / 2**20,
                  self.backend, self.max_model_len, tp, config.preemption_mode,
-                 f" ({num_cpu_blocks} host blocks)" if swapping else "")
+                 f" ({num_cpu_blocks} host blocks)" if swapping else "",
+                 ", asynchronous scheduling" if plan.async_scheduling else "")
         if config.precompile:
             start = time.perf_counter()
             self.runner.precompile(self.buckets)
@@ -162,13 +195,24 @@ class LLMEngine:
             limit = self.max_model_len - len(ids)
             max_total = len(ids) + min(params.max_tokens or limit, limit)
             group = []
+            so = params.structured_outputs
             for i in range(params.n):
                 seed = (params.seed + i if params.seed is not None
                         else self._rng.getrandbits(63))
                 rid = request_id if params.n == 1 else f"{i}_{request_id}"
                 group.append(Request(rid, list(ids), params, max_total, seed,
-                                     self.model.eos_token_ids, text, arrival))
+                                     self.model.eos_token_ids, text, arrival,
+                                     matcher=self.grammars.new_matcher(so) if so else None,
+                                     rules=TokenRules.for_request(
+                                         params, self.model.eos_token_ids,
+                                         self.model.config.vocab_size, self.tokenizer)))
             self._groups[request_id] = group
+            if params.uses_penalties:
+                self._sync_groups[request_id] = ("uses penalties, which read its previous "
+                                                 "token on the host")
+            elif so is not None or params.uses_token_rules:
+                self._sync_groups[request_id] = ("has structured outputs or token rules, "
+                                                 "whose next mask needs its previous token")
             for req in group:
                 self._group_of[req.request_id] = request_id
                 self.scheduler.add(req)
@@ -218,6 +262,16 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         vocab = self.model.config.vocab_size
+        for name in ("allowed_token_ids", "logit_bias"):
+            bad = [t for t in getattr(params, name) or () if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} holds {bad[0]}, outside the vocabulary [0, {vocab})")
+        if params.bad_words:
+            bad_word_ids(params.bad_words, self.tokenizer)  # a tokenizer is needed
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need a tokenizer; this model has none")
+            self.grammars.template(params.structured_outputs)  # compiles it, or says why not
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
@@ -244,6 +298,7 @@ class LLMEngine:
         if self._channel is not None:
             self._published.append(("abort", request_ids))
         for rid in request_ids:
+            self._sync_groups.pop(rid, None)
             for req in self._groups.pop(rid, []):
                 if not req.finished:
                     self.scheduler.finish(req)
@@ -252,7 +307,7 @@ class LLMEngine:
                 self._forget(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         sched = self.scheduler
@@ -261,45 +316,78 @@ class LLMEngine:
     # ---- one step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and runs one step, and returns the outputs of the requests that a step
+        advanced. With asynchronous scheduling the step is dispatched, then the results of
+        the step before are applied while it runs: outputs come one step late, and a last
+        call with nothing to schedule collects the step still in flight."""
         with self._channel_lock:
             if self._channel is not None:  # multi-host serving: the followers mirror this step
                 self._channel.publish(self._published)
                 self._published = []
         batch = None
         self._lap_start = time.perf_counter()
+        outputs: list[RequestOutput] = []
         try:
-            if self.config.speculative_method:
-                self._propose_drafts()
-            batch = self.scheduler.schedule()
+            overlap = self._overlap()
+            if not overlap and self._inflight is not None:  # back to synchronous steps
+                outputs += self._resolve(self._take_inflight())
+            drafts = self._propose_drafts() if self.config.speculative_method else None
+            batch = self.scheduler.schedule(drafts)
             self._lap("schedule")
-            return self._run_step(batch)
+            flight = self._dispatch(batch)
+            prev, self._inflight = self._inflight, flight
+            if prev is not None:  # (overlapped with `flight` on the device)
+                outputs += self._resolve(prev)
+            if not overlap and self._inflight is not None:
+                outputs += self._resolve(self._take_inflight())
+            return outputs
         except BaseException as err:
             # Scheduling registered the blocks this step was to compute in the prefix cache;
             # their K/V may never have been written (an error, or Ctrl-C in a notebook). Later
             # requests must not hit those blocks.
             self.kv.reset_prefix_cache()
+            failing = [batch] + ([self._inflight.batch] if self._inflight else [])
+            self._inflight = None
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: the caller aborts what it started
-            failed = self._fail_step(batch, err)
+            failed = self._fail_step(failing if batch is not None else None, err)
             if not self.runner.caches_alive():
                 raise EngineBrokenError(f"the KV cache was lost in a failed step: {err!r}"
                                         ) from err
             raise StepError(failed, err) from err
 
-    def _fail_step(self, batch, err: Exception) -> list[str]:
+    def _overlap(self) -> bool:
+        """Whether this step may be dispatched before the last one's results are applied:
+        asynchronous scheduling is on and no live request needs its previous token on the
+        host to build the step (penalties read the whole history). A change is logged."""
+        overlap = self.plan.async_scheduling and not self._sync_groups
+        if self.plan.async_scheduling and overlap != self._overlapping:
+            gid = next(iter(self._sync_groups), None)
+            log.info("asynchronous scheduling %s", "resumed" if overlap else
+                     f"paused: request {gid!r} {self._sync_groups[gid]}; steps run "
+                     "synchronously")
+        self._overlapping = overlap
+        return overlap
+
+    def _take_inflight(self) -> "_InFlight":
+        flight, self._inflight = self._inflight, None
+        return flight
+
+    def _fail_step(self, batches, err: Exception) -> list[str]:
         """Finishes, with reason "error", every request group that had a sequence in the
-        failed step (scheduled, or preempted by it): the step may have left their
-        state half-advanced. Without a batch (scheduling itself failed) that is every
-        unfinished request. Returns their ids."""
-        if batch is None:
+        failed step or the one in flight beside it (scheduled, or preempted): the steps may
+        have left their state half-advanced. Without batches (scheduling itself failed) that
+        is every unfinished request. Returns their ids."""
+        if batches is None:
             touched = [r for g in self._groups.values() for r in g]
         else:  # requests swapped back in are among batch.requests
-            touched = [*batch.requests, *batch.preempted]
+            touched = [r for b in batches if b is not None for r in (*b.requests, *b.preempted)]
         failed = list(dict.fromkeys(self._group_of[r.request_id] for r in touched
                                     if r.request_id in self._group_of))
         log.error("a step failed (%s: %s); failing its %d request(s): %s",
                   type(err).__name__, err, len(failed), ", ".join(failed))
         for gid in failed:
+            self._sync_groups.pop(gid, None)
             for req in self._groups.pop(gid):
                 if not req.finished:
                     self.scheduler.finish(req)
@@ -312,70 +400,89 @@ class LLMEngine:
         """Forget every cached block (vLLM's reset_prefix_cache): e.g. between benchmark runs."""
         self.kv.reset_prefix_cache()
 
-    def _propose_drafts(self) -> None:
+    def _propose_drafts(self) -> dict[str, list[int]]:
         """n-gram drafts for every decoding request, as many as may still be generated less
         the token the step samples anyway; none for requests with penalties."""
         cfg = self.config
+        drafts = {}
         for req in self.scheduler.running:
             room = min(cfg.num_speculative_tokens, req.max_total_tokens - req.num_tokens - 1)
-            decoding = req.num_tokens - req.num_computed_tokens == 1
-            req.spec_token_ids = (
-                spec_decode.propose_ngram(req.all_token_ids, room, cfg.prompt_lookup_min,
-                                          cfg.prompt_lookup_max)
-                if decoding and room > 0 and not req.params.uses_penalties else [])
+            if (req.num_tokens - req.num_computed_tokens == 1 and room > 0
+                    and not req.params.uses_penalties and req.rules is None):
+                found = spec_decode.propose_ngram(
+                    req.all_token_ids, room, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+                if req.matcher is not None:  # only the drafts the grammar accepts
+                    found = found[:req.matcher.validate_tokens(found)]
+                drafts[req.request_id] = found
+        return drafts
 
-    def _run_step(self, batch) -> list[RequestOutput]:
+    def _dispatch(self, batch) -> "_InFlight | None":
+        """Makes the batch's swap copies, builds its inputs and dispatches it to the device
+        without waiting for the result."""
         if batch is not None and (batch.swap_out or batch.swap_in):
             # Before the step: it may write blocks that swapped-out requests just freed.
             self.runner.swap(batch.swap_out, batch.swap_in)
             self._lap("device")  # the page copies, not scheduling
         if batch is None or not batch.requests:
-            return []
+            return None
         # Decoding rows longest first: the XLA decode attention walks the rows in groups,
         # each up to its own longest row, so sorted rows leave little of a group idle; the
-        # CPU kernel's threads take the longest rows first, which balances them.
+        # CPU kernel's threads take the longest rows first, which balances them. (Decoding
+        # rows carry no drafts: those rows come after them.)
         n_dec = len(batch.requests) if batch.kind == "decode" else batch.num_decodes
         if n_dec > 1:
             decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_tokens)
             batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
         self._lap("schedule")  # sorting the rows is part of scheduling them
-        inputs = step_inputs.build(batch, self.kv, self.buckets)
+        prev = self._inflight
+        inputs = step_inputs.build(batch, self.kv, self.buckets,
+                                   prev.last_rows if prev is not None else None)
         sampling = sampler.build_inputs(list(batch.requests), len(inputs.logits_indices),
-                                        self.max_model_len, [list(d) for d in inputs.drafts])
+                                        self.max_model_len, [list(d) for d in inputs.drafts],
+                                        self.runner.mask_width)
         self._lap("build")
-        result = self.runner.run(inputs, sampling)
+        result = self.runner.dispatch(inputs, sampling,
+                                      prev.result if prev is not None else None)
+        self.scheduler.dispatched(batch)
+        for req in batch.requests:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        self._lap("device")
+        return _InFlight(batch, inputs, result)
+
+    def _resolve(self, flight: "_InFlight") -> list[RequestOutput]:
+        """Waits for a dispatched step's sampled tokens and applies them: the scheduler
+        updates the requests, then their logprobs and outputs are built."""
+        batch, inputs = flight.batch, flight.inputs
+        result = self.runner.fetch(flight.result, inputs.num_rows,
+                                   any(r.params.logprobs is not None for r in batch.requests))
         self._lap("device")
         self.stats.num_steps += 1
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
-        advanced, row = [], 0
-        for req, new, drafts in zip(batch.requests, batch.num_new_tokens, inputs.drafts):
-            rows = [{k: v[i] for k, v in result.items()}
-                    for i in range(row, row + len(drafts) + 1)]
-            row += len(rows)
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = now
-            # The tokens this step adds: one, or with drafts those kept up to the first one
-            # replaced (spec_decode.accepted_prefix); each follows a token whose K/V it wrote.
-            kept = spec_decode.accepted_prefix(list(drafts), [int(r["tokens"]) for r in rows])
-            req.num_computed_tokens += new - len(drafts)
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a chunk of a prompt: its sampled token is dropped
-            advanced.append(req)
-            self.stats.spec_draft_tokens += len(drafts)
-            for i in range(len(kept)):
-                if i:
-                    req.num_computed_tokens += 1  # the kept draft before this token
-                self.stats.generation_tokens += 1
-                self.stats.spec_accepted_tokens += i < len(drafts) and kept[i] == drafts[i]
-                if self.outputs.append_token(req, rows[i], self.max_model_len):
-                    self.scheduler.finish(req)
-                    req.finished_time = time.monotonic()
-                    self.stats.finished[req.finish_reason] = (
-                        self.stats.finished.get(req.finish_reason, 0) + 1)
-                    break
-        outputs = self._collect(advanced)
+        tokens = result["tokens"].tolist()
+        sampled, starts, row = [], {}, 0
+        for req, drafts in zip(batch.requests, inputs.drafts):
+            starts[req.request_id] = row
+            sampled.append(tokens[row:row + len(drafts) + 1])
+            row += len(drafts) + 1
+        updated = self.scheduler.update_from_output(batch, sampled)
+        drafts_of = dict(zip((r.request_id for r in batch.requests), inputs.drafts))
+        stats = self.stats
+        for req, n in updated:
+            start = starts[req.request_id]
+            self.outputs.record(req, result, start, n)
+            stats.generation_tokens += n
+            drafts = drafts_of[req.request_id]
+            if drafts:
+                stats.spec_draft_tokens += len(drafts)
+                stats.spec_accepted_tokens += sum(
+                    1 for i in range(min(n, len(drafts))) if tokens[start + i] == drafts[i])
+            if req.finished:
+                req.finished_time = time.monotonic()
+                stats.finished[req.finish_reason] = stats.finished.get(req.finish_reason, 0) + 1
+        outputs = self._collect([req for req, _ in updated])
         self._lap("update")
         return outputs
 
@@ -400,6 +507,7 @@ class LLMEngine:
         # _fail_step, none finished and forgotten with its output lost.
         for out in outs:
             if out.finished:
+                self._sync_groups.pop(out.request_id, None)
                 for r in self._groups.pop(out.request_id):
                     self._forget(r)
         return outs

@@ -20,32 +20,49 @@ from tqdm.auto import tqdm
 from paged_jax.attention import AttentionMetadata
 from paged_jax.models.forward import forward
 from paged_jax.sampler import SamplingInputs, sample
+from paged_jax.sampling_params import MAX_LOGIT_BIAS
 from paged_jax.step_inputs import Buckets, StepInputs
 from paged_jax.swap import SwapSpace
 
 log = logging.getLogger(__name__)
 
-_STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-                "block_tables", "logits_indices", "num_decodes")
+_STEP_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "query_start_loc",
+                "seq_lens", "block_tables", "logits_indices", "num_decodes")
 
 
 def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
+    # Pending tokens (asynchronous scheduling): the host did not know them when it built the
+    # step; the previous step's sampled tokens, still on the device, fill them in.
+    prev = arrays["prev_rows"]
+    input_ids = jnp.where(prev >= 0, arrays["prev_tokens"][jnp.maximum(prev, 0)],
+                          arrays["input_ids"])
     md = AttentionMetadata(arrays["slot_mapping"], arrays["query_start_loc"], arrays["seq_lens"],
                            arrays["block_tables"], arrays["logits_indices"],
                            arrays["num_decodes"] if mode == "prefill" else None, mode, backend)
-    logits, kv_caches = forward(graphdef, params, arrays["input_ids"], arrays["positions"],
+    logits, kv_caches = forward(graphdef, params, input_ids, arrays["positions"],
                                 kv_caches, md)
-    return sample(logits, sampling), kv_caches
+    result = sample(logits, sampling)
+    # The next step's prev_tokens: one length for every step shape, so the next step's
+    # executable does not depend on this one's.
+    width = arrays["prev_tokens"].shape[0]
+    next_tokens = jnp.zeros((width,), jnp.int32).at[:result.tokens.shape[0]].set(result.tokens)
+    return (result, next_tokens), kv_caches
 
 
 class ModelRunner:
-    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int, mesh=None,
+    def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int,
+                 max_rows: int, vocab_size: int, mesh=None,
                  swap_space: SwapSpace | None = None):
-        """mesh: a tensor-parallel mesh (paged_jax/sharding.py). The step then pins its
-        shardings: parameters and caches as they lie, step and sampling inputs and the sampled
-        results replicated; attention runs under shard_map (traced under jax.set_mesh).
-        swap_space: host blocks for preemption by swap."""
+        """max_rows: the most sampled rows of any step (Buckets.max_rows); vocab_size: the
+        logits' width (structured outputs' bitmasks hold a bit per entry). mesh: a
+        tensor-parallel mesh (paged_jax/sharding.py). The step then pins its shardings:
+        parameters and caches as they lie, step and sampling inputs and the sampled results
+        replicated; attention runs under shard_map (traced under jax.set_mesh). swap_space:
+        host blocks for preemption by swap."""
         self.params = params
+        self.max_rows = max_rows
+        self.mask_width = (vocab_size + 31) // 32
+        self._constants: dict[tuple, jax.Array] = {}  # (what, rows) -> its array (_kept)
         self.kv_caches = kv_caches
         self.swap_space = swap_space
         self.backend = backend
@@ -63,6 +80,10 @@ class ModelRunner:
                       for mode in ("prefill", "decode", "mixed")}
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
+        # prev_tokens of a step that follows none in flight (its prev_rows are all -1)
+        zeros = np.zeros((max_rows,), np.int32)
+        self._no_prev = jax.device_put(
+            zeros, NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
 
     @property
     def num_compiled(self) -> int:
@@ -77,8 +98,8 @@ class ModelRunner:
             start = time.perf_counter()
             with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
                 self._compiled[key] = self._jits[mode].lower(
-                    self.params, self.kv_caches, _array_specs(t, s, mb, r),
-                    _sampling_specs(r, self.history_len)).compile()
+                    self.params, self.kv_caches, _array_specs(t, s, mb, r, self.max_rows),
+                    _sampling_specs(r, self.history_len, self.mask_width)).compile()
             took = time.perf_counter() - start
             self.compile_seconds += took
             log.info("compiled step %s in %.2fs (%d variants)", key, took, len(self._compiled))
@@ -110,23 +131,55 @@ class ModelRunner:
         """Copy a step's swapped blocks between device pages and host blocks (swap.py)."""
         self.kv_caches = self.swap_space.apply(self.kv_caches, swap_out, swap_in)
 
-    def run(self, inputs: StepInputs, sampling: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def dispatch(self, inputs: StepInputs, sampling: dict[str, np.ndarray], prev=None):
+        """Starts the step on the device and returns its results there, without waiting.
+        prev: the results of the step before, when inputs has pending tokens from it."""
         exe = self._executable(inputs.shape_key)
         arrays = {f: getattr(inputs, f) for f in _STEP_FIELDS}
-        result, self.kv_caches = exe(self.params, self.kv_caches, arrays,
-                                     SamplingInputs(**sampling))
-        n = inputs.num_rows
-        return {k: np.asarray(v)[:n] for k, v in vars(result).items()}
+        arrays["prev_tokens"] = prev[1] if prev is not None else self._no_prev
+        rows = len(inputs.logits_indices)
+        if sampling["bitmask"] is None:  # no structured outputs: nothing to send each step
+            sampling = {**sampling, "bitmask": self._kept(("mask", rows))}
+        if sampling["bias_ids"] is None:  # no logit_bias: the same
+            sampling = {**sampling, "bias_ids": self._kept(("bias_ids", rows)),
+                        "bias_values": self._kept(("bias_values", rows))}
+        out, self.kv_caches = exe(self.params, self.kv_caches, arrays,
+                                  SamplingInputs(**sampling))
+        result = out[0]
+        for x in (result.tokens, result.logprob, result.rank):
+            x.copy_to_host_async()  # the host will want them as soon as they are ready
+        return out
 
+    def _kept(self, key: tuple[str, int]) -> jax.Array:
+        """A constant sampling input kept on the device: an all-ones bitmask, or an empty
+        logit bias, of this many rows."""
+        if key not in self._constants:
+            kind, rows = key
+            value = {"mask": lambda: np.full((rows, self.mask_width), -1, np.int32),
+                     "bias_ids": lambda: np.full((rows, MAX_LOGIT_BIAS), -1, np.int32),
+                     "bias_values": lambda: np.zeros((rows, MAX_LOGIT_BIAS), np.float32)}[kind]()
+            # (device_put, not jnp.asarray: that compiles a copy, a compile after precompile)
+            self._constants[key] = jax.device_put(
+                value, NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None
+                else None)
+        return self._constants[key]
 
-def _array_specs(t: int, s: int, mb: int, r: int) -> dict:
+    def fetch(self, out, num_rows: int, top: bool) -> dict[str, np.ndarray]:
+        """Waits for a dispatched step's sampled rows and brings the real ones to the host
+        (the top-N logprob arrays only when asked for)."""
+        result = out[0]
+        fields = ("tokens", "logprob", "rank") + (("top_ids", "top_logprobs") if top else ())
+        return {k: np.asarray(getattr(result, k))[:num_rows] for k in fields}
+
+def _array_specs(t: int, s: int, mb: int, r: int, max_rows: int) -> dict:
     i32 = jnp.int32
-    shapes = dict(input_ids=(t,), positions=(t,), slot_mapping=(t,), query_start_loc=(s + 1,),
-                  seq_lens=(s,), block_tables=(s, mb), logits_indices=(r,), num_decodes=())
+    shapes = dict(input_ids=(t,), prev_rows=(t,), positions=(t,), slot_mapping=(t,),
+                  query_start_loc=(s + 1,), seq_lens=(s,), block_tables=(s, mb),
+                  logits_indices=(r,), num_decodes=(), prev_tokens=(max_rows,))
     return {k: jax.ShapeDtypeStruct(v, i32) for k, v in shapes.items()}
 
 
-def _sampling_specs(s: int, history_len: int) -> SamplingInputs:
+def _sampling_specs(s: int, history_len: int, mask_width: int) -> SamplingInputs:
     f32, i32 = jnp.float32, jnp.int32
     spec = jax.ShapeDtypeStruct
     return SamplingInputs(
@@ -134,4 +187,6 @@ def _sampling_specs(s: int, history_len: int) -> SamplingInputs:
         min_p=spec((s,), f32), repetition_penalty=spec((s,), f32),
         presence_penalty=spec((s,), f32), frequency_penalty=spec((s,), f32),
         seed=spec((s, 2), jnp.uint32), step=spec((s,), i32), prompt_lens=spec((s,), i32),
-        history=spec((s, history_len), i32), draft=spec((s,), i32), flags=spec((5,), jnp.bool_))
+        history=spec((s, history_len), i32), draft=spec((s,), i32),
+        bitmask=spec((s, mask_width), i32), bias_ids=spec((s, MAX_LOGIT_BIAS), i32),
+        bias_values=spec((s, MAX_LOGIT_BIAS), f32), flags=spec((7,), jnp.bool_))

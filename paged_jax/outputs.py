@@ -1,4 +1,4 @@
-"""Host-side handling of each sampled token: stop checks, detokenization, logprobs, and the
+"""Host-side handling of the tokens a step appended: logprobs, detokenization, and the
 RequestOutputs users see."""
 from __future__ import annotations
 
@@ -15,38 +15,19 @@ class OutputBuilder:
         # Offline generation only needs the final text; streaming servers want it every step.
         self.text_every_step = text_every_step
 
-    def append_token(self, req: Request, row: dict[str, np.ndarray], max_model_len: int) -> bool:
-        """Record one sampled token; returns True when the request has finished."""
-        token = int(row["tokens"])
-        req.output_token_ids.append(token)
+    def record(self, req: Request, result: dict[str, np.ndarray], start: int, n: int) -> None:
+        """The step appended n tokens to req (Scheduler.update_from_output decided how many),
+        sampled at rows start..start+n-1 of the step's result: their logprobs (only when
+        asked for: this runs for every request every step), and the first token's time."""
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
-        req.cumulative_logprob += float(row["logprob"])
-        if req.params.logprobs is not None:
-            req.output_logprobs.append(self._logprobs(req.params.logprobs, token, row))
-        p = req.params
-        if not p.ignore_eos and token in req.eos_token_ids:
-            req.finish_reason = "stop"
-        elif token in p.stop_token_ids:
-            req.finish_reason, req.stop_reason = "stop", token
-        elif p.stop and self._hit_stop_string(req):
-            req.finish_reason = "stop"
-        elif req.num_tokens >= req.max_total_tokens or req.num_tokens >= max_model_len:
-            req.finish_reason = "length"
-        return req.finish_reason is not None
-
-    def _hit_stop_string(self, req: Request) -> bool:
-        text = self.decode(req)
-        # Only the tail can hold a new match: the text before it was checked last step.
-        window = max(len(s) for s in req.params.stop) + 16
-        start = max(0, len(text) - window)
-        for stop in req.params.stop:
-            at = text.find(stop, start)
-            if at >= 0:
-                end = at + len(stop) if req.params.include_stop_str_in_output else at
-                req.text, req.stop_reason = text[:end], stop
-                return True
-        return False
+        if req.params.logprobs is None:
+            return
+        for i in range(start, start + n):
+            row = {k: v[i] for k, v in result.items()}
+            req.cumulative_logprob += float(row["logprob"])
+            req.output_logprobs.append(
+                self._logprobs(req.params.logprobs, int(row["tokens"]), row))
 
     def decode(self, req: Request) -> str:
         if self.tokenizer is None:  # a token-ids-only engine (no tokenizer files)

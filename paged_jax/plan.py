@@ -32,6 +32,9 @@ class EnginePlan:
     # mixed step shape where prompts may start past a cached prefix on the XLA path.
     table_ladder: bool
     mixed_steps: bool
+    # Steps scheduled while the one before runs (off with speculative decoding: a step's
+    # drafts are looked up in the tokens of the step before).
+    async_scheduling: bool = False
 
     @property
     def swapping(self) -> bool:
@@ -112,12 +115,16 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
             raise ValueError(f"swap_space_bytes {config.swap_space_bytes} holds no block of "
                              f"{block} bytes")
     spec = config.num_speculative_tokens if config.speculative_method else 0
+    if config.async_scheduling and spec:
+        log.warning("async_scheduling: off with speculative decoding (drafts are looked up "
+                    "in the tokens of the step before); steps run synchronously")
     return EnginePlan(
         backend=backend, max_model_len=max_model_len, max_num_batched_tokens=budget,
         num_kv_blocks=num_blocks, num_cpu_blocks=num_cpu_blocks, num_speculative_tokens=spec,
         table_ladder=backend == "pallas",
         mixed_steps=backend == "xla" and (config.enable_prefix_caching
-                                          or config.enable_chunked_prefill or spec > 0))
+                                          or config.enable_chunked_prefill or spec > 0),
+        async_scheduling=config.async_scheduling and not spec)
 
 
 def pick_backend(requested: str, platform: str, dtype: str, multihost: bool) -> str:

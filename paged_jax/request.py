@@ -8,6 +8,10 @@ import time
 from paged_jax.sampling_params import SamplingParams
 
 
+# The input id of a pending token (Request.num_pending): never a vocabulary id.
+PLACEHOLDER = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,27 +46,46 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    spec_token_ids: list[int] = dataclasses.field(default_factory=list)  # drafts for next step
+    # Tokens sampled by steps dispatched to the device whose results the host has not yet
+    # applied (Scheduler.dispatched / update_from_output): 0 between synchronous steps, at
+    # most 1 at scheduling time with asynchronous scheduling. They count in num_tokens, so
+    # the scheduler plans the next step as if they were known; their ids are PLACEHOLDER
+    # until they arrive (the device fills them in from the previous step's samples).
+    num_pending: int = 0
     # Prefix-cache hashes of its first full blocks, kept between lookups (tokens only grow).
     block_hashes: list[bytes] = dataclasses.field(default_factory=list, repr=False)
+    # Structured outputs: the sequence's llguidance matcher (structured_outputs.py), advanced
+    # by every token appended; None when unconstrained.
+    matcher: object = dataclasses.field(default=None, repr=False)
+    # min_tokens, allowed_token_ids, bad_words (token_rules.TokenRules), or None
+    rules: object = dataclasses.field(default=None, repr=False)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The known tokens: prompt and output (pending ones not among them)."""
         return self.prompt_token_ids + self.output_token_ids
 
     def tokens_between(self, start: int, end: int) -> list[int]:
-        """all_token_ids[start:end] without building the whole list (a step reads a few
-        tokens of a long request)."""
+        """Token ids at positions start..end-1 without building the whole list (a step reads
+        a few tokens of a long request); PLACEHOLDER at the positions of pending tokens."""
         p = len(self.prompt_token_ids)
         if start >= p:
-            return self.output_token_ids[start - p:end - p]
-        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - p)]
+            out = self.output_token_ids[start - p:end - p]
+        else:
+            out = self.prompt_token_ids[start:end] + self.output_token_ids[:max(0, end - p)]
+        return out + [PLACEHOLDER] * (end - start - len(out))
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, output and pending tokens: the length the next step extends."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens the host has (num_tokens less the pending)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from paged_jax.request import Request
-from paged_jax.sampling_params import MAX_LOGPROBS
+from paged_jax.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from paged_jax.structured_outputs import fill_bitmask
 
 
 @jax.tree_util.register_dataclass
@@ -38,7 +39,13 @@ class SamplingInputs:
     prompt_lens: jax.Array  # [S] i32
     history: jax.Array  # [S, L] i32: prompt then output tokens, -1 padded (penalties only)
     draft: jax.Array  # [S] i32: the speculative draft token this row verifies, or -1
-    flags: jax.Array  # [5] bool: any penalties, top-k/top-p, logprobs, random sampling, drafts
+    # [S, ceil(V / 32)] i32: bit i of word w allows token 32 w + i (structured outputs); all
+    # ones for unconstrained rows
+    bitmask: jax.Array
+    bias_ids: jax.Array  # [S, MAX_LOGIT_BIAS] i32: logit_bias's tokens, -1 padded
+    bias_values: jax.Array  # [S, MAX_LOGIT_BIAS] f32: what each adds to its logit
+    flags: jax.Array  # [7] bool: any penalties, top-k/top-p, logprobs, random sampling,
+    # drafts, bitmask, logit bias
 
 
 @jax.tree_util.register_dataclass
@@ -52,11 +59,24 @@ class SampleResult:
 
 
 def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
-                 drafts: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+                 drafts: list[list[int]] | None = None,
+                 mask_width: int = 0) -> dict[str, np.ndarray | None]:
     """Host side: numpy arrays for the rows of `reqs`, padded to num_rows. drafts: per
     request, the speculative tokens its row computes after its last token; such a request
-    has len(drafts) + 1 rows, row j verifying draft j (the last row samples the bonus)."""
+    has len(drafts) + 1 rows, row j verifying draft j (the last row samples the bonus).
+    mask_width: int32 words of a bitmask row; "bitmask" is None when no request has
+    structured outputs (the runner then passes an all-ones mask it keeps on the device)."""
     drafts = drafts or [[]] * len(reqs)
+    bitmask = None
+    if any(r.matcher is not None or r.rules is not None for r in reqs):
+        bitmask = np.full((num_rows, mask_width), -1, np.int32)
+        row = 0
+        for r, d in zip(reqs, drafts):
+            if r.matcher is not None:
+                fill_bitmask(r.matcher, d, bitmask, row)
+            if r.rules is not None:  # (such requests get no drafts)
+                r.rules.apply(r, bitmask[row])
+            row += len(d) + 1
     expanded = [(r, j, d[j] if j < len(d) else -1)
                 for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
     reqs = [r for r, _, _ in expanded]
@@ -84,21 +104,54 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         frequency_penalty=col((x.frequency_penalty for x in p), np.float32),
         seed=np.asarray([[r.seed & 0xFFFFFFFF, r.seed >> 32] for r in reqs] + [[0, 0]] * pad,
                         np.uint32),
-        step=col((len(r.output_token_ids) + j for r, j, _ in expanded), np.int32),
+        # (pending tokens: sampled by the step in flight, asynchronous scheduling)
+        step=col((len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded),
+                 np.int32),
         prompt_lens=col((len(r.prompt_token_ids) for r in reqs), np.int32),
         history=history,
         draft=col((d for _, _, d in expanded), np.int32, -1),
+        bitmask=bitmask,
+        **_logit_bias([r.params.logit_bias for r in reqs], num_rows),
         flags=np.asarray([penalties,
                           any(x.top_k > 0 or x.top_p < 1 for x in p),
                           any(x.logprobs is not None for x in p),
                           any(not x.greedy for x in p),
-                          any(d >= 0 for _, _, d in expanded)], bool),
+                          any(d >= 0 for _, _, d in expanded),
+                          bitmask is not None,
+                          any(x.logit_bias for x in p)], bool),
     )
+
+
+def _logit_bias(biases, num_rows: int) -> dict:
+    """[num_rows, MAX_LOGIT_BIAS] ids and values, or None for both when no row has a bias
+    (the runner passes empty ones it keeps on the device)."""
+    if not any(biases):
+        return dict(bias_ids=None, bias_values=None)
+    ids = np.full((num_rows, MAX_LOGIT_BIAS), -1, np.int32)
+    values = np.zeros((num_rows, MAX_LOGIT_BIAS), np.float32)
+    for i, bias in enumerate(biases):
+        if bias:
+            ids[i, :len(bias)] = list(bias)
+            values[i, :len(bias)] = list(bias.values())
+    return dict(bias_ids=ids, bias_values=values)
+
+
+def _add_bias(logits, si: SamplingInputs):
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.maximum(si.bias_ids, 0)].add(
+        jnp.where(si.bias_ids >= 0, si.bias_values, 0.0))
 
 
 def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
-    penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, logits, si)
+    # Structured outputs first: a token the grammar refuses has no mass whatever follows.
+    # logit_bias, then structured outputs: a token the grammar refuses has no mass whatever
+    # follows. (None: a caller without them.)
+    biased = (logits if si.bias_ids is None else
+              jax.lax.cond(si.flags[6], _add_bias, lambda lg, _: lg, logits, si))
+    allowed = (biased if si.bitmask is None else
+               jax.lax.cond(si.flags[5], _apply_bitmask, lambda lg, _: lg, biased, si))
+    penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, allowed, si)
     greedy_tokens = argmax_rows(penalized)
     # A greedy row keeps its draft exactly when the draft is the argmax: nothing to do; random
     # rows check theirs inside _sample_random.
@@ -108,6 +161,12 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
                                                  logits, tokens)
     return SampleResult(tokens, chosen, rank, top_ids, top_lp)
+
+
+def _apply_bitmask(logits, si: SamplingInputs):
+    s, v = logits.shape
+    bits = (si.bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return jnp.where(bits.reshape(s, -1)[:, :v] != 0, logits, -jnp.inf)
 
 
 def argmax_rows(x: jax.Array, chunk: int = 128) -> jax.Array:

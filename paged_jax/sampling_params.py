@@ -5,11 +5,16 @@ import dataclasses
 import math
 from typing import Sequence
 
+from paged_jax.structured_outputs import StructuredOutputsParams
+
 # vLLM's RequestOutputKind: "cumulative" (an output after every step that advanced the
 # request, with everything so far) or "final_only" (one output, when it finishes: what
 # LLM.generate asks for, which saves building one per running request per step).
 OUTPUT_KINDS = ("cumulative", "final_only")
 MAX_LOGPROBS = 20  # top-N logprobs are computed for this many ranks on device
+# Entries of a request's logit_bias: the sampler holds them in fixed [rows, 300] arrays
+# (OpenAI's own limit is 300 tokens)
+MAX_LOGIT_BIAS = 300
 INT32_MAX = 2**31 - 1  # the device holds top_k and token ids as int32
 FLOAT32_MAX = 3.4028234663852886e38  # the device holds the float parameters as float32
 
@@ -33,6 +38,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: str = "cumulative"  # OUTPUT_KINDS
+    # The output held to a JSON schema, a regex, a choice or a grammar (a dict is taken as
+    # StructuredOutputsParams' fields)
+    structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's token rules (token_rules.py): no EOS or stop token before min_tokens tokens;
+    # only allowed_token_ids; never bad_words
+    min_tokens: int = 0
+    allowed_token_ids: Sequence[int] | None = None
+    bad_words: Sequence[str] | None = None
+    # token id -> a number in [-100, 100] added to its logit before sampling (OpenAI's)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         # First: every float the sampler puts on the device is a finite float32, so that
@@ -72,10 +87,46 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        _check(self.min_tokens >= 0 and (self.max_tokens is None
+                                          or self.min_tokens <= self.max_tokens),
+               "min_tokens", self.min_tokens, "must be in [0, max_tokens]")
+        if self.allowed_token_ids is not None:
+            ids = tuple(self.allowed_token_ids)
+            _check(bool(ids) and all(isinstance(t, int) and 0 <= t <= INT32_MAX for t in ids),
+                   "allowed_token_ids", self.allowed_token_ids,
+                   "must be a non-empty list of token ids")
+            object.__setattr__(self, "allowed_token_ids", ids)
+        if self.bad_words is not None:
+            words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(
+                self.bad_words)
+            _check(all(isinstance(w, str) and w.strip() for w in words), "bad_words",
+                   self.bad_words, "must be a list of non-blank strings")
+            object.__setattr__(self, "bad_words", words)
+        if self.logit_bias:
+            bias = {}
+            for token, value in self.logit_bias.items():
+                tid = int(token) if isinstance(token, str) and token.isdigit() else token
+                _check(isinstance(tid, int) and not isinstance(tid, bool)
+                       and 0 <= tid <= INT32_MAX, "logit_bias", token,
+                       "must map token ids to numbers; a key is not a token id")
+                _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and math.isfinite(value) and -100 <= value <= 100, "logit_bias", value,
+                       "must map token ids to numbers in [-100, 100]")
+                bias[tid] = float(value)
+            _check(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"{len(bias)} entries",
+                   f"must have at most {MAX_LOGIT_BIAS} entries")
+            object.__setattr__(self, "logit_bias", bias)
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs",
+                               StructuredOutputsParams(**self.structured_outputs))
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def uses_token_rules(self) -> bool:
+        return bool(self.min_tokens or self.allowed_token_ids or self.bad_words)
 
     @property
     def uses_penalties(self) -> bool:

@@ -25,10 +25,18 @@ cut to the blocks that are free (where V1 would preempt others), a prompt that f
 waits, and a step in which nothing at all can run preempts the newest running request, so
 that the older ones go on.
 
-Speculative drafts (Request.spec_token_ids, set by the engine; mixed policy only) come last:
-they take the tokens and blocks that the decodes, chunks and admitted prompts leave (never
-preempting anyone), cut short to fit; a drafting request is a row of 1 + drafts tokens after
-the one-token decodes.
+Speculative drafts (proposed by the engine, handed to schedule(); mixed policy only) come
+last: they take the tokens and blocks that the decodes, chunks and admitted prompts leave
+(never preempting anyone), cut short to fit; a drafting request is a row of 1 + drafts tokens
+after the one-token decodes, and the batch carries the drafts each row computes.
+
+The scheduler owns request state. After schedule(), dispatched(batch) records that the step
+went to the device: each request's computed tokens advance by what the step computes, and a
+row that samples gets a pending token (Request.num_pending). update_from_output(batch,
+sampled) applies the step's sampled tokens when they reach the host: drafts kept or
+rejected, tokens appended, stop checks (StopChecker), finishing and freeing. Between the two
+the next step may be scheduled (asynchronous scheduling): pending tokens count as tokens,
+and a request that will have reached its length limit is not scheduled again.
 
 With prefix caching on (KVCacheManager(enable_caching=True)), an admitted request starts from
 the cached blocks its tokens begin with, and only the rest of its tokens are computed and
@@ -44,6 +52,8 @@ from typing import Callable
 
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request, Status
+from paged_jax.spec_decode import accepted_prefix
+from paged_jax.stop import StopChecker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +67,26 @@ class ScheduledBatch:
     # swapped out, then (host, device) pairs of requests swapped back in.
     swap_out: tuple[tuple[int, int], ...] = ()
     swap_in: tuple[tuple[int, int], ...] = ()
+    # Per request, the speculative drafts its row computes after its last token (() for
+    # none; an empty tuple for the whole batch when no request drafts).
+    spec_tokens: tuple[tuple[int, ...], ...] = ()
+    # Per request, whether its row samples: it computes the last of its tokens (a prompt's
+    # chunk before the last does not). () for a decode step: every row samples.
+    samples: tuple[bool, ...] = ()
+
+    @property
+    def sampling(self) -> tuple[bool, ...]:
+        """samples, one entry per request."""
+        return self.samples or (True,) * len(self.requests)
 
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @property
+    def drafts(self) -> tuple[tuple[int, ...], ...]:
+        """spec_tokens, one entry per request."""
+        return self.spec_tokens or ((),) * len(self.requests)
 
 
 def paged_reservation(req: Request) -> int:
@@ -71,8 +97,10 @@ def paged_reservation(req: Request) -> int:
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
                  reservation: Callable[[Request], int] = paged_reservation,
-                 mixed: bool = False, chunked: bool = False, swap: bool = False):
-        """swap: preempt by swapping to kv's host blocks (recompute when they run out)."""
+                 mixed: bool = False, chunked: bool = False, swap: bool = False,
+                 stop: StopChecker | None = None):
+        """swap: preempt by swapping to kv's host blocks (recompute when they run out).
+        stop: decides when a request finishes (default: tokens and length only)."""
         if chunked and not mixed:
             raise ValueError("chunked prefill needs mixed batches (decodes and prompt chunks "
                              "in one step)")
@@ -83,6 +111,7 @@ class Scheduler:
             raise ValueError("preemption by swap needs host blocks (KVCacheManager "
                              "num_cpu_blocks > 0)")
         self.swap = swap
+        self.stop = stop or StopChecker()
         self.kv = kv
         self.mixed = mixed
         self.chunked = chunked
@@ -97,6 +126,7 @@ class Scheduler:
         self._swap_out: list[tuple[int, int]] = []  # this schedule()'s copies
         self._swap_in: list[tuple[int, int]] = []
         self.num_prompt_tokens = 0  # tokens of admitted prompts, cached ones included
+        self._drafts: dict[str, list[int]] = {}  # this schedule()'s proposals
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -104,9 +134,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> ScheduledBatch | None:
+        """The next step. drafts: request id -> speculative tokens proposed for it (mixed
+        policy), taken as far as the budget and blocks allow."""
         self._swap_out, self._swap_in = [], []
+        self._drafts = drafts or {}
         batch = self._schedule()
+        if batch is not None and batch.kind == "prefill":
+            batch = dataclasses.replace(batch, samples=tuple(
+                r.num_computed_tokens + new >= r.num_tokens
+                for r, new in zip(batch.requests, batch.num_new_tokens)))
         if self._swap_out or self._swap_in:
             batch = dataclasses.replace(batch or ScheduledBatch("decode", (), ()),
                                         swap_out=tuple(self._swap_out),
@@ -127,8 +164,6 @@ class Scheduler:
             return self._schedule_prefill() or self._schedule_decode()
         decodes, continuing, preempted = self._decode_rows()
         if preempted:  # admits nothing, and prompts part-way through wait a step
-            for req in decodes:
-                req.spec_token_ids = []
             return _decode_batch(decodes, preempted)
         budget = self.max_num_batched_tokens - len(decodes)
         # Running prompts part-way through go on first, oldest first: their chunks take
@@ -148,16 +183,16 @@ class Scheduler:
         # Speculative drafts (the engine proposes them) come last: the tokens and blocks left
         # after everything else, oldest request first; a request left with none decodes
         # plainly.
-        spec = []
+        spec, spec_tokens = [], []
         for req in decodes:
-            drafts, req.spec_token_ids = req.spec_token_ids[:max(0, budget)], []
+            drafts = list(self._drafts.get(req.request_id, ())[:max(0, budget)])
             while drafts and not self.kv.allocate(req.request_id,
                                                   req.num_tokens + len(drafts)):
                 drafts.pop()
             if drafts:
-                req.spec_token_ids = drafts
                 budget -= len(drafts)
                 spec.append(req)
+                spec_tokens.append(tuple(drafts))
         decodes = [r for r in decodes if r not in spec]
         if not decodes and not spec and not chunks and not prompts and starved \
                 and not self._swap_in:
@@ -169,10 +204,13 @@ class Scheduler:
         if not spec and not chunks and not prompts:
             return _decode_batch(decodes, ())
         # Rows of several new tokens each, after the one-token decodes: drafts, chunks, prompts.
-        return ScheduledBatch("prefill", tuple(decodes) + tuple(spec) + tuple(chunks) + prompts,
-                              (1,) * len(decodes)
-                              + tuple(1 + len(r.spec_token_ids) for r in spec)
-                              + tuple(news) + prompt_news, num_decodes=len(decodes))
+        rows = tuple(decodes) + tuple(spec) + tuple(chunks) + prompts
+        return ScheduledBatch("prefill", rows,
+                              (1,) * len(decodes) + tuple(1 + len(d) for d in spec_tokens)
+                              + tuple(news) + prompt_news, num_decodes=len(decodes),
+                              spec_tokens=(((),) * len(decodes) + tuple(spec_tokens)
+                                           + ((),) * (len(rows) - len(decodes) - len(spec))
+                                           if spec else ()))
 
     def _chunks(self, reqs: list[Request], budget: int
                 ) -> tuple[list[Request], list[int], int, bool]:
@@ -249,8 +287,6 @@ class Scheduler:
             decodes += back
             continuing += back_continuing
         assert not continuing, "prompts part-way through exist only with chunked prefill"
-        for req in decodes:  # a prefill-first decode step has one token a row: no drafts
-            req.spec_token_ids = []
         return _decode_batch(decodes, preempted)
 
     def _swap_in_rows(self, budget: int) -> tuple[list[Request], list[Request]]:
@@ -292,6 +328,8 @@ class Scheduler:
         queue = list(self.running)
         while queue:
             req = queue.pop(0)
+            if req.num_tokens >= req.max_total_tokens:
+                continue  # its pending token is its last: it finishes when that arrives
             if req.num_tokens - req.num_computed_tokens > 1:
                 continuing.append(req)  # its chunk takes its blocks (_chunks)
                 continue
@@ -310,13 +348,14 @@ class Scheduler:
 
     def _cache(self, req: Request, num_tokens: int) -> None:
         """Registers the full blocks among the request's first num_tokens tokens (the prefix
-        cache), building its token list only in the steps that fill a block."""
+        cache), building its token list only in the steps that fill a block. A block ending in
+        a pending token waits until that token is known (a later step registers it)."""
+        num_tokens = min(num_tokens, req.num_known_tokens)
         if self.kv.new_full_blocks(req.request_id, num_tokens):
             self.kv.cache_blocks(req.request_id, req.tokens_between(0, num_tokens))
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         # A block several victims share (prefix caching) is copied out once a step.
@@ -333,6 +372,42 @@ class Scheduler:
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
+    def dispatched(self, batch: ScheduledBatch) -> None:
+        """The batch went to the device: each request's computed tokens advance by what the
+        step computes (its drafts included), and each row that samples (one whose prompt is
+        complete by this step) gets a pending token."""
+        for req, new, samples in zip(batch.requests, batch.num_new_tokens, batch.sampling):
+            req.num_computed_tokens += new
+            req.num_pending += samples
+
+    def update_from_output(self, batch: ScheduledBatch, sampled: list[list[int]]
+                           ) -> list[tuple[Request, int]]:
+        """Applies a dispatched step's results. sampled: per request of the batch, the tokens
+        sampled at its rows (one, or with drafts one per draft and one more). Returns, for
+        every request that sampled, (the request, how many tokens were appended to it): the
+        drafts kept up to the first one replaced, then that replacement or the bonus token,
+        cut at the token that finished it. Requests finished meanwhile (aborted, or stopped
+        by the step before) are passed over: their rows were wasted."""
+        updated = []
+        for req, drafts, tokens, samples in zip(batch.requests, batch.drafts, sampled,
+                                                batch.sampling):
+            if req.finished or not samples:
+                continue  # finished meanwhile, or a chunk of a prompt (its sample dropped)
+            req.num_pending -= 1
+            kept = accepted_prefix(list(drafts), [int(t) for t in tokens])
+            # The K/V of rejected drafts are stale; the last kept token's are computed by the
+            # next step.
+            req.num_computed_tokens -= len(drafts) + 1 - len(kept)
+            n = 0
+            for token in kept:
+                req.output_token_ids.append(token)
+                n += 1
+                if self.stop.check(req):
+                    self.finish(req)
+                    break
+            updated.append((req, n))
+        return updated
+
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks."""
         if req in self.running:
@@ -343,6 +418,7 @@ class Scheduler:
             self.swapped.remove(req)
         self.kv.free(req.request_id)
         req.status = Status.FINISHED
+        req.num_pending = 0  # a step in flight may still hold a row for it: wasted
 
 
 def _decode_batch(decodes, preempted) -> ScheduledBatch | None:

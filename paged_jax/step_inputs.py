@@ -8,6 +8,7 @@ import numpy as np
 
 from paged_jax.intmath import cdiv
 from paged_jax.kv_cache_manager import KVCacheManager
+from paged_jax.request import PLACEHOLDER
 from paged_jax.scheduler import ScheduledBatch
 
 
@@ -62,6 +63,12 @@ class Buckets:
                    spec_rows=(ladder(4, max_num_seqs * (num_speculative_tokens + 1))
                               if num_speculative_tokens else ()))
 
+    @property
+    def max_rows(self) -> int:
+        """The most sampled rows any step has: the length of the device-side token vector a
+        step hands the next (ModelRunner)."""
+        return max(self.seqs[-1], self.spec_rows[-1] if self.spec_rows else 0)
+
     def rows_bucket(self, rows: int, s_pad: int, t_pad: int) -> int:
         """Padded sampled rows: one a sequence (S), or with drafts a spec_rows bucket, at
         most T (a row is a token)."""
@@ -87,6 +94,9 @@ class Buckets:
 class StepInputs:
     mode: str
     input_ids: np.ndarray  # [T]
+    # [T]: for a pending token's position (its input id PLACEHOLDER), the row of the previous
+    # step's sampled tokens that holds it; -1 elsewhere (asynchronous scheduling)
+    prev_rows: np.ndarray
     positions: np.ndarray  # [T]
     slot_mapping: np.ndarray  # [T]
     query_start_loc: np.ndarray  # [S + 1]
@@ -108,7 +118,10 @@ class StepInputs:
                 len(self.logits_indices))
 
 
-def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepInputs:
+def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
+          prev_rows: dict[str, int] | None = None) -> StepInputs:
+    """prev_rows: request id -> the row of the step still in flight that samples its pending
+    token (with asynchronous scheduling; the device fills those input ids in)."""
     reqs, n = batch.requests, len(batch.requests)
     if batch.kind == "decode":
         s_pad = t_pad = pick(buckets.seqs, n)
@@ -116,12 +129,14 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
         t_pad = pick(buckets.tokens, batch.num_tokens)
         s_pad = pick(buckets.seqs, min(t_pad, buckets.seqs[-1]))
     ids, pos, slots, qsl, lens, drafts, sampled = [], [], [], [0], [], [], []
-    for req, new in zip(reqs, batch.num_new_tokens):
+    prev = []  # (index into ids, row of the previous step)
+    for req, new, spec in zip(reqs, batch.num_new_tokens, batch.drafts):
         # From the first token whose K/V are not cached: a decode's last token, a prompt's
         # first uncached one, or where a chunked prefill left off; then its drafts, if any.
         start = req.num_computed_tokens
         end = start + new
-        spec = tuple(req.spec_token_ids[:max(0, end - req.num_tokens)])
+        if req.num_pending:  # its last token is still on the device: the previous step's
+            prev.append((len(ids) + req.num_tokens - 1 - start, prev_rows[req.request_id]))
         ids.extend(req.tokens_between(start, end - len(spec)))
         ids.extend(spec)
         pos.extend(range(start, end))
@@ -140,9 +155,15 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets) -> StepIn
     # write this step.
     prefix = batch.kind == "prefill" and any(
         req.num_computed_tokens > 0 for req in reqs[batch.num_decodes:])
+    prev_index = np.full((t_pad,), -1, np.int32)
+    for i, row in prev:
+        prev_index[i] = row
+    if ids.count(PLACEHOLDER) != len(prev):
+        raise AssertionError("a pending token's input id has no row of the step before")
     return StepInputs(
         mode="mixed" if prefix else batch.kind,
         input_ids=_pad(ids, t_pad),
+        prev_rows=prev_index,
         positions=_pad(pos, t_pad),
         # Padding tokens write into block 0, which no request owns.
         slot_mapping=_pad(slots, t_pad),

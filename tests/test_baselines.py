@@ -166,11 +166,8 @@ def test_contiguous_kv_grows_only_inside_its_block():
 
 
 def _apply(sched: Scheduler, batch) -> None:
-    for req in batch.requests:  # as LLMEngine.step
-        req.num_computed_tokens = req.num_tokens
-        req.output_token_ids.append(0)
-        if req.num_tokens >= req.max_total_tokens:
-            sched.finish(req)
+    sched.dispatched(batch)  # as LLMEngine.step
+    sched.update_from_output(batch, [[0]] * len(batch.requests))
 
 
 def _drain(sched: Scheduler) -> None:

@@ -20,8 +20,8 @@ def test_chunked_prompts_equal_dense(tiny_dir, backend):
     prompts = random_prompts(6, 21, 1, 60) + shared_prefix_prompts(2, 40, seed=4)
     sizes, schedule = [], engine.scheduler.schedule
 
-    def recording_schedule():
-        batch = schedule()
+    def recording_schedule(drafts=None):
+        batch = schedule(drafts)
         if batch is not None:
             sizes.append(batch.num_tokens)
         return batch

@@ -80,8 +80,8 @@ def test_requests_arriving_while_others_decode_equal_dense(tiny_dir, mixed, back
     engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)
     kinds, schedule = [], engine.scheduler.schedule
 
-    def recording_schedule():
-        batch = schedule()
+    def recording_schedule(drafts=None):
+        batch = schedule(drafts)
         if batch is not None:
             kinds.append((batch.kind, batch.num_decodes))
         return batch

@@ -43,8 +43,8 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
         engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=3)  # scattered
         decodes_in_prefill, schedule = [], engine.scheduler.schedule
 
-        def recording_schedule(schedule=schedule, seen=decodes_in_prefill):
-            batch = schedule()
+        def recording_schedule(drafts=None, schedule=schedule, seen=decodes_in_prefill):
+            batch = schedule(drafts)
             if batch is not None and batch.kind == "prefill":
                 seen.append(batch.num_decodes)
             return batch

@@ -20,7 +20,10 @@ def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_di
     draw = np.random.default_rng(1)
     monkeypatch.setattr(spec_decode, "propose_ngram", lambda tokens, k, *_: draw.integers(
         3, 49152, int(draw.integers(0, k + 1))).tolist())
-    llm = LLM(str(folder), num_kv_blocks=12 if swap else 64, max_model_len=64, max_num_seqs=8,
+    # (Four sequences on the XLA paths: each of their step shapes compiles slowly, and the
+    # ladders' logic is the same.)
+    llm = LLM(str(folder), num_kv_blocks=12 if swap else 64, max_model_len=64,
+              max_num_seqs=4 if backend == "xla" else 8,
               max_num_batched_tokens=32 if chunked else 128, enable_chunked_prefill=chunked,
               enable_prefix_caching=not chunked, precompile=True, attention_backend=backend,
               preemption_mode="swap" if swap else "recompute", num_cpu_blocks=64,

@@ -168,13 +168,13 @@ def test_prompts_sharing_a_prefix_equal_dense_and_skip_its_blocks(tiny_dir, back
     engine.kv.pool = BlockPool(engine.kv.pool.num_blocks, shuffle_seed=5)
     prompts = shared_prefix_prompts(6, 37, seed=0)  # 2 full blocks of 16 shared
     done, shared_seen, modes = {}, False, []
-    run = engine.runner.run
+    dispatch = engine.runner.dispatch
 
-    def recording_run(inputs, sampling):
+    def recording_dispatch(inputs, sampling, prev=None):
         modes.append(inputs.mode)
-        return run(inputs, sampling)
+        return dispatch(inputs, sampling, prev)
 
-    engine.runner.run = recording_run
+    engine.runner.dispatch = recording_dispatch
     # Two together (sharing within one step), then one arrival per step while others decode.
     engine.add_request("0", prompts[0], GREEDY)
     engine.add_request("1", prompts[1], GREEDY)
@@ -247,15 +247,15 @@ def test_a_step_that_fails_leaves_no_unwritten_block_in_the_cache(tiny_dir, erro
     llm = make_llm(tiny_dir)
     engine = llm.llm_engine
     prompts = shared_prefix_prompts(3, 20, seed=4)
-    run = engine.runner.run
+    dispatch = engine.runner.dispatch
 
-    def failing_run(inputs, sampling):
+    def failing_dispatch(inputs, sampling, prev=None):
         raise error("the device went away")
 
-    engine.runner.run = failing_run
+    engine.runner.dispatch = failing_dispatch
     with pytest.raises(error):
         llm.generate(prompts, GREEDY, use_tqdm=False)
-    engine.runner.run = run
+    engine.runner.dispatch = dispatch
     assert engine.kv.pool.num_cached == 0
     assert engine.kv.pool.num_free == engine.kv.pool.num_usable  # generate aborted them
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)

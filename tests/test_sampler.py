@@ -12,7 +12,8 @@ from paged_jax.sampling_params import SamplingParams
 V = 64
 
 
-def make_inputs(params_list, histories, prompt_lens, seeds, steps=None):
+def make_inputs(params_list, histories, prompt_lens, seeds, steps=None, bitmask=None):
+    """bitmask: [rows, V / 32] int32 of structured outputs' allowed tokens (None: all)."""
     reqs = []
     for i, (p, h, pl, seed) in enumerate(zip(params_list, histories, prompt_lens, seeds)):
         r = Request(str(i), list(h[:pl]), p, 10**6, seed)
@@ -21,6 +22,9 @@ def make_inputs(params_list, histories, prompt_lens, seeds, steps=None):
     arrays = build_inputs(reqs, len(reqs), history_len=32)
     if steps is not None:
         arrays["step"] = np.asarray(steps, np.int32)
+    arrays["bitmask"] = (np.full((len(reqs), V // 32), -1, np.int32) if bitmask is None
+                         else bitmask)
+    arrays["flags"][5] = bitmask is not None
     return SamplingInputs(**arrays)
 
 
@@ -133,3 +137,27 @@ def test_argmax_rows_is_numpys_argmax_with_ties_and_odd_vocabularies():
         x[3, vocab - 1] = -1e30
         np.testing.assert_array_equal(np.asarray(sampler.argmax_rows(jnp.asarray(x))),
                                       x.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_the_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone(temperature):
+    """Rows with a structured-output bitmask draw only allowed tokens; all-ones rows draw
+    exactly what they draw without any bitmask (the same seeds)."""
+    rng = np.random.default_rng(7)
+    n = 64
+    logits = rng.normal(0, 2, (n, V)).astype(np.float32)
+    allowed = rng.random((n, V)) < 0.2
+    allowed[np.arange(n), rng.integers(0, V, n)] = True  # at least one a row
+    allowed[n // 2:] = True  # the second half unconstrained
+    words = (allowed.reshape(n, -1, 32).astype(np.uint32)
+             << np.arange(32, dtype=np.uint32)).sum(-1).astype(np.uint32).view(np.int32)
+    p = SamplingParams(temperature=temperature)
+    args = ([p] * n, [[1]] * n, [1] * n, list(range(n)))
+    masked = np.asarray(_sample(logits, make_inputs(*args, bitmask=words)).tokens)
+    free = np.asarray(_sample(logits, make_inputs(*args)).tokens)
+    assert allowed[np.arange(n), masked].all()
+    np.testing.assert_array_equal(masked[n // 2:], free[n // 2:])
+    if temperature == 0:  # greedy: the best allowed token
+        best = np.where(allowed, logits, -np.inf).argmax(-1)
+        np.testing.assert_array_equal(masked[:n // 2], best[:n // 2])
+    assert (masked[:n // 2] != free[:n // 2]).any()  # the mask did change draws

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -27,11 +27,8 @@ def engine_step(sched: Scheduler) -> ScheduledBatch | None:
     batch = sched.schedule()
     if batch is None:
         return None
-    for req in batch.requests:
-        req.num_computed_tokens = req.num_tokens  # before the sampled token is appended
-        req.output_token_ids.append(7)
-        if req.num_tokens >= req.max_total_tokens:
-            sched.finish(req)
+    sched.dispatched(batch)
+    sched.update_from_output(batch, [[7]] * len(batch.requests))
     return batch
 
 
@@ -392,13 +389,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             for pos in range(r.num_computed_tokens + new):
                 got = self.pages[table[pos // kv.block_size]][pos % kv.block_size]
                 assert got == tuple(ids[:pos + 1]), f"{r.request_id} reads another's K/V"
-        for req, new in zip(batch.requests, batch.num_new_tokens):  # as LLMEngine.step
-            req.num_computed_tokens += new
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a chunk: no token sampled
-            req.output_token_ids.append(7)
-            if req.num_tokens >= req.max_total_tokens:
-                sched.finish(req)
+        sampling = [r.num_computed_tokens + new >= r.num_tokens
+                    for r, new in zip(batch.requests, batch.num_new_tokens)]
+        known = [r.num_tokens for r in batch.requests]
+        sched.dispatched(batch)  # as LLMEngine.step
+        for r, new in zip(batch.requests, batch.num_new_tokens):
+            assert r.num_pending == (r.num_computed_tokens >= r.num_tokens - r.num_pending)
+        updated = sched.update_from_output(batch, [[7]] * len(batch.requests))
+        # Every row that completed its prompt gets its token; a chunk's sample is dropped.
+        assert [r for r, _ in updated] == [r for r, s in zip(batch.requests, sampling) if s]
+        for (r, n), k in zip(updated, [k for k, s in zip(known, sampling) if s]):
+            assert n == 1 and r.num_tokens == k + 1 and r.num_pending == 0
+            assert r.num_computed_tokens == k
+            assert r.finished == (r.num_tokens >= r.max_total_tokens)
 
     def check_swaps(self, batch, back, old_tables) -> None:
         """The copies name exactly the computed blocks of the swapped-out requests' old
@@ -519,3 +522,68 @@ TestSwapMixedCachingMachine = machine_test(
     variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 150)
 TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
                                            dict(SWAP=True)), 150)
+
+
+def _token(req: Request, position: int) -> int:
+    """The stand-in model's token at a position: a function of the request and position, so a
+    token applied to the wrong request or position shows."""
+    return 3 + (position * 31 + int(req.request_id[1:]) * 7) % 50
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), num_blocks=st.integers(6, 30), budget=st.integers(8, 48),
+       mixed=st.booleans(), chunked=st.booleans(), swap=st.booleans(),
+       caching=st.booleans())
+def test_async_steps_apply_every_token_once_and_in_place(data, num_blocks, budget, mixed,
+                                                         chunked, swap, caching):
+    """Asynchronous scheduling, as LLMEngine drives it: each step is scheduled and dispatched
+    before the previous one's tokens are applied. Every request must end with exactly the
+    tokens a synchronous run gives it: its stand-in tokens up to its length limit or its
+    first stop token, each once; and every block must come back."""
+    chunked = chunked and mixed
+    block_size = 4
+    kv = KVCacheManager(num_blocks, block_size, enable_caching=caching,
+                        num_cpu_blocks=16 if swap else 0)
+    sched = Scheduler(kv, 4, budget, mixed=mixed, chunked=chunked, swap=swap)
+    max_len = (num_blocks - 1) * block_size if chunked else min(budget, (num_blocks - 1) * 4)
+    reqs = []
+    for _ in range(data.draw(st.integers(1, 8))):
+        total = data.draw(st.integers(2, max_len))
+        prompt = data.draw(st.integers(1, total - 1))
+        stops = data.draw(st.lists(st.integers(3, 52), max_size=1))
+        req = Request(f"r{len(reqs)}", [1 + len(reqs) % 2] * prompt,
+                      SamplingParams(max_tokens=total - prompt, stop_token_ids=tuple(stops)),
+                      total, seed=0)
+        reqs.append(req)
+        sched.add(req)
+    in_flight = None  # (batch, the positions its sampling rows' tokens take)
+    for _ in range(10_000):
+        if not sched.has_unfinished() and in_flight is None:
+            break
+        batch = sched.schedule()
+        flight = None
+        if batch is not None and batch.requests:
+            for r, new in zip(batch.requests, batch.num_new_tokens):
+                # Never a row past the request's limit (its last token may still be pending).
+                assert r.num_computed_tokens + new <= r.max_total_tokens
+                assert r.num_pending <= 1
+            sched.dispatched(batch)
+            flight = (batch, [r.num_tokens - 1 for r in batch.requests])
+        if in_flight is not None:
+            done, positions = in_flight
+            sched.update_from_output(done, [[_token(r, p)] for r, p in
+                                            zip(done.requests, positions)])
+        in_flight = flight
+    else:
+        raise AssertionError("did not finish")
+    for req in reqs:
+        p = len(req.prompt_token_ids)
+        want = []
+        for pos in range(p, req.max_total_tokens):
+            want.append(_token(req, pos))
+            if want[-1] in req.params.stop_token_ids:
+                break
+        assert req.output_token_ids == want and req.finished and req.num_pending == 0
+    assert kv.pool.num_free == kv.pool.num_usable
+    if swap:
+        assert kv.cpu_pool.num_free == kv.cpu_pool.num_usable

@@ -179,24 +179,27 @@ def test_drafts_take_only_what_decodes_and_prompts_leave():
     sched.add(a)
     sched.add(b)
     engine_step(sched)  # both prefilled: 4 tokens each, one block each
-    a.spec_token_ids, b.spec_token_ids = [5, 6, 7], [5, 6, 7]
     c = make_request(4, 2)  # a prompt that fits the budget beside the two decodes
     sched.add(c)
-    batch = sched.schedule()
+    batch = sched.schedule({a.request_id: [5, 6, 7], b.request_id: [5, 6, 7]})
     # Decodes (2 tokens) and the prompt (4) first; 2 tokens are left for drafts, oldest first.
     assert batch.requests == (b, a, c) and batch.num_new_tokens == (1, 3, 4)
-    assert a.spec_token_ids == [5, 6] and b.spec_token_ids == [] and not batch.preempted
+    assert batch.drafts == ((), (5, 6), ()) and not batch.preempted
+    # a's first draft is kept, its second replaced: two tokens; b and c sample one each.
+    sched.dispatched(batch)
+    updated = sched.update_from_output(batch, [[9], [5, 8, 4], [3]])
+    assert [(r, n) for r, n in updated] == [(b, 1), (a, 2), (c, 1)]
+    assert a.output_token_ids == [7, 5, 8] and a.num_computed_tokens == a.num_tokens - 1
+    assert b.output_token_ids == [7, 9] and b.num_computed_tokens == b.num_tokens - 1
     # Drafts never preempt: with the blocks nearly gone they are cut to what fits.
-    for req, new in zip(batch.requests, batch.num_new_tokens):
-        req.num_computed_tokens += new - len(req.spec_token_ids)
-        req.output_token_ids.append(7)
     want = list(range(4 * (sched.kv.pool.num_free + 2)))  # more blocks than are free
-    a.spec_token_ids, b.spec_token_ids = list(want), list(want)
-    batch = sched.schedule()
-    assert not batch.preempted and len(a.spec_token_ids) < len(want)
+    batch = sched.schedule({a.request_id: list(want), b.request_id: list(want)})
+    assert not batch.preempted
+    kept = {r.request_id: d for r, d in zip(batch.requests, batch.drafts)}
+    assert len(kept[a.request_id]) < len(want)
     for req in (a, b):  # what was kept fits the request's blocks
         assert sched.kv.blocks_needed(req.request_id,
-                                      req.num_tokens + len(req.spec_token_ids)) == 0
+                                      req.num_tokens + len(kept[req.request_id])) == 0
 
 
 @pytest.mark.parametrize("max_len, seqs, k", [(100, 8, 16), (128, 4, 3), (64, 32, 2)])

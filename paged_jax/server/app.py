@@ -26,6 +26,7 @@ from paged_jax.server.metrics import ServerMetrics
 from paged_jax.server.stats_logger import DEFAULT_INTERVAL as DEFAULT_STATS_INTERVAL
 from paged_jax.server.stats_logger import StatsLogger
 from paged_jax.server.serving import OpenAIServing
+from paged_jax.structured_outputs import GrammarCompiler
 from paged_jax.tokenizer import load_tokenizer
 
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
@@ -43,9 +44,16 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death(),
                              stats=StatsLogger(log_stats_interval) if log_stats_interval
                              else None)
-    serving = OpenAIServing(engine_loop, load_tokenizer(engine.model_path), model_name,
+    tokenizer = load_tokenizer(engine.model_path)
+    if engine.grammars is not None:
+        # Structured outputs compile on the server's tokenizer thread, with the server's
+        # tokenizer (a Rust tokenizer is not shared across threads), never on the engine's:
+        # the engine copies the compiled matchers from the shared cache.
+        engine.grammars = GrammarCompiler(tokenizer, engine.grammars.vocab_size,
+                                          engine.grammars.disable_any_whitespace)
+    serving = OpenAIServing(engine_loop, tokenizer, model_name,
                             engine.max_model_len, limits.max_sequences_per_request,
-                            engine.sampling_defaults)
+                            engine.sampling_defaults, engine.grammars)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -46,7 +46,8 @@ def from_value_error(err: ValueError) -> OpenAIError:
     """The engine's and SamplingParams' messages start with the offending name ("top_p must
     be in (0, 1], got 2.0"), which becomes the error's param."""
     message = str(err)
-    match = re.match(r"([a-z_]+) must ", message)
+    match = (re.match(r"(response_format|structured_outputs|guided_[a-z]+)\b", message)
+             or re.match(r"([a-z_]+) must ", message))
     return bad_request(message, param=match.group(1) if match else None)
 
 

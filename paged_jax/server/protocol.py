@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from paged_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from paged_jax.structured_outputs import StructuredOutputsParams
 
 
 def random_id(prefix: str) -> str:
@@ -43,6 +44,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema, as OpenAI's structured outputs send it."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the output always matches the schema here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions, with OpenAI's defaults. Undeclared
     fields are kept (model_extra) so that the server refuses them by name
@@ -71,6 +87,56 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (the fields
+    # of StructuredOutputsParams: json, regex, choice, grammar, json_object,
+    # disable_any_whitespace)
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # vLLM's older names of structured_outputs' forms (dropped in vLLM 0.34; clients still
+    # send them)
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
+    min_tokens: int = 0
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, if any; ValueError naming the field."""
+        rf = self.response_format
+        asks = rf is not None and rf.type != "text"
+        guided = {kind: value for kind, value in (
+            ("json", self.guided_json), ("regex", self.guided_regex),
+            ("choice", self.guided_choice), ("grammar", self.guided_grammar))
+            if value is not None}
+        given = [name for name, on in (("response_format", asks),
+                                       ("structured_outputs", bool(self.structured_outputs)),
+                                       ("guided_*", bool(guided))) if on]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]} and {given[1]} both constrain the output; give one")
+        if guided:
+            try:
+                return StructuredOutputsParams(**guided)
+            except ValueError as err:  # named by the field the client sent
+                raise ValueError(str(err).replace("structured_outputs.", "guided_")
+                                 .replace("structured_outputs", "guided_*")) from None
+        if self.structured_outputs:
+            unknown = sorted(set(self.structured_outputs) - set(
+                StructuredOutputsParams.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"structured_outputs.{unknown[0]} is not implemented by this "
+                                 f"server (it takes json, regex, choice, grammar, json_object "
+                                 f"and disable_any_whitespace)")
+            return StructuredOutputsParams(**self.structured_outputs)
+        if not asks:
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema")
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         defaults: dict | None = None) -> SamplingParams:
@@ -94,7 +160,10 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             max_tokens=given("max_tokens", max_tokens, self.default_max_tokens),
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured(), min_tokens=self.min_tokens,
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            logit_bias=self.logit_bias)
 
     @property
     def include_usage(self) -> bool:

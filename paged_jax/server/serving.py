@@ -46,8 +46,11 @@ _FAILURES = {EngineDeadError: (500, "engine_dead"), RequestFailedError: (500, "s
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int,
                  max_sequences_per_request: int = ServerLimits.max_sequences_per_request,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, grammars=None):
+        """grammars: the engine's GrammarCompiler (structured outputs compile on the
+        tokenizer thread), or None if it has none."""
         self.loop = engine_loop
+        self.grammars = grammars
         # The model's generation-config values, for the fields a request leaves unset.
         self.sampling_defaults = dict(sampling_defaults or {})
         self.max_sequences_per_request = max_sequences_per_request
@@ -95,6 +98,7 @@ class OpenAIServing:
                               if body.echo else "suffix")
         params = self._params(body, body.max_tokens, body.logprobs)
         asked = self._asked_max_tokens(body.max_tokens, params)
+        await self._compile_constraint(body, params)
         texts = body.prompts()
         if not texts:
             raise bad_request("prompt must not be empty", param="prompt")
@@ -122,6 +126,7 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, body.requested_max_tokens, logprobs)
         asked = self._asked_max_tokens(body.requested_max_tokens, params)
+        await self._compile_constraint(body, params)
 
         def render():
             try:
@@ -187,6 +192,23 @@ class OpenAIServing:
         left instead (the engine does), as in vLLM, so it never refuses a prompt."""
         return requested if requested is not None or "max_tokens" in self.sampling_defaults \
             else params.max_tokens
+
+    async def _compile_constraint(self, body, params: SamplingParams) -> None:
+        """Compiles a structured-output constraint here, on the tokenizer thread, so that the
+        engine thread finds it compiled; one that cannot compile is a 400 naming why."""
+        so = params.structured_outputs
+        if so is None:
+            return
+        param = ("structured_outputs" if body.structured_outputs
+                 else f"guided_{so.kind}" if getattr(body, f"guided_{so.kind}", None)
+                 else "response_format")
+        if self.grammars is None:
+            raise bad_request("structured outputs need a tokenizer; this model has none",
+                              param=param)
+        try:
+            await self._on_tokenizer_thread(lambda: self.grammars.template(so))
+        except ValueError as err:
+            raise bad_request(str(err), param=param) from err
 
     def _params(self, body, max_tokens, logprobs) -> SamplingParams:
         try:

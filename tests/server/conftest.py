@@ -27,7 +27,10 @@ def tiny_chat_model_dir(make_tiny_llama_dir) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def server(tiny_chat_model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    live = start_server(tiny_chat_model_dir, log_path, {**ENGINE_ARGS, **SERVER_ARGS})
+    # JSON without free whitespace: the random model, given the choice, writes whitespace
+    # until max_tokens (test_server_structured.py).
+    live = start_server(tiny_chat_model_dir, log_path, {**ENGINE_ARGS, **SERVER_ARGS,
+                                                        "disable_any_whitespace": None})
     try:
         yield live
     finally:

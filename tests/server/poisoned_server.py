@@ -23,14 +23,14 @@ if sys.argv[1:2] == ["--step-delay"]:
     del sys.argv[1:3]
 
 
-def build(batch, kv, buckets):
+def build(batch, *args, **kwargs):
     time.sleep(STEP_DELAY)
     seeds = {r.params.seed for r in batch.requests}
     if seeds & {STEP_FAILS, ENGINE_BREAKS}:
         if ENGINE_BREAKS in seeds:
             engine_module.ModelRunner.caches_alive = lambda self: False
         raise OverflowError("Python int too large to convert to C long")
-    return _build(batch, kv, buckets)
+    return _build(batch, *args, **kwargs)
 
 
 engine_module.step_inputs.build = build

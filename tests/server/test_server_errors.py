@@ -156,7 +156,7 @@ def test_every_vllm_field_is_declared_or_refused_by_name(server):
 @pytest.mark.parametrize("extra, param, words", [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tools", "`tools` is not implemented"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "not implemented"),
+    ({"prompt_logprobs": 2}, "prompt_logprobs", "`prompt_logprobs` is not implemented"),
     ({"colour": "blue"}, "colour",
      "`colour` is not a field of /v1/chat/completions in OpenAI's or vLLM's API"),
     ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}},
