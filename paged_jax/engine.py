@@ -327,30 +327,36 @@ class LLMEngine:
         batch = None
         self._lap_start = time.perf_counter()
         outputs: list[RequestOutput] = []
+        taken: list[_InFlight] = []  # steps taken out of flight to be applied in this call
+        scheduled = False  # (a failure before it: scheduling may have touched anyone)
         try:
             overlap = self._overlap()
             if not overlap and self._inflight is not None:  # back to synchronous steps
-                outputs += self._resolve(self._take_inflight())
+                outputs += self._resolve(self._take_inflight(taken))
             drafts = self._propose_drafts() if self.config.speculative_method else None
             batch = self.scheduler.schedule(drafts)
+            scheduled = True
             self._lap("schedule")
             flight = self._dispatch(batch)
-            prev, self._inflight = self._inflight, flight
+            prev = self._take_inflight(taken)
+            self._inflight = flight
             if prev is not None:  # (overlapped with `flight` on the device)
                 outputs += self._resolve(prev)
             if not overlap and self._inflight is not None:
-                outputs += self._resolve(self._take_inflight())
+                outputs += self._resolve(self._take_inflight(taken))
             return outputs
         except BaseException as err:
             # Scheduling registered the blocks this step was to compute in the prefix cache;
             # their K/V may never have been written (an error, or Ctrl-C in a notebook). Later
             # requests must not hit those blocks.
             self.kv.reset_prefix_cache()
-            failing = [batch] + ([self._inflight.batch] if self._inflight else [])
+            # The step scheduled now and every one in flight or being applied: a failure in
+            # any leaves their requests half-advanced.
+            failing = [batch] + [f.batch for f in taken + [self._inflight] if f is not None]
             self._inflight = None
             if not isinstance(err, Exception):
                 raise  # Ctrl-C: the caller aborts what it started
-            failed = self._fail_step(failing if batch is not None else None, err)
+            failed = self._fail_step(failing if scheduled else None, err)
             if not self.runner.caches_alive():
                 raise EngineBrokenError(f"the KV cache was lost in a failed step: {err!r}"
                                         ) from err
@@ -369,8 +375,12 @@ class LLMEngine:
         self._overlapping = overlap
         return overlap
 
-    def _take_inflight(self) -> "_InFlight":
+    def _take_inflight(self, taken: list) -> "_InFlight | None":
+        """The step in flight (None if none), recorded in `taken` for step()'s failure
+        handling."""
         flight, self._inflight = self._inflight, None
+        if flight is not None:
+            taken.append(flight)
         return flight
 
     def _fail_step(self, batches, err: Exception) -> list[str]:

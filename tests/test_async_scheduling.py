@@ -202,3 +202,30 @@ def test_an_abort_between_async_steps_frees_everything(tiny_dir):
                [seeded(i) for i in (0, 2, 4)])
     assert summary([done[k] for k in ("0", "2", "4")]) == summary(want)
     assert_nothing_held(engine)
+
+
+def test_a_failure_applying_a_step_fails_the_requests_of_both_steps_in_play(tiny_dir):
+    """A step's results fail to arrive while the next step is already dispatched: the
+    requests of both are failed (either may be half-advanced), nothing leaks, and the
+    engine serves the next request."""
+    from paged_jax.engine import StepError
+
+    llm = make_llm(tiny_dir, async_scheduling=True)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(random_prompts(3, 14, 3, 20)):
+        engine.add_request(str(i), prompt, seeded(i))
+    engine.step()
+    engine.step()
+    fetch = engine.runner.fetch
+
+    def failing(*args):
+        raise RuntimeError("the results went missing")
+
+    engine.runner.fetch = failing
+    with pytest.raises(StepError) as info:
+        engine.step()
+    engine.runner.fetch = fetch
+    assert sorted(info.value.request_ids) == ["0", "1", "2"]
+    assert_nothing_held(engine)
+    want = run(make_llm(tiny_dir), random_prompts(1, 15), [seeded(1)])
+    assert summary(run(llm, random_prompts(1, 15), [seeded(1)])) == summary(want)
