@@ -1,7 +1,7 @@
 """The paged-jax command line.
 
-    paged-jax serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                    [--served-model-name NAME] [engine options]
+    paged-jax serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY ...]
+                    [--served-model-name NAME] [--chat-template FILE] [engine options]
     paged-jax generate --prompt "..." [--max-tokens N] [--temperature T] [--chat]
                     [engine options]
     paged-jax convert --output DIR [engine options]   # Orbax checkpoint, restored per shard
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -27,6 +28,11 @@ from paged_jax.config import EngineConfig, ServerLimits
 from paged_jax.plan import check_options
 
 _SIZE_SUFFIXES = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+# paged_jax.server.chat_options.TOOL_CALL_PARSERS (a test checks they agree), copied because
+# importing the server package loads JAX and FastAPI: seconds before any --help or error.
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+# Where the API key comes from when no --api-key is given, first set first (vLLM's name too)
+API_KEY_ENV_VARS = ("PAGED_JAX_API_KEY", "VLLM_API_KEY")
 
 
 def parse_int(text: str) -> int:
@@ -75,11 +81,82 @@ def server_limits(args: argparse.Namespace) -> ServerLimits:
                         header_read_timeout=args.header_read_timeout)
 
 
+def json_string_list(text: str) -> list[str]:
+    """A JSON list of strings, as vLLM's CORS flags take: '["https://a.example"]'."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise argparse.ArgumentTypeError(f"not a JSON list of strings: {text!r}")
+    return value
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    """The --api-key values, else the first of API_KEY_ENV_VARS set; [] for no key."""
+    if args.api_key:
+        return list(args.api_key)
+    return next(([os.environ[name]] for name in API_KEY_ENV_VARS if os.environ.get(name)), [])
+
+
+def cors_options(args: argparse.Namespace):
+    from paged_jax.server.middleware import CorsOptions
+
+    return CorsOptions(allowed_origins=args.allowed_origins,
+                       allowed_methods=args.allowed_methods,
+                       allowed_headers=args.allowed_headers,
+                       allow_credentials=args.allow_credentials)
+
+
+def chat_options(args: argparse.Namespace):
+    """The serve flags' ChatOptions; raises ValueError naming the flag for a template that
+    cannot be read or a combination it refuses."""
+    from paged_jax.server.chat_options import ChatOptions, load_chat_template
+
+    try:
+        template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as err:  # OSError: a file it may not read
+        raise ValueError(f"--chat-template: {err}") from err
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(TOOL_CALL_PARSERS)})")
+    return ChatOptions(chat_template=template,
+                       trust_request_chat_template=args.trust_request_chat_template,
+                       enable_auto_tool_choice=args.enable_auto_tool_choice,
+                       tool_call_parser=args.tool_call_parser)
+
+
 def add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--log-level", default=default,
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="debug also shows the traceback of an error (default: "
                         "%(default)s)")
+
+
+def add_cors_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("CORS (the browser's cross-origin checks; vLLM's flags)")
+    for name, what in (("origins", "origins"), ("methods", "HTTP methods"),
+                       ("headers", "request headers")):
+        group.add_argument(f"--allowed-{name}", type=json_string_list, default=["*"],
+                           metavar="JSON", help=f"the {what} allowed, a JSON list of "
+                           "strings (default: [\"*\"], any)")
+    group.add_argument("--allow-credentials", action="store_true",
+                       help="allow cookies and authorization headers in cross-origin requests")
+
+
+def add_chat_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("chat templates and tool calls")
+    group.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                       help="the Jinja chat template every chat is rendered with, a file or the "
+                       "template itself (default: the tokenizer's)")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="honour a request's own chat_template field (a template is code "
+                       "the server runs; refused otherwise)")
+    group.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="tool_choice \"auto\": the model may call tools, parsed from its "
+                       "text by --tool-call-parser (which it needs)")
+    group.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                       help="how tool calls are read from the model's text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,10 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on /v1/* routes and the API "
+                       "docs; give it several times to accept any of several keys (default: "
+                       f"${API_KEY_ENV_VARS[0]}, else ${API_KEY_ENV_VARS[1]}, else no key)")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name clients send (default: --model)")
+    serve.add_argument("--root-path", default="",
+                       help="the path prefix of a proxy in front that routes by path "
+                       "(FastAPI's root_path): /PREFIX/v1/... is served as /v1/...")
+    add_cors_flags(serve)
+    add_chat_flags(serve)
     add_log_level(serve, "info")
     serve.add_argument("--no-access-log", action="store_true", help="do not log each request")
     serve.add_argument("--max-request-body-bytes", type=parse_int,
@@ -153,15 +237,18 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     from paged_jax import multihost
 
     limits = server_limits(args)
+    chat = chat_options(args)  # read before the model loads (main() has checked it)
     engine = LLMEngine(config)
     if engine.multihost and not multihost.is_leader():
         engine.follow()  # mirror process 0's steps until its server stops
         return 0
     engine.lead()  # multi-host: publish every step's adds and aborts to the other processes
-    app = create_app(engine, served_model_name=args.served_model_name, api_key=args.api_key,
+    app = create_app(engine, served_model_name=args.served_model_name, api_key=api_keys(args),
                      limits=limits, disable_docs=args.disable_fastapi_docs,
                      log_stats_interval=None if args.disable_log_stats
-                     else args.log_stats_interval)
+                     else args.log_stats_interval,
+                     chat_options=chat, cors=cors_options(args),
+                     root_path=args.root_path)
     try:
         return run_server(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=not args.no_access_log,
@@ -215,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.log_stats_interval > 0:
                 raise ValueError(f"--log-stats-interval must be > 0 seconds, got "
                                  f"{args.log_stats_interval}")
+            if args.root_path and not re.fullmatch(r"(/[^/?#\s]+)+", args.root_path):
+                # "/api/" or "api" would match no request path: every route a 404
+                raise ValueError(f"--root-path must be a path such as /api (a leading /, no "
+                                 f"trailing one), got {args.root_path!r}")
+            chat_options(args)  # a missing template file: a usage error before the model loads
     except ValueError as err:
         parser.error(str(err))
     level = getattr(args, "log_level", None)

@@ -94,6 +94,9 @@ class EngineConfig:
                                     "kernel on the CPU where it builds, else xla)",
                                     ATTENTION_BACKENDS)
     seed: int = option(0, "seed of the engine's random draws (unseeded requests' seeds)")
+    # vLLM's max_logprobs: the top-N logprobs are computed on the device for this many ranks
+    # (one width for every step, so one compiled variant serves every request).
+    max_logprobs: int = option(20, "most logprobs or prompt_logprobs a request may ask for")
     # As vLLM's --generation-config: the sampling parameters a request leaves unset come from
     # the model's generation_config.json (temperature, top_p, top_k, min_p,
     # repetition_penalty, max_new_tokens as max_tokens).
@@ -112,6 +115,8 @@ class EngineConfig:
     process_id: int | None = option(None, "multi-host: this process's index")
 
     def __post_init__(self):
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.block_size not in BLOCK_SIZES:

@@ -136,7 +136,7 @@ class LLMEngine:
                                   self.backend, self.max_model_len, self.buckets.max_rows,
                                   mcfg.vocab_size, self.mesh,
                                   swap.SwapSpace(num_cpu_blocks, caches) if swapping
-                                  else None)
+                                  else None, config.max_logprobs)
         self._channel = None  # multi-host serving: process 0's per-step command broadcast
         # Step publishes and the stop message may come from different threads (the engine
         # loop, and the CLI's shutdown if that loop is stuck): one broadcast at a time, and
@@ -205,7 +205,11 @@ class LLMEngine:
                                      matcher=self.grammars.new_matcher(so) if so else None,
                                      rules=TokenRules.for_request(
                                          params, self.model.eos_token_ids,
-                                         self.model.config.vocab_size, self.tokenizer)))
+                                         self.model.config.vocab_size, self.tokenizer),
+                                     # (the group's prompt: its first sequence scores it)
+                                     prompt_logprobs=([None] if i == 0 and
+                                                      params.prompt_logprobs is not None
+                                                      else None)))
             self._groups[request_id] = group
             if params.uses_penalties:
                 self._sync_groups[request_id] = ("uses penalties, which read its previous "
@@ -241,8 +245,23 @@ class LLMEngine:
         if request_id is not None and request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        ids, text = self._truncate(ids, text, params)
         self._validate(ids, params)
         return text, ids
+
+    def _truncate(self, ids: list[int], text: str | None, params: SamplingParams):
+        """truncate_prompt_tokens: the prompt's last k tokens (and their text)."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return ids, text
+        k = self.max_model_len if k == -1 else k
+        if k > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens must be at most max_model_len "
+                             f"({self.max_model_len}), got {k}")
+        if len(ids) <= k:
+            return ids, text
+        ids = ids[-k:]
+        return ids, (self.tokenizer.decode(ids) if text is not None else None)
 
     def tokenize(self, prompt) -> tuple[str | None, list[int]]:
         """(the prompt's text if it had one, its token ids)"""
@@ -262,6 +281,11 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         vocab = self.model.config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > min(self.config.max_logprobs, vocab):
+                raise ValueError(f"{name} must be at most max_logprobs "
+                                 f"({min(self.config.max_logprobs, vocab)}), got {value}")
         for name in ("allowed_token_ids", "logit_bias"):
             bad = [t for t in getattr(params, name) or () if t >= vocab]
             if bad:
@@ -450,7 +474,8 @@ class LLMEngine:
                                    prev.last_rows if prev is not None else None)
         sampling = sampler.build_inputs(list(batch.requests), len(inputs.logits_indices),
                                         self.max_model_len, [list(d) for d in inputs.drafts],
-                                        self.runner.mask_width)
+                                        self.runner.mask_width,
+                                        [(row, target) for _, _, target, row in inputs.scores])
         self._lap("build")
         result = self.runner.dispatch(inputs, sampling,
                                       prev.result if prev is not None else None)
@@ -465,8 +490,9 @@ class LLMEngine:
         """Waits for a dispatched step's sampled tokens and applies them: the scheduler
         updates the requests, then their logprobs and outputs are built."""
         batch, inputs = flight.batch, flight.inputs
-        result = self.runner.fetch(flight.result, inputs.num_rows,
-                                   any(r.params.logprobs is not None for r in batch.requests))
+        result = self.runner.fetch(flight.result, inputs.num_rows + inputs.num_score_rows,
+                                   any(r.params.logprobs is not None for r in batch.requests)
+                                   or bool(inputs.scores))
         self._lap("device")
         self.stats.num_steps += 1
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
@@ -477,6 +503,8 @@ class LLMEngine:
             starts[req.request_id] = row
             sampled.append(tokens[row:row + len(drafts) + 1])
             row += len(drafts) + 1
+        for i, position, _, row in inputs.scores:
+            self.outputs.record_prompt_score(batch.requests[i], position, result, row)
         updated = self.scheduler.update_from_output(batch, sampled)
         drafts_of = dict(zip((r.request_id for r in batch.requests), inputs.drafts))
         stats = self.stats

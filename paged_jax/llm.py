@@ -55,11 +55,21 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"}) or a list of them."""
+             use_tqdm: bool = True, *, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None
+             ) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"}) or a list of them,
+        rendered with chat_template (a Jinja template; default: the tokenizer's) and its
+        extra variables chat_template_kwargs. tools: OpenAI tool definitions shown to the
+        template (the text is not parsed for calls here, as in vLLM's LLM.chat).
+        continue_final_message: the last (assistant) message is continued, not answered."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.get_tokenizer()
-        prompts = [{"prompt_token_ids": apply_chat_template(tok, c)} for c in conversations]
+        prompts = [{"prompt_token_ids": apply_chat_template(
+            tok, c, add_generation_prompt=add_generation_prompt, tools=tools,
+            chat_template=chat_template, continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(self, prompts, params: beam.BeamSearchParams) -> list[beam.BeamSearchOutput]:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from paged_jax.attention import AttentionMetadata
 from paged_jax.models.forward import forward
 from paged_jax.sampler import SamplingInputs, sample
-from paged_jax.sampling_params import MAX_LOGIT_BIAS
+from paged_jax.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from paged_jax.step_inputs import Buckets, StepInputs
 from paged_jax.swap import SwapSpace
 
@@ -30,7 +30,7 @@ _STEP_FIELDS = ("input_ids", "prev_rows", "positions", "slot_mapping", "query_st
                 "seq_lens", "block_tables", "logits_indices", "num_decodes")
 
 
-def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
+def _step(graphdef, mode, backend, num_top, params, kv_caches, arrays, sampling):
     # Pending tokens (asynchronous scheduling): the host did not know them when it built the
     # step; the previous step's sampled tokens, still on the device, fill them in.
     prev = arrays["prev_rows"]
@@ -41,24 +41,26 @@ def _step(graphdef, mode, backend, params, kv_caches, arrays, sampling):
                            arrays["num_decodes"] if mode == "prefill" else None, mode, backend)
     logits, kv_caches = forward(graphdef, params, input_ids, arrays["positions"],
                                 kv_caches, md)
-    result = sample(logits, sampling)
+    result = sample(logits, sampling, num_top)
     # The next step's prev_tokens: one length for every step shape, so the next step's
     # executable does not depend on this one's.
     width = arrays["prev_tokens"].shape[0]
-    next_tokens = jnp.zeros((width,), jnp.int32).at[:result.tokens.shape[0]].set(result.tokens)
+    # (Rows past the width score prompt tokens: no step reads them.)
+    tokens = result.tokens[:width]
+    next_tokens = jnp.zeros((width,), jnp.int32).at[:tokens.shape[0]].set(tokens)
     return (result, next_tokens), kv_caches
 
 
 class ModelRunner:
     def __init__(self, graphdef, params, kv_caches, backend: str, history_len: int,
                  max_rows: int, vocab_size: int, mesh=None,
-                 swap_space: SwapSpace | None = None):
+                 swap_space: SwapSpace | None = None, max_logprobs: int = MAX_LOGPROBS):
         """max_rows: the most sampled rows of any step (Buckets.max_rows); vocab_size: the
         logits' width (structured outputs' bitmasks hold a bit per entry). mesh: a
         tensor-parallel mesh (paged_jax/sharding.py). The step then pins its shardings:
         parameters and caches as they lie, step and sampling inputs and the sampled results
         replicated; attention runs under shard_map (traced under jax.set_mesh). swap_space:
-        host blocks for preemption by swap."""
+        host blocks for preemption by swap. max_logprobs: the top-N logprobs' width."""
         self.params = params
         self.max_rows = max_rows
         self.mask_width = (vocab_size + 31) // 32
@@ -75,7 +77,8 @@ class ModelRunner:
             shardings = dict(in_shardings=(jax.tree.map(lambda x: x.sharding, params), kv,
                                            replicated, replicated),
                              out_shardings=(replicated, kv))
-        self._jits = {mode: jax.jit(functools.partial(_step, graphdef, mode, backend),
+        self._jits = {mode: jax.jit(functools.partial(_step, graphdef, mode, backend,
+                                                      max_logprobs),
                                     donate_argnums=(1,), **shardings)
                       for mode in ("prefill", "decode", "mixed")}
         self._compiled: dict[tuple, object] = {}
@@ -140,6 +143,8 @@ class ModelRunner:
         rows = len(inputs.logits_indices)
         if sampling["bitmask"] is None:  # no structured outputs: nothing to send each step
             sampling = {**sampling, "bitmask": self._kept(("mask", rows))}
+        if sampling["score"] is None:  # no prompt logprobs: the same
+            sampling = {**sampling, "score": self._kept(("score", rows))}
         if sampling["bias_ids"] is None:  # no logit_bias: the same
             sampling = {**sampling, "bias_ids": self._kept(("bias_ids", rows)),
                         "bias_values": self._kept(("bias_values", rows))}
@@ -151,13 +156,14 @@ class ModelRunner:
         return out
 
     def _kept(self, key: tuple[str, int]) -> jax.Array:
-        """A constant sampling input kept on the device: an all-ones bitmask, or an empty
-        logit bias, of this many rows."""
+        """A constant sampling input kept on the device: an all-ones bitmask, an empty
+        logit bias, or no scored prompt tokens, of this many rows."""
         if key not in self._constants:
             kind, rows = key
             value = {"mask": lambda: np.full((rows, self.mask_width), -1, np.int32),
                      "bias_ids": lambda: np.full((rows, MAX_LOGIT_BIAS), -1, np.int32),
-                     "bias_values": lambda: np.zeros((rows, MAX_LOGIT_BIAS), np.float32)}[kind]()
+                     "bias_values": lambda: np.zeros((rows, MAX_LOGIT_BIAS), np.float32),
+                     "score": lambda: np.full((rows,), -1, np.int32)}[kind]()
             # (device_put, not jnp.asarray: that compiles a copy, a compile after precompile)
             self._constants[key] = jax.device_put(
                 value, NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None
@@ -165,8 +171,8 @@ class ModelRunner:
         return self._constants[key]
 
     def fetch(self, out, num_rows: int, top: bool) -> dict[str, np.ndarray]:
-        """Waits for a dispatched step's sampled rows and brings the real ones to the host
-        (the top-N logprob arrays only when asked for)."""
+        """Waits for a dispatched step's sampled rows and brings the real ones (sampled,
+        then scored) to the host (the top-N logprob arrays only when asked for)."""
         result = out[0]
         fields = ("tokens", "logprob", "rank") + (("top_ids", "top_logprobs") if top else ())
         return {k: np.asarray(getattr(result, k))[:num_rows] for k in fields}
@@ -189,4 +195,5 @@ def _sampling_specs(s: int, history_len: int, mask_width: int) -> SamplingInputs
         seed=spec((s, 2), jnp.uint32), step=spec((s,), i32), prompt_lens=spec((s,), i32),
         history=spec((s, history_len), i32), draft=spec((s,), i32),
         bitmask=spec((s, mask_width), i32), bias_ids=spec((s, MAX_LOGIT_BIAS), i32),
-        bias_values=spec((s, MAX_LOGIT_BIAS), f32), flags=spec((7,), jnp.bool_))
+        bias_values=spec((s, MAX_LOGIT_BIAS), f32), flags=spec((7,), jnp.bool_),
+        score=spec((s,), i32))

@@ -26,23 +26,69 @@ class OutputBuilder:
         for i in range(start, start + n):
             row = {k: v[i] for k, v in result.items()}
             req.cumulative_logprob += float(row["logprob"])
-            req.output_logprobs.append(
-                self._logprobs(req.params.logprobs, int(row["tokens"]), row))
+            req.output_logprobs.append(self._logprobs(
+                req.params.logprobs, int(row["tokens"]), row, req.params.detokenize))
+
+    def record_prompt_score(self, req: Request, position: int, result: dict[str, np.ndarray],
+                            row: int) -> None:
+        """Row `row` of a step's result scored the prompt token after `position`: its entry
+        of the request's prompt logprobs (entry 0 is the first token's None)."""
+        if req.finished or req.prompt_logprobs is None:
+            return  # aborted meanwhile
+        entry = self._logprobs(req.params.prompt_logprobs, int(result["tokens"][row]),
+                               {k: v[row] for k, v in result.items()}, req.params.detokenize)
+        if position + 1 < len(req.prompt_logprobs):
+            req.prompt_logprobs[position + 1] = entry
+        elif position + 1 == len(req.prompt_logprobs):
+            req.prompt_logprobs.append(entry)
+        else:
+            raise AssertionError(f"prompt position {position} scored before the ones ahead "
+                                 f"of it ({len(req.prompt_logprobs) - 1} scored)")
 
     def decode(self, req: Request) -> str:
-        if self.tokenizer is None:  # a token-ids-only engine (no tokenizer files)
+        p = req.params
+        if self.tokenizer is None or not p.detokenize:  # no tokenizer files, or not asked
             return ""
-        return self.tokenizer.decode(req.output_token_ids,
-                                     skip_special_tokens=req.params.skip_special_tokens)
+        if p.skip_special_tokens or p.spaces_between_special_tokens:
+            return self.tokenizer.decode(req.output_token_ids,
+                                         skip_special_tokens=p.skip_special_tokens)
+        return self._joined(req.output_token_ids)
 
-    def _token_text(self, token: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token])
+    def _joined(self, ids: list[int]) -> str:
+        """The text of ids with special tokens written as they are, joined to the text
+        around them without the spaces a tokenizer's decoding may set around them."""
+        special = self._special_ids()
+        parts, run = [], []
+        for t in ids:
+            if t in special:
+                if run:
+                    parts.append(self.tokenizer.decode(run))
+                    run = []
+                parts.append(special[t])
+            else:
+                run.append(t)
+        if run:
+            parts.append(self.tokenizer.decode(run))
+        return "".join(parts)
 
-    def _logprobs(self, n: int, token: int, row) -> dict[int, Logprob]:
+    def _special_ids(self) -> dict[int, str]:
+        if not hasattr(self, "_special"):
+            self._special = {t: str(tok) for t, tok in
+                             self.tokenizer.added_tokens_decoder.items()}
+        return self._special
+
+    def _token_text(self, token: int, detokenize: bool = True) -> str | None:
+        if self.tokenizer is None or not detokenize:
+            return None
+        return self.tokenizer.decode([token])
+
+    def _logprobs(self, n: int, token: int, row, detokenize: bool = True
+                  ) -> dict[int, Logprob]:
         out = {}
         for rank, (tid, lp) in enumerate(zip(row["top_ids"][:n], row["top_logprobs"][:n]), 1):
-            out[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid)))
-        out[token] = Logprob(float(row["logprob"]), int(row["rank"]), self._token_text(token))
+            out[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid), detokenize))
+        out[token] = Logprob(float(row["logprob"]), int(row["rank"]),
+                             self._token_text(token, detokenize))
         return out
 
     def completion(self, index: int, req: Request) -> CompletionOutput:
@@ -69,4 +115,6 @@ class OutputBuilder:
             num_preemptions=sum(r.num_preemptions for r in group),
             num_cached_tokens=max(r.num_cached_tokens or 0 for r in group),
             first_scheduled_time=min((r.first_scheduled_time for r in group
-                                      if r.first_scheduled_time is not None), default=None))
+                                      if r.first_scheduled_time is not None), default=None),
+            prompt_logprobs=(list(first.prompt_logprobs)
+                             if first.prompt_logprobs is not None else None))

@@ -39,6 +39,12 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[dict[int, Logprob]] = dataclasses.field(default_factory=list)
     cumulative_logprob: float = 0.0
+    # prompt_logprobs asked for (on the first sequence of a group only): [None] (the first
+    # token has none), then one entry per prompt token as the steps computing it return
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Prompt positions whose next token's logprob a dispatched step computes (Scheduler.
+    # dispatched): a prompt recomputed after preemption does not score them twice.
+    num_prompt_scored: int = 0
     text: str = ""
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave at admission
@@ -79,6 +85,21 @@ class Request:
         return out + [PLACEHOLDER] * (end - start - len(out))
 
     @property
+    def needs_prompt_scores(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet: its prompt is computed afresh
+        (no prefix-cache hit: a cached block holds K/V, not the logits)."""
+        return (self.prompt_logprobs is not None
+                and self.num_prompt_scored < len(self.prompt_token_ids) - 1)
+
+    def prompt_scores(self, start: int, end: int) -> range:
+        """The positions among start..end-1 (a step's tokens) whose next prompt token's
+        logprob the step computes: those before the prompt's last, not already scored."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.num_prompt_scored),
+                     min(end, len(self.prompt_token_ids) - 1))
+
+    @property
     def num_tokens(self) -> int:
         """Prompt, output and pending tokens: the length the next step extends."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
@@ -117,3 +138,5 @@ class RequestOutput:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied (vLLM's)
     first_scheduled_time: float | None = None  # time.monotonic() when it left the queue
+    # [None, then a {token id: Logprob} per prompt token] when prompt_logprobs was asked for
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -14,6 +14,7 @@ one compiled variant per shape serves every mix of sampling options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,10 @@ class SamplingInputs:
     bias_values: jax.Array  # [S, MAX_LOGIT_BIAS] f32: what each adds to its logit
     flags: jax.Array  # [7] bool: any penalties, top-k/top-p, logprobs, random sampling,
     # drafts, bitmask, logit bias
+    # [S] i32: a prompt token whose logprob this row scores (prompt logprobs): the row's
+    # token is then that one, its logprob and rank taken from the raw logits; -1 elsewhere.
+    # (None: a caller without prompt logprobs.)
+    score: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -54,18 +59,21 @@ class SampleResult:
     tokens: jax.Array  # [S] i32
     logprob: jax.Array  # [S] f32 of the chosen token
     rank: jax.Array  # [S] i32, 1 = most likely
-    top_ids: jax.Array  # [S, MAX_LOGPROBS]
-    top_logprobs: jax.Array  # [S, MAX_LOGPROBS]
+    top_ids: jax.Array  # [S, num_top] (the engine's max_logprobs)
+    top_logprobs: jax.Array  # [S, num_top]
 
 
 def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
-                 drafts: list[list[int]] | None = None,
-                 mask_width: int = 0) -> dict[str, np.ndarray | None]:
+                 drafts: list[list[int]] | None = None, mask_width: int = 0,
+                 scores: list[tuple[int, int]] = ()) -> dict[str, np.ndarray | None]:
     """Host side: numpy arrays for the rows of `reqs`, padded to num_rows. drafts: per
     request, the speculative tokens its row computes after its last token; such a request
     has len(drafts) + 1 rows, row j verifying draft j (the last row samples the bonus).
     mask_width: int32 words of a bitmask row; "bitmask" is None when no request has
-    structured outputs (the runner then passes an all-ones mask it keeps on the device)."""
+    structured outputs (the runner then passes an all-ones mask it keeps on the device).
+    scores: (row, prompt token) of the rows that score a prompt token (prompt logprobs):
+    rows past the sampled ones, or the row of a chunk that does not sample; "score" is None
+    when there are none (the runner passes a -1 column it keeps)."""
     drafts = drafts or [[]] * len(reqs)
     bitmask = None
     if any(r.matcher is not None or r.rules is not None for r in reqs):
@@ -82,6 +90,11 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
     reqs = [r for r, _, _ in expanded]
     p = [r.params for r in reqs]
     pad = num_rows - len(reqs)
+    score = None
+    if scores:  # (rows past the sampled ones are like padding but for the token scored)
+        score = np.full((num_rows,), -1, np.int32)
+        for row, target in scores:
+            score[row] = target
 
     def col(values, dtype, fill=0):
         return np.asarray(list(values) + [fill] * pad, dtype)
@@ -114,11 +127,12 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         **_logit_bias([r.params.logit_bias for r in reqs], num_rows),
         flags=np.asarray([penalties,
                           any(x.top_k > 0 or x.top_p < 1 for x in p),
-                          any(x.logprobs is not None for x in p),
+                          any(x.logprobs is not None for x in p) or bool(scores),
                           any(not x.greedy for x in p),
                           any(d >= 0 for _, _, d in expanded),
                           bitmask is not None,
                           any(x.logit_bias for x in p)], bool),
+        score=score,
     )
 
 
@@ -142,8 +156,10 @@ def _add_bias(logits, si: SamplingInputs):
         jnp.where(si.bias_ids >= 0, si.bias_values, 0.0))
 
 
-def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
-    """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution)."""
+def sample(logits: jax.Array, si: SamplingInputs,
+           num_top: int = MAX_LOGPROBS) -> SampleResult:
+    """logits [S, V] float32 -> sampled tokens and logprobs (of the raw model distribution),
+    with the num_top most likely tokens' (a static width: the engine's max_logprobs)."""
     # Structured outputs first: a token the grammar refuses has no mass whatever follows.
     # logit_bias, then structured outputs: a token the grammar refuses has no mass whatever
     # follows. (None: a caller without them.)
@@ -157,9 +173,12 @@ def sample(logits: jax.Array, si: SamplingInputs) -> SampleResult:
     # rows check theirs inside _sample_random.
     tokens = jax.lax.cond(si.flags[3], _sample_random, lambda lg, _, g: g, penalized, si,
                           greedy_tokens)
+    if si.score is not None:  # scoring rows report the prompt token's logprob and rank
+        tokens = jnp.where(si.score >= 0, si.score, tokens)
     # Logprobs cost three more passes over [S, V]: only when some request asked for them.
-    chosen, rank, top_lp, top_ids = jax.lax.cond(si.flags[2], _logprobs, _no_logprobs,
-                                                 logits, tokens)
+    chosen, rank, top_lp, top_ids = jax.lax.cond(
+        si.flags[2], functools.partial(_logprobs, num_top=num_top),
+        functools.partial(_no_logprobs, num_top=num_top), logits, tokens)
     return SampleResult(tokens, chosen, rank, top_ids, top_lp)
 
 
@@ -183,18 +202,18 @@ def argmax_rows(x: jax.Array, chunk: int = 128) -> jax.Array:
     return (best * chunk + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
 
 
-def _logprobs(logits, tokens):
+def _logprobs(logits, tokens, num_top: int):
     raw = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
     rank = 1 + jnp.sum(raw > chosen[:, None], axis=-1).astype(jnp.int32)
-    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+    top_lp, top_ids = jax.lax.top_k(raw, min(num_top, raw.shape[-1]))
     return chosen, rank, top_lp, top_ids.astype(jnp.int32)
 
 
-def _no_logprobs(logits, tokens):
-    s = logits.shape[0]
+def _no_logprobs(logits, tokens, num_top: int):
+    s, k = logits.shape[0], min(num_top, logits.shape[-1])
     return (jnp.zeros((s,), jnp.float32), jnp.zeros((s,), jnp.int32),
-            jnp.zeros((s, MAX_LOGPROBS), jnp.float32), jnp.zeros((s, MAX_LOGPROBS), jnp.int32))
+            jnp.zeros((s, k), jnp.float32), jnp.zeros((s, k), jnp.int32))
 
 
 def _target_probs(logits, si: SamplingInputs):

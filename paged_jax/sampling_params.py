@@ -11,7 +11,9 @@ from paged_jax.structured_outputs import StructuredOutputsParams
 # request, with everything so far) or "final_only" (one output, when it finishes: what
 # LLM.generate asks for, which saves building one per running request per step).
 OUTPUT_KINDS = ("cumulative", "final_only")
-MAX_LOGPROBS = 20  # top-N logprobs are computed for this many ranks on device
+# top-N logprobs are computed for this many ranks on device, unless the engine's
+# max_logprobs says otherwise
+MAX_LOGPROBS = 20
 # Entries of a request's logit_bias: the sampler holds them in fixed [rows, 300] arrays
 # (OpenAI's own limit is 300 tokens)
 MAX_LOGIT_BIAS = 300
@@ -35,7 +37,19 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16
     logprobs: int | None = None
+    # For every prompt token after the first: its logprob given the tokens before it, with
+    # this many most likely alternatives (RequestOutput.prompt_logprobs; vLLM's). The prompt
+    # is then computed afresh, not read from the prefix cache: a cached block has no logits.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # With special tokens kept: whether they are set apart by spaces as the tokenizer's own
+    # decoding puts them (vLLM's default), or joined to the text around them
+    spaces_between_special_tokens: bool = True
+    # False: outputs carry token ids only, no text (nothing is decoded; no stop strings)
+    detokenize: bool = True
+    # Keep only the prompt's last k tokens (-1: max_model_len of them), vLLM's left
+    # truncation
+    truncate_prompt_tokens: int | None = None
     include_stop_str_in_output: bool = False
     output_kind: str = "cumulative"  # OUTPUT_KINDS
     # The output held to a JSON schema, a regex, a choice or a grammar (a dict is taken as
@@ -72,8 +86,11 @@ class SamplingParams:
                "must be > 0")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "must be >= 1")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-               self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        # (the upper bound is the engine's max_logprobs, checked as a request is added)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or 0 <= value <= INT32_MAX, name, value,
+                   "must be >= 0 (at most the engine's max_logprobs)")
         bad = [t for t in self.stop_token_ids or () if not 0 <= t <= INT32_MAX]
         _check(not bad, "stop_token_ids", bad[0] if bad else None,
                f"must be token ids in [0, {INT32_MAX}]")
@@ -83,10 +100,15 @@ class SamplingParams:
             object.__setattr__(self, "seed", None)
         _check(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed,
                "must be -1 (random) or an integer in [0, 2**63)")
+        _check(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+               or 1 <= self.truncate_prompt_tokens <= INT32_MAX, "truncate_prompt_tokens",
+               self.truncate_prompt_tokens, "must be -1 (max_model_len) or >= 1")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in (self.stop or ()) if s))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        _check(self.detokenize or not self.stop, "detokenize", self.detokenize,
+               "must be true for stop strings (they are matched in the text)")
         _check(self.min_tokens >= 0 and (self.max_tokens is None
                                           or self.min_tokens <= self.max_tokens),
                "min_tokens", self.min_tokens, "must be in [0, max_tokens]")

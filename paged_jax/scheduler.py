@@ -51,6 +51,7 @@ import dataclasses
 from typing import Callable
 
 from paged_jax.kv_cache_manager import KVCacheManager
+from paged_jax.prefix_cache import PrefixHit
 from paged_jax.request import Request, Status
 from paged_jax.spec_decode import accepted_prefix
 from paged_jax.stop import StopChecker
@@ -156,8 +157,7 @@ class Scheduler:
         head = self.waiting[0] if self.waiting and not self.swapped else None
         if (not self.chunked and head is not None and self.running
                 and len(self.running) < self.max_num_seqs
-                and len(self.running) + head.num_tokens
-                - self.kv.find_cached(head.all_token_ids, head.block_hashes).num_tokens
+                and len(self.running) + head.num_tokens - self._find_cached(head).num_tokens
                 > self.max_num_batched_tokens):
             # The head prompt's uncached part fits the budget only without the decodes:
             # prefill first.
@@ -237,6 +237,13 @@ class Scheduler:
             budget -= new
         return chunks, news, budget, starved
 
+    def _find_cached(self, req: Request) -> PrefixHit:
+        """The cached blocks the request may start from: none while its prompt logprobs
+        are still to be computed (they need the logits of every prompt position)."""
+        if req.needs_prompt_scores:
+            return PrefixHit(block_size=self.kv.block_size)
+        return self.kv.find_cached(req.all_token_ids, req.block_hashes)
+
     def _schedule_prefill(self) -> ScheduledBatch | None:
         batch, news = self._admit(self.max_num_batched_tokens)
         if not batch:
@@ -253,7 +260,7 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             req = self.waiting[0]
-            hit = self.kv.find_cached(req.all_token_ids, req.block_hashes)
+            hit = self._find_cached(req)
             new = req.num_tokens - hit.num_tokens
             if tokens + new > budget:
                 if not self.chunked or tokens >= budget:
@@ -377,6 +384,9 @@ class Scheduler:
         step computes (its drafts included), and each row that samples (one whose prompt is
         complete by this step) gets a pending token."""
         for req, new, samples in zip(batch.requests, batch.num_new_tokens, batch.sampling):
+            scored = req.prompt_scores(req.num_computed_tokens, req.num_computed_tokens + new)
+            if scored:
+                req.num_prompt_scored = scored.stop
             req.num_computed_tokens += new
             req.num_pending += samples
 

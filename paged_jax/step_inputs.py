@@ -71,8 +71,11 @@ class Buckets:
 
     def rows_bucket(self, rows: int, s_pad: int, t_pad: int) -> int:
         """Padded sampled rows: one a sequence (S), or with drafts a spec_rows bucket, at
-        most T (a row is a token)."""
-        return s_pad if rows <= s_pad else min(pick(self.spec_rows, rows), t_pad)
+        most T (a row is a token). Past the spec_rows ladder (prompt logprobs score a row
+        per prompt token): T, in a variant compiled when first used."""
+        if rows <= s_pad:
+            return s_pad
+        return min([b for b in self.spec_rows if b >= rows] + [t_pad])
 
     def all_shapes(self):
         """Every (mode, T, S, MB, R) the runner can see: precompile iterates over this."""
@@ -106,11 +109,20 @@ class StepInputs:
     num_decodes: np.ndarray  # int32 scalar: leading rows of a prefill step that are decodes
     num_seqs: int  # real sequences; rows past it are padding
     drafts: tuple[tuple[int, ...], ...]  # per sequence, the speculative tokens it computes
+    # Rows that score a prompt token (prompt logprobs): (sequence index, the position its
+    # logits are taken at, the prompt token after it, the row). A chunk that does not sample
+    # scores its last position in its own row; other positions get rows after the sampled.
+    scores: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def num_rows(self) -> int:
         """Real sampled rows (a sequence's last token and its drafts); the rest is padding."""
         return self.num_seqs + sum(map(len, self.drafts))
+
+    @property
+    def num_score_rows(self) -> int:
+        """Rows after the sampled ones that score prompt tokens."""
+        return sum(1 for *_, row in self.scores if row >= self.num_rows)
 
     @property
     def shape_key(self) -> tuple:
@@ -130,7 +142,9 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         s_pad = pick(buckets.seqs, min(t_pad, buckets.seqs[-1]))
     ids, pos, slots, qsl, lens, drafts, sampled = [], [], [], [0], [], [], []
     prev = []  # (index into ids, row of the previous step)
-    for req, new, spec in zip(reqs, batch.num_new_tokens, batch.drafts):
+    scores, extra = [], []  # prompt logprobs' (sequence, position, target, row); and the
+    # token indices of the rows after the sampled ones
+    for i, (req, new, spec) in enumerate(zip(reqs, batch.num_new_tokens, batch.drafts)):
         # From the first token whose K/V are not cached: a decode's last token, a prompt's
         # first uncached one, or where a chunked prefill left off; then its drafts, if any.
         start = req.num_computed_tokens
@@ -143,6 +157,13 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         slots.extend(kv.slots(req.request_id, start, end))
         # Sampled at its last token, or with drafts at the last token and every draft.
         sampled.extend(range(qsl[-1] + new - 1 - len(spec), qsl[-1] + new))
+        for p in req.prompt_scores(start, end):
+            # The chunk's last position has a sampled row already, which a chunk short of the
+            # prompt's end drops: it scores there. (Rows after the sampled are numbered below.)
+            row = len(sampled) - 1 if p == end - 1 else -1 - len(extra)
+            if row < 0:
+                extra.append(qsl[-1] + p - start)
+            scores.append((i, p, req.prompt_token_ids[p + 1], row))
         qsl.append(qsl[-1] + new)
         lens.append(end)
         drafts.append(spec)
@@ -155,6 +176,8 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
     # write this step.
     prefix = batch.kind == "prefill" and any(
         req.num_computed_tokens > 0 for req in reqs[batch.num_decodes:])
+    scores = [(i, p, t, row if row >= 0 else len(sampled) - 1 - row)
+              for i, p, t, row in scores]
     prev_index = np.full((t_pad,), -1, np.int32)
     for i, row in prev:
         prev_index[i] = row
@@ -170,9 +193,10 @@ def build(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         query_start_loc=_pad(qsl, s_pad + 1, qsl[-1]),
         seq_lens=_pad(lens, s_pad),
         block_tables=tables,
-        logits_indices=_pad(sampled, buckets.rows_bucket(len(sampled), s_pad, t_pad)),
+        logits_indices=_pad(sampled + extra,
+                            buckets.rows_bucket(len(sampled) + len(extra), s_pad, t_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
-        num_seqs=n, drafts=tuple(drafts))
+        num_seqs=n, drafts=tuple(drafts), scores=tuple(scores))
 
 
 def _pad(values, size: int, fill: int = 0) -> np.ndarray:

@@ -22,24 +22,43 @@ def load_tokenizer(folder: str | os.PathLike):
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+    **options: Any,
 ) -> list[int]:
-    """The token ids of `messages` rendered with the tokenizer's chat template.
+    """The token ids of `messages` rendered with the tokenizer's chat template (options: as
+    render_chat's).
 
     The template writes every special token the model expects, so none are added on top (as vLLM).
     """
-    text = render_chat(tokenizer, messages, add_generation_prompt)
+    text = render_chat(tokenizer, messages, add_generation_prompt, **options)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-    """The text of `messages` rendered with the tokenizer's chat template (not yet tokenized)."""
-    if not getattr(tokenizer, "chat_template", None):
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                add_generation_prompt: bool = True, *, tools: list | None = None,
+                chat_template: str | None = None, continue_final_message: bool = False,
+                chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The text of `messages` rendered with a chat template (not yet tokenized): chat_template,
+    else the tokenizer's. tools: OpenAI tool definitions the template may show the model.
+    continue_final_message: the last (assistant) message is left open for the model to go on
+    (add_generation_prompt must then be off). chat_template_kwargs: more variables for the
+    template (e.g. enable_thinking)."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         raise ValueError(f"tokenizer {name} has no chat template; pass a plain prompt instead")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                         "true: the last message is either continued or answered")
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = {"tools", "chat_template", "add_generation_prompt", "continue_final_message",
+                "tokenize", "conversation", "messages"} & set(kwargs)
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}; "
+                         "those are request fields of their own")
     return tokenizer.apply_chat_template(
-        [dict(message) for message in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+        [dict(message) for message in messages], tokenize=False,
+        add_generation_prompt=add_generation_prompt, tools=tools or None,
+        chat_template=chat_template, continue_final_message=continue_final_message, **kwargs)
 
 
 # Normalizers and pre-tokenizers that never drop text nor shrink its bytes, so every byte of

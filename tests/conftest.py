@@ -41,12 +41,15 @@ SLOW_MODULES = {
     # dense runs
     "test_engine.py", "test_swap.py", "test_chunked_prefill.py", "test_prefix_caching.py",
     "test_spec_decode.py", "test_beam_search.py", "test_step_failure.py", "test_mixtral.py",
-    "test_precompile.py", "test_pallas_engine.py", "test_sharing.py",
-    "test_async_scheduling.py", "test_structured_outputs.py",
+    "test_precompile.py", "test_pallas_engine.py", "test_sharing.py", "test_qwen.py",
+    "test_async_scheduling.py", "test_structured_outputs.py", "test_prompt_logprobs.py",
     # several processes, or a live server process
     "test_tensor_parallel.py", "test_cli.py", "test_server_api.py", "test_server_errors.py",
     "test_server_fuzz.py", "test_server_hostile.py", "test_server_lifecycle.py",
+    "test_server_loglikelihood.py", "test_server_tools.py",
     "test_server_load.py", "test_server_startup.py", "test_server_structured.py",
+    "test_server_extras.py",
+    "test_server_clients.py",  # instructor, langchain-openai, lm-eval
     # experiments and notebooks run end to end
     "test_notebooks.py", "test_batching.py", "test_memory_waste.py",
     "test_preemption_experiment.py", "test_schedule_cost_experiment.py",

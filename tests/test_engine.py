@@ -385,3 +385,43 @@ def test_followers_get_one_stop_and_nothing_after_it_whatever_the_threads(llm):
         t.join()
     assert sent.count(multihost.STOP) == 1 and sent[-1] == multihost.STOP
     assert engine._channel is None
+
+
+def test_detokenize_false_gives_token_ids_only_and_truncation_keeps_the_end(llm):
+    prompt = random_prompts(1, 21, lo=40, hi=41)[0]
+    ids = prompt["prompt_token_ids"]
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, logprobs=1,
+                                                detokenize=False, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.text == "" and len(out.token_ids) == 5
+    assert all(lp.decoded_token is None for e in out.logprobs for lp in e.values())
+    with pytest.raises(ValueError, match="detokenize must be true for stop strings"):
+        SamplingParams(detokenize=False, stop=["x"])
+    cut = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True,
+                                                truncate_prompt_tokens=10), use_tqdm=False)[0]
+    tail = llm.generate([{"prompt_token_ids": ids[-10:]}], GREEDY, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-10:]
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids[:5]
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens must be at most max_model_len"):
+        llm.generate([prompt], SamplingParams(truncate_prompt_tokens=1000))
+
+
+def test_chat_takes_vllms_template_arguments(llm):
+    tok = llm.get_tokenizer()
+    template = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+                "{% if tools %}<tools {{ tools | length }}>{% endif %}{{ suffix }}"
+                "{% if add_generation_prompt %}[assistant]{% endif %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "he"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    out = llm.chat(messages, params, use_tqdm=False, chat_template=template, tools=tools,
+                   chat_template_kwargs={"suffix": "!"})[0]
+    assert out.prompt_token_ids == tok.encode("[user]hi[assistant]he<tools 1>![assistant]",
+                                              add_special_tokens=False)
+    cont = llm.chat(messages, params, use_tqdm=False, add_generation_prompt=False,
+                    continue_final_message=True)[0]
+    rendered = tok.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("he") and cont.prompt_token_ids == tok.encode(
+        rendered, add_special_tokens=False)
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt"):
+        llm.chat(messages, params, continue_final_message=True)

@@ -37,18 +37,25 @@ def test_mixtral_logits_match_transformers(tiny_mixtral_dir):
 @pytest.mark.parametrize("backend", ["auto", "xla"])
 def test_mixtral_through_the_paged_engine_equals_dense(tiny_mixtral_dir, backend):
     m = load_model(str(tiny_mixtral_dir), with_tokenizer=False)
+    assert_paged_greedy_equals_dense(m, (1, 9, 16, 33, 50), 12, attention_backend=backend)
+
+
+def assert_paged_greedy_equals_dense(m, prompt_lens, max_tokens: int, **options) -> None:
+    """Random prompts of these lengths, run together through a paged engine on model m,
+    decode greedily what a dense run of each alone decodes."""
     engine = LLMEngine(EngineConfig(num_kv_blocks=64, max_model_len=128, max_num_seqs=8,
-                                    attention_backend=backend), model=m)
+                                    **options), model=m)
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(3, 256, int(n)).tolist() for n in (1, 9, 16, 33, 50)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [rng.integers(3, 256, int(n)).tolist() for n in prompt_lens]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, params)
     done = {}
     while engine.has_unfinished_requests():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     for i, p in enumerate(prompts):
-        assert done[str(i)].outputs[0].token_ids == dense_greedy(m.graphdef, m.params, p, 12)
+        assert done[str(i)].outputs[0].token_ids == dense_greedy(m.graphdef, m.params, p,
+                                                                 max_tokens)
 
 
 def test_mixtral_config_is_checked():

@@ -100,7 +100,15 @@ def test_mosaic_decode_kernel_makes_the_xla_backends_choices(make_tiny_llama_dir
     from pallas_kernels import backend, dispatch
 
     if jax.default_backend() != "gpu":
-        from kernels import mgpu_interpret  # the interpreter's transposed wgmma operands
+        # The interpreter's transposed wgmma operands. Loaded from its file: the name
+        # `kernels` is also a package transformers installs, which shadows tests/kernels/.
+        import importlib.util
+        import pathlib
+
+        path = pathlib.Path(__file__).parent / "kernels" / "mgpu_interpret.py"
+        spec = importlib.util.spec_from_file_location("mgpu_interpret", path)
+        mgpu_interpret = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mgpu_interpret)
         mgpu_interpret.install()
     folder = make_tiny_llama_dir(hidden_size=64, head_dim=64, num_attention_heads=4,
                                  num_key_value_heads=2, initializer_range=0.2)

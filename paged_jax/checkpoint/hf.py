@@ -21,11 +21,13 @@ import numpy as np
 # The architectures (config.json "architectures" entries) the paged-jax model implements. The model
 # module imports this tuple; keep it the one place the list lives.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM",
-                                             "MixtralForCausalLM")
+                                             "MixtralForCausalLM", "Qwen2ForCausalLM",
+                                             "Qwen3ForCausalLM")
 
 # What a config without an "architectures" entry stands for, by its model_type.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "mixtral": "MixtralForCausalLM"}
+                               "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                               "qwen3": "Qwen3ForCausalLM"}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -24,6 +24,8 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # Qwen3: an RMSNorm over each query and key head (q_norm, k_norm) before rope
+    qk_norm: bool = False
     sliding_window: int | None = None
     # Mixtral: a sparse mixture of SwiGLU experts (each intermediate_size wide) in place of
     # the MLP, num_experts_per_tok of them per token. 0: a dense MLP.
@@ -78,14 +80,29 @@ class ModelConfig:
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
             max_position_embeddings=hf_config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf_config, "attention_bias", False)),
-            sliding_window=getattr(hf_config, "sliding_window", None),
+            # Qwen2's q/k/v projections always carry a bias (its config has no flag)
+            attention_bias=(model_type == "qwen2"
+                            or bool(getattr(hf_config, "attention_bias", False))),
+            qk_norm=model_type == "qwen3",
+            sliding_window=_sliding_window(hf_config, model_type),
             num_experts=getattr(hf_config, "num_local_experts", 0) if model_type == "mixtral"
             else 0,
             num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0)
             if model_type == "mixtral" else 0,
             dtype=dtype,
         )
+
+
+def _sliding_window(hf_config, model_type: str) -> int | None:
+    """Mistral's window (every layer); Qwen's sliding_window is only in force with
+    use_sliding_window, and then from layer max_window_layers on: not built yet."""
+    if model_type in ("qwen2", "qwen3"):
+        if getattr(hf_config, "use_sliding_window", False):
+            raise ValueError(f"{model_type} with use_sliding_window (a window on layers "
+                             f"{getattr(hf_config, 'max_window_layers', '?')} and up) is not "
+                             "supported yet; every layer attends over the whole context here")
+        return None
+    return getattr(hf_config, "sliding_window", None)
 
 
 def _rope_params(hf_config) -> dict:

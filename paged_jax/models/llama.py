@@ -1,4 +1,6 @@
-"""Llama-family decoder (Llama, Mistral, Mixtral) as flax NNX modules, used functionally.
+"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3) as flax NNX modules, used
+functionally. Qwen2 is Llama with q/k/v biases; Qwen3 Llama with an RMSNorm on each query and
+key head.
 
 Every parameter carries logical axis names (`out_sharding`) that paged_jax/sharding.py maps
 to a device mesh. Kernels are stored [in, out]. Layers are a Python list, unrolled under jit:
@@ -52,12 +54,18 @@ class Attention(nnx.Module):
         self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype,
                              cfg.attention_bias)
         self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype)
+        if cfg.qk_norm:  # (named as the checkpoints name them)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
 
     def __call__(self, x, positions, kv_cache, md: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
         freq = inv_freq(cfg)
-        q = apply_rope(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim), positions, freq)
-        k = apply_rope(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, freq)
+        q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, freq), apply_rope(k, positions, freq)
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         # Under a tensor-parallel mesh each device attends its own KV heads (shard_map).
         out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,

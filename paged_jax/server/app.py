@@ -6,37 +6,51 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, and the API docs
 (/docs, /openapi.json; off with disable_docs), behind the API key when one is set; GET or
-HEAD /health and GET /metrics (Prometheus text), open to probes and scrapers.
+HEAD /health, GET or POST /ping (the same check, vLLM's and SageMaker's liveness route),
+GET /metrics (Prometheus text), GET /version, POST /tokenize and POST /detokenize
+(tokenize_routes.py), open as in vLLM. Every response carries an X-Request-Id header.
 """
 from __future__ import annotations
 
 import contextlib
-import secrets
+import importlib.metadata
+from typing import Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from pydantic.json_schema import models_json_schema
 
 from paged_jax.config import ServerLimits
 from paged_jax.server import protocol
 from paged_jax.server.body import StrictJSONRoute
+from paged_jax.server.chat_options import ChatOptions
 from paged_jax.server.engine_loop import EngineLoop
 from paged_jax.server.errors import ERROR_RESPONSES, error_response, install_handlers
 from paged_jax.server.metrics import ServerMetrics
+# ApiKeyMiddleware, RefusalCounter and the path tuples lived here first: still importable
+from paged_jax.server.middleware import (DOCS_PATHS, GENERATION_PATHS,  # noqa: F401
+                                         ApiKeyMiddleware, CorsOptions, RefusalCounter,
+                                         RequestIdMiddleware)
 from paged_jax.server.stats_logger import DEFAULT_INTERVAL as DEFAULT_STATS_INTERVAL
 from paged_jax.server.stats_logger import StatsLogger
 from paged_jax.server.serving import OpenAIServing
+from paged_jax.server.tokenize_routes import SCHEMA_MODELS, add_tokenize_routes
 from paged_jax.structured_outputs import GrammarCompiler
 from paged_jax.tokenizer import load_tokenizer
 
-DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
-
-def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
+def create_app(engine, served_model_name: str | None = None,
+               api_key: str | Sequence[str] | None = None,
                limits: ServerLimits = ServerLimits(), disable_docs: bool = False,
-               log_stats_interval: float | None = DEFAULT_STATS_INTERVAL) -> FastAPI:
-    """log_stats_interval: seconds between the stats lines in the log (None: no lines)."""
+               log_stats_interval: float | None = DEFAULT_STATS_INTERVAL,
+               chat_options: ChatOptions = ChatOptions(), cors: CorsOptions | None = None,
+               root_path: str = "") -> FastAPI:
+    """api_key: one key or several, any of which is accepted (None: no key).
+    log_stats_interval: seconds between the stats lines in the log (None: no lines).
+    chat_options: the chat template and tool calling (the serve flags). cors: the CORS
+    headers (None: none). root_path: the path prefix of a proxy in front (--root-path)."""
+    api_keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     model_name = served_model_name or engine.model_name
     metrics = ServerMetrics(model_name)
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a
@@ -53,7 +67,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                           engine.grammars.disable_any_whitespace)
     serving = OpenAIServing(engine_loop, tokenizer, model_name,
                             engine.max_model_len, limits.max_sequences_per_request,
-                            engine.sampling_defaults, engine.grammars)
+                            engine.sampling_defaults, engine.grammars,
+                            chat_options=chat_options)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -65,15 +80,19 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             serving.close()
 
     docs = {} if not disable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
-    app = FastAPI(title="paged-jax", lifespan=lifespan, **docs)
+    app = _App(title="paged-jax", lifespan=lifespan, root_path=root_path, **docs)
     app.router.route_class = StrictJSONRoute  # size limit and strict JSON for every body
     app.state.engine_loop, app.state.metrics, app.state.serving = engine_loop, metrics, serving
     app.state.limits = limits
     app.state.on_engine_death = lambda: None
     install_handlers(app)
+    # The last added is the outermost: CORS answers a browser's preflight before the API
+    # key is asked for (a preflight carries none), and adds its headers to a 401 too.
     app.add_middleware(RefusalCounter, metrics=metrics)
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors.middleware_kwargs())
 
     @app.post("/v1/completions", response_model=protocol.CompletionResponse,
               responses=protocol.streamed(ERROR_RESPONSES, "CompletionResponse"))
@@ -92,9 +111,12 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                   max_model_len=engine.max_model_len)
         return protocol.ModelList(data=[card]).model_dump()
 
-    @app.api_route("/health", methods=["GET", "HEAD"], response_class=Response, responses={
+    health_responses = {
         200: {"description": "The engine is running and the server accepts requests."},
-        503: ERROR_RESPONSES[503]})
+        503: ERROR_RESPONSES[503]}
+
+    @app.api_route("/health", methods=["GET", "HEAD"], response_class=Response,
+                   responses=health_responses)
     async def health():
         if serving.draining:
             return error_response(503, "the server is shutting down", type="server_error",
@@ -104,16 +126,29 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return error_response(503, f"the engine is not running: {engine_loop.error!r}",
                               type="server_error", code="engine_dead")
 
+    @app.api_route("/ping", methods=["GET", "POST"], response_class=Response,
+                   responses=health_responses)
+    async def ping():
+        return await health()
+
+    @app.get("/version")
+    async def version():
+        return {"version": package_version()}
+
+    add_tokenize_routes(app, serving, engine.model.config.vocab_size)
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    def openapi():  # adds the chat stream's chunk model, which no route returns as JSON
+    def openapi():  # adds the chat stream's chunk model, which no route returns as JSON, and
+        # /tokenize's request models, which its route validates itself
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            _, defs = models_json_schema([(protocol.ChatCompletionChunk, "serialization")],
-                                         ref_template="#/components/schemas/{model}")
+            models = [(protocol.ChatCompletionChunk, "serialization"),
+                      *((model, "validation") for model in SCHEMA_MODELS)]
+            _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
             for name, definition in defs["$defs"].items():
                 schema["components"]["schemas"].setdefault(name, definition)
         return app.openapi_schema
@@ -121,44 +156,18 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     return app
 
 
-class ApiKeyMiddleware:
-    """Bearer-token check for /v1/* and the API docs (health and metrics stay open, as
-    vLLM's). The scheme is matched case-insensitively (RFC 6750, RFC 9110), the key exactly.
-    Plain ASGI, so streaming responses and disconnects pass through untouched."""
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("paged-jax")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        import paged_jax
 
-    def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1") or path in DOCS_PATHS
-                                        or path.startswith("/docs/")):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = given.strip().partition(b" ")
-            if not (scheme.lower() == b"bearer"
-                    and secrets.compare_digest(token.strip(), self.expected)):
-                response = error_response(401, "Incorrect API key provided.",
-                                          code="invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        return getattr(paged_jax, "__version__", "unknown")
 
 
-class RefusalCounter:
-    """Counts generation requests answered with a 4xx (refused as a whole, nothing queued)
-    in paged_jax:num_requests_refused, apart from the aborts of requests that had started."""
+class _App(FastAPI):
+    """A FastAPI whose request ids wrap even its error middleware, so that a 500 from an
+    unhandled exception (answered outside the user middleware) carries X-Request-Id too."""
 
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message):
-            if message["type"] == "http.response.start" and 400 <= message["status"] < 499:
-                self.metrics.refused.inc()
-            await send(message)
-        await self.app(scope, receive, counting_send)
+    def build_middleware_stack(self):
+        return RequestIdMiddleware(super().build_middleware_stack())

@@ -1,5 +1,6 @@
-"""The OpenAI API's request and response bodies (the subset this server speaks), as pydantic
-models. Unknown request fields are ignored, as OpenAI's own server does with most."""
+"""The OpenAI API's request and response bodies (the subset this server speaks, with vLLM's
+extensions), as pydantic models. Unknown request fields are kept to be refused by name
+(server/unsupported.py)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
-from paged_jax.sampling_params import MAX_LOGPROBS, SamplingParams
+from paged_jax.sampling_params import SamplingParams
 from paged_jax.structured_outputs import StructuredOutputsParams
 
 
@@ -86,6 +87,8 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: all fit)
     include_stop_str_in_output: bool = False
     # Structured outputs: OpenAI's response_format, or vLLM's structured_outputs (the fields
     # of StructuredOutputsParams: json, regex, choice, grammar, json_object,
@@ -98,6 +101,9 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's: each prompt token's logprob with this many alternatives (prompt_logprobs in
+    # the response)
+    prompt_logprobs: int | None = Field(None, ge=0)  # (at most the engine's max_logprobs)
     logit_bias: dict[str, float] | None = None  # OpenAI's: token id (as a string) -> bias
     min_tokens: int = 0
     allowed_token_ids: list[TokenId] | None = None
@@ -160,10 +166,12 @@ class _SamplingFields(BaseModel):
             ignore_eos=self.ignore_eos,
             max_tokens=given("max_tokens", max_tokens, self.default_max_tokens),
             logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured(), min_tokens=self.min_tokens,
             allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-            logit_bias=self.logit_bias)
+            logit_bias=self.logit_bias, prompt_logprobs=self.prompt_logprobs)
 
     @property
     def include_usage(self) -> bool:
@@ -177,9 +185,15 @@ class CompletionRequest(_SamplingFields):
     prompt: Union[str, Annotated[list[str], NonEmpty], Annotated[list[TokenId], NonEmpty],
                   Annotated[list[Annotated[list[TokenId], NonEmpty]], NonEmpty]]
     max_tokens: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0)  # (at most the engine's max_logprobs)
+    # The prompt before the completion in each choice's text (and logprobs); with
+    # max_tokens 0 only the prompt (the loglikelihood request lm-eval sends)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = None  # refused when given: no fill-in-the-middle here
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The batch: one string or token-id list per prompt."""
@@ -209,17 +223,66 @@ class ChatMessage(BaseModel):
         return "\n".join(parts)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # the arguments always match the schema here when enforced
+
+
+class ChatTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming the one function the model must call."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class ChatTemplateFields(BaseModel):
+    """What a chat is rendered with (vLLM's fields; /v1/chat/completions and /tokenize)."""
+    model_config = ConfigDict(extra="allow")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # The last (assistant) message is left open for the model to go on writing
+    continue_final_message: bool = False
+    # A Jinja template for this request (only with --trust-request-chat-template)
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables
+    tools: list[ChatTool] | None = None
 
     def conversation(self) -> list[dict]:
         return [{**(m.model_extra or {}), "role": m.role, "content": m.text()}
                 for m in self.messages]
+
+
+class ChatCompletionRequest(ChatTemplateFields, _SamplingFields):
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)  # (at most the engine's max_logprobs)
+    # "none", "auto" (the default when tools are given, as OpenAI's), "required", or a
+    # named function
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+    # vLLM's: a reply continuing an assistant message (continue_final_message) starts with
+    # that message's text
+    echo: bool = False
+
+    @property
+    def echo_text(self) -> str:
+        last = self.messages[-1]
+        return last.text() if self.echo and last.role == "assistant" else ""
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -229,10 +292,15 @@ class ChatCompletionRequest(_SamplingFields):
 
 # ---- responses -------------------------------------------------------------------------------
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache supplied
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -242,12 +310,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its prompt_logprobs send it (keyed by token id)."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -273,9 +352,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -293,11 +384,26 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first of a call carries its id and name."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

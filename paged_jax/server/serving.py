@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import math
 import time
@@ -19,11 +20,14 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from paged_jax.request import CompletionOutput, Logprob, RequestOutput
+from paged_jax.request import RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.server import protocol as p
+from paged_jax.server.chat_options import ChatOptions
 from paged_jax.server.engine_loop import (ClientDisconnected, EngineDeadError, EngineLoop,
                                           GenerationHandle, RequestFailedError)
+from paged_jax.server.formats import ChatFormat, CompletionFormat, Delta, Format
+from paged_jax.server.tool_choice import ToolChoiceError, plan_tools
 from paged_jax.server.errors import (OpenAIError, bad_request, context_length_error,
                                      error_body, from_value_error)
 from paged_jax.server.unsupported import unsupported_fields, unsupported_message
@@ -46,10 +50,13 @@ _FAILURES = {EngineDeadError: (500, "engine_dead"), RequestFailedError: (500, "s
 class OpenAIServing:
     def __init__(self, engine_loop: EngineLoop, tokenizer, model_name: str, max_model_len: int,
                  max_sequences_per_request: int = ServerLimits.max_sequences_per_request,
-                 sampling_defaults: dict | None = None, grammars=None):
+                 sampling_defaults: dict | None = None, grammars=None,
+                 chat_options: ChatOptions = ChatOptions()):
         """grammars: the engine's GrammarCompiler (structured outputs compile on the
-        tokenizer thread), or None if it has none."""
+        tokenizer thread), or None if it has none. chat_options: the chat template and tool
+        calling (the serve flags)."""
         self.loop = engine_loop
+        self.chat_options = chat_options
         self.grammars = grammars
         # The model's generation-config values, for the fields a request leaves unset.
         self.sampling_defaults = dict(sampling_defaults or {})
@@ -93,11 +100,17 @@ class OpenAIServing:
         self._check_open()
         self._refuse_unsupported(body, "/v1/completions")
         self._check_model(body.model)
-        if body.echo or body.suffix:
-            raise bad_request("echo and suffix are not supported", param="echo"
-                              if body.echo else "suffix")
-        params = self._params(body, body.max_tokens, body.logprobs)
-        asked = self._asked_max_tokens(body.max_tokens, params)
+        if body.suffix:
+            raise bad_request("suffix (text after the completion, fill-in-the-middle) is not "
+                              "implemented by this server", param="suffix",
+                              code="unsupported_parameter")
+        # echo with max_tokens 0: the prompt alone (lm-eval's loglikelihood requests). The
+        # engine samples one token, which is dropped, as vLLM does.
+        params = self._params(body, 1 if body.echo_only else body.max_tokens, body.logprobs)
+        if body.echo and body.logprobs is not None:  # the prompt's tokens need logprobs too
+            params = dataclasses.replace(params, prompt_logprobs=max(
+                params.prompt_logprobs or 0, body.logprobs))
+        asked = self._asked_max_tokens(1 if body.echo_only else body.max_tokens, params)
         await self._compile_constraint(body, params)
         texts = body.prompts()
         if not texts:
@@ -107,15 +120,20 @@ class OpenAIServing:
                               f"{len(texts) * params.n} sequences; the limit is "
                               f"{self.max_sequences_per_request} (--max-sequences-per-request)",
                               param="prompt", code="too_many_sequences")
+        keep = self._kept_prompt_tokens(params)
         for text in texts:
-            if isinstance(text, str):
+            if isinstance(text, str) and keep is None:  # (a truncated text may be long)
                 self._check_text_length(text, asked)
         prompts = await self._on_tokenizer_thread(
-            lambda: [self._completion_prompt(x) for x in texts])
+            lambda: [self._completion_prompt(x, body.echo, keep) for x in texts])
         for prompt in prompts:
             self._check_context(len(prompt["prompt_token_ids"]), asked, "prompt")
-        return await self._serve(body, request, prompts, params, "cmpl", _CompletionFormat(
-            self.model_name, body.logprobs))
+        firsts = []
+        if body.echo and body.logprobs is not None:
+            firsts = await self._on_tokenizer_thread(lambda: [
+                self.tokenizer.decode(x["prompt_token_ids"][:1]) for x in prompts])
+        return await self._serve(body, request, prompts, params, "cmpl", CompletionFormat(
+            self.model_name, body.logprobs, body.echo, body.echo_only, firsts, params.n))
 
     async def chat(self, body: p.ChatCompletionRequest, request: Request) -> Response:
         self._check_open()
@@ -126,22 +144,60 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, body.requested_max_tokens, logprobs)
         asked = self._asked_max_tokens(body.requested_max_tokens, params)
-        await self._compile_constraint(body, params)
+        try:
+            tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls,
+                               self.chat_options)
+        except ToolChoiceError as err:
+            raise bad_request(str(err), param=err.param) from err
+        if tools.constraint is not None:  # "required" or a named function
+            if params.structured_outputs is not None:
+                raise bad_request("tool_choice (required, or a named function) constrains "
+                                  "the output already; it cannot take a response_format or "
+                                  "structured_outputs too", param="tool_choice")
+            params = dataclasses.replace(params, structured_outputs=tools.constraint)
+        await self._compile_constraint(body, params, "tools" if tools.constraint else None)
+
+        keep = self._kept_prompt_tokens(params)
+        ids = await self.chat_prompt_ids(body, asked, check_length=keep is None)
+        ids = ids[-keep:] if keep is not None else ids
+        self._check_context(len(ids), asked, "messages")
+        return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
+                                 ChatFormat(self.model_name, logprobs, tools, body.echo_text))
+
+    async def chat_prompt_ids(self, body, max_tokens: int | None = None,
+                              check_length: bool = True) -> list[int]:
+        """The token ids of a chat request's messages rendered with the chat template (the
+        server's --chat-template, a trusted request's own, or the tokenizer's), on the
+        tokenizer thread. body: a ChatCompletionRequest, or any model with its template
+        fields (messages, add_generation_prompt, continue_final_message, tools,
+        chat_template, chat_template_kwargs). 400 naming the field for what cannot render.
+        check_length: refuse a text surely over the context before tokenizing it."""
+        template = self.chat_options.chat_template
+        if getattr(body, "chat_template", None) is not None:
+            if not self.chat_options.trust_request_chat_template:
+                raise bad_request("a request's own chat_template is refused: the server "
+                                  "was not started with --trust-request-chat-template",
+                                  param="chat_template")
+            template = body.chat_template
+        tools = [t.model_dump(exclude_none=True) if hasattr(t, "model_dump") else t
+                 for t in getattr(body, "tools", None) or ()]
 
         def render():
             try:
-                text = render_chat(self.tokenizer, body.conversation(),
-                                   add_generation_prompt=body.add_generation_prompt)
+                text = render_chat(
+                    self.tokenizer, body.conversation(),
+                    add_generation_prompt=body.add_generation_prompt,
+                    tools=tools or None, chat_template=template,
+                    continue_final_message=getattr(body, "continue_final_message", False),
+                    chat_template_kwargs=getattr(body, "chat_template_kwargs", None))
             except Exception as err:  # no template, roles it rejects, non-text content
                 raise bad_request(f"the chat template could not be applied: {err}",
                                   param="messages") from err
-            self._check_text_length(text, asked, "messages")
+            if check_length:
+                self._check_text_length(text, max_tokens, "messages")
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-        ids = await self._on_tokenizer_thread(render)
-        self._check_context(len(ids), asked, "messages")
-        return await self._serve(body, request, [{"prompt_token_ids": ids}], params, "chatcmpl",
-                                 _ChatFormat(self.model_name, logprobs))
+        return await self._on_tokenizer_thread(render)
 
     # ---- shared ----------------------------------------------------------------------------
 
@@ -193,15 +249,17 @@ class OpenAIServing:
         return requested if requested is not None or "max_tokens" in self.sampling_defaults \
             else params.max_tokens
 
-    async def _compile_constraint(self, body, params: SamplingParams) -> None:
+    async def _compile_constraint(self, body, params: SamplingParams,
+                                  param: str | None = None) -> None:
         """Compiles a structured-output constraint here, on the tokenizer thread, so that the
-        engine thread finds it compiled; one that cannot compile is a 400 naming why."""
+        engine thread finds it compiled; one that cannot compile is a 400 naming why (and
+        param, or the field that asked for it)."""
         so = params.structured_outputs
         if so is None:
             return
-        param = ("structured_outputs" if body.structured_outputs
-                 else f"guided_{so.kind}" if getattr(body, f"guided_{so.kind}", None)
-                 else "response_format")
+        param = param or ("structured_outputs" if body.structured_outputs
+                          else f"guided_{so.kind}" if getattr(body, f"guided_{so.kind}", None)
+                          else "response_format")
         if self.grammars is None:
             raise bad_request("structured outputs need a tokenizer; this model has none",
                               param=param)
@@ -216,10 +274,32 @@ class OpenAIServing:
         except ValueError as err:
             raise from_value_error(err) from err
 
-    def _completion_prompt(self, prompt) -> dict:
-        if isinstance(prompt, str):
-            return {"prompt": prompt, "prompt_token_ids": list(self.tokenizer.encode(prompt))}
-        return {"prompt_token_ids": [int(t) for t in prompt]}
+    def _completion_prompt(self, prompt, with_text: bool = False,
+                           keep: int | None = None) -> dict:
+        """with_text: a prompt given as token ids gets its text too (echo shows it). keep:
+        truncate_prompt_tokens (the last `keep` tokens; the text then is theirs)."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = list(self.tokenizer.encode(prompt)) if text is not None else [
+            int(t) for t in prompt]
+        if keep is not None and len(ids) > keep:
+            ids = ids[-keep:]
+            text = self.tokenizer.decode(ids) if text is not None else None
+        if text is None and with_text:
+            text = self.tokenizer.decode(ids)
+        return {"prompt": text, "prompt_token_ids": ids} if text is not None else {
+            "prompt_token_ids": ids}
+
+    def _kept_prompt_tokens(self, params: SamplingParams) -> int | None:
+        """truncate_prompt_tokens as a count (-1: max_model_len), or None."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return None
+        k = self.max_model_len if k == -1 else k
+        if k > self.max_model_len:
+            raise bad_request(f"truncate_prompt_tokens must be at most max_model_len "
+                              f"({self.max_model_len}), got {k}",
+                              param="truncate_prompt_tokens")
+        return k
 
     def _check_context(self, prompt_len: int, max_tokens: int | None, param: str) -> None:
         if prompt_len + (max_tokens or 0) > self.max_model_len or (
@@ -227,7 +307,7 @@ class OpenAIServing:
             raise context_length_error(self.max_model_len, prompt_len, max_tokens, param)
 
     async def _serve(self, body, request: Request, prompts: list[dict], params: SamplingParams,
-                     prefix: str, fmt: "_Format") -> Response:
+                     prefix: str, fmt: Format) -> Response:
         request_id = p.random_id(prefix)
         self._check_open()
         try:
@@ -257,35 +337,37 @@ class OpenAIServing:
         except tuple(_FAILURES) as err:
             status, code = _FAILURES[type(err)]
             raise OpenAIError(status, str(err), type="server_error", code=code) from err
-        choices = [(index * params.n + c.index, c) for index in sorted(finals)
-                   for c in finals[index].outputs]
-        completion_tokens = sum(len(c.token_ids) for _, c in choices)
-        usage = p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens)
+        choices = [(index * params.n + c.index, fmt.output(c), finals[index])
+                   for index in sorted(finals) for c in finals[index].outputs]
+        completion_tokens = sum(len(c.token_ids) for _, c, _ in choices)
+        usage = _usage(prompt_tokens, completion_tokens,
+                       sum(out.num_cached_tokens for out in finals.values()))
         return JSONResponse(fmt.response(request_id, choices, usage).model_dump())
 
-    async def _stream(self, handle: GenerationHandle, fmt: "_Format", request_id: str,
+    async def _stream(self, handle: GenerationHandle, fmt: Format, request_id: str,
                       params: SamplingParams, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
-        deltas: dict[int, _Delta] = {}
+        deltas: dict[int, Delta] = {}
+        cached: dict[int, int] = {}  # prompt -> its tokens from the prefix cache
         try:
             async for index, out in handle:
+                cached[index] = out.num_cached_tokens
                 for comp in out.outputs:
                     choice = index * params.n + comp.index
                     if choice not in deltas:
-                        deltas[choice] = _Delta(params)
-                        first = fmt.first_chunk(request_id, created, choice)
+                        deltas[choice] = Delta(params)
+                        first = fmt.first_chunk(request_id, created, choice, out)
                         if first is not None:
                             yield _sse(first)
-                    step = deltas[choice].advance(comp)
-                    if step is not None:
-                        yield _sse(fmt.chunk(request_id, created, choice, *step))
+                    step = deltas[choice].advance(fmt.output(comp))
+                    chunk = (fmt.chunk(request_id, created, choice, *step)
+                             if step is not None else None)
+                    if chunk is not None:  # (None: held back, as a tool call being written)
+                        yield _sse(chunk)
             if include_usage:
                 completion_tokens = sum(d.num_tokens for d in deltas.values())
-                usage = p.UsageInfo(prompt_tokens=prompt_tokens,
-                                    completion_tokens=completion_tokens,
-                                    total_tokens=prompt_tokens + completion_tokens)
+                usage = _usage(prompt_tokens, completion_tokens, sum(cached.values()))
                 yield _sse(fmt.usage_chunk(request_id, created, usage))
             yield "data: [DONE]\n\n"
         except ClientDisconnected:
@@ -296,143 +378,11 @@ class OpenAIServing:
             yield "data: [DONE]\n\n"
 
 
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.UsageInfo:
+    return p.UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       total_tokens=prompt_tokens + completion_tokens,
+                       prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens))
+
+
 def _sse(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
-
-
-class _Delta:
-    """What one choice has streamed so far; advance() gives the new part of its output.
-
-    Text that may still change is held back: the tail that could be the start of a stop
-    string (it is cut from the output if the stop string completes) and trailing U+FFFD
-    (a character whose remaining bytes are in tokens not generated yet)."""
-
-    def __init__(self, params: SamplingParams):
-        self.hold = max((len(s) for s in params.stop), default=1) - 1
-        if params.include_stop_str_in_output:
-            self.hold = 0
-        self.sent_chars = 0
-        self.num_tokens = 0
-        self.done = False
-
-    def advance(self, comp: CompletionOutput):
-        """(text, token ids, logprobs, finish reason, stop reason) new since the last call,
-        or None when there is nothing to send."""
-        if self.done:
-            return None
-        text, finished = comp.text, comp.finish_reason is not None
-        end = len(text)
-        if not finished:
-            end = max(self.sent_chars, end - self.hold)
-            while end > self.sent_chars and text[end - 1] == "\ufffd":
-                end -= 1
-        new_text = text[self.sent_chars:end]
-        ids = comp.token_ids[self.num_tokens:]
-        lps = comp.logprobs[self.num_tokens:] if comp.logprobs is not None else None
-        self.sent_chars = max(self.sent_chars, end)
-        self.num_tokens = len(comp.token_ids)
-        self.done = finished
-        if not new_text and not finished and not lps:
-            return None
-        return new_text, ids, lps, comp.finish_reason, comp.stop_reason
-
-
-def _top(entry: dict[int, Logprob], k: int, chosen: int) -> list[tuple[int, Logprob]]:
-    """The top-k alternatives by rank, then the chosen token if it is not among them."""
-    top = sorted((x for x in entry.items() if x[1].rank <= k), key=lambda x: x[1].rank)
-    if chosen not in {t for t, _ in top}:
-        top.append((chosen, entry[chosen]))
-    return top
-
-
-class _Format:
-    def __init__(self, model_name: str, top: int | None):
-        self.model_name = model_name
-        self.top = top  # logprobs asked for: None, or how many alternatives
-
-    def first_chunk(self, request_id, created, index):
-        return None
-
-
-class _CompletionFormat(_Format):
-    def __init__(self, model_name: str, top: int | None):
-        super().__init__(model_name, top)
-        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
-
-    def logprobs(self, index: int, ids: list[int], lps) -> p.CompletionLogprobs | None:
-        if self.top is None or lps is None:
-            return None
-        out = p.CompletionLogprobs()
-        offset = self._offsets.get(index, 0)
-        for token, entry in zip(ids, lps):
-            chosen = entry[token]
-            text = chosen.decoded_token or ""
-            out.tokens.append(text)
-            out.token_logprobs.append(chosen.logprob)
-            out.top_logprobs.append({lp.decoded_token or "": lp.logprob
-                                     for _, lp in _top(entry, self.top, token)})
-            out.text_offset.append(offset)
-            offset += len(text)
-        self._offsets[index] = offset
-        return out
-
-    def response(self, request_id, choices: list[tuple[int, CompletionOutput]], usage):
-        return p.CompletionResponse(id=request_id, model=self.model_name, usage=usage, choices=[
-            p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                               stop_reason=c.stop_reason,
-                               logprobs=self.logprobs(i, c.token_ids, c.logprobs))
-            for i, c in choices])
-
-    def chunk(self, request_id, created, index, text, ids, lps, finish, stop):
-        return p.CompletionResponse(id=request_id, created=created, model=self.model_name,
-                                    choices=[p.CompletionChoice(
-                                        index=index, text=text, finish_reason=finish,
-                                        stop_reason=stop,
-                                        logprobs=self.logprobs(index, ids, lps))])
-
-    def usage_chunk(self, request_id, created, usage):
-        return p.CompletionResponse(id=request_id, created=created, model=self.model_name,
-                                    choices=[], usage=usage)
-
-
-class _ChatFormat(_Format):
-    def logprobs(self, ids: list[int], lps) -> p.ChatLogprobs | None:
-        if self.top is None or lps is None:
-            return None
-
-        def entry(lp: Logprob) -> dict:
-            token = lp.decoded_token or ""
-            return dict(token=token, logprob=lp.logprob, bytes=list(token.encode("utf-8")))
-
-        return p.ChatLogprobs(content=[
-            p.ChatLogprob(**entry(e[t]), top_logprobs=[  # the chosen token only by rank
-                p.TopLogprob(**entry(lp))
-                for _, lp in sorted(e.items(), key=lambda x: x[1].rank) if lp.rank <= self.top])
-            for t, e in zip(ids, lps)])
-
-    def response(self, request_id, choices: list[tuple[int, CompletionOutput]], usage):
-        return p.ChatCompletionResponse(id=request_id, model=self.model_name, usage=usage,
-                                        choices=[p.ChatChoice(
-                                            index=i, message=p.AssistantMessage(content=c.text),
-                                            finish_reason=c.finish_reason,
-                                            stop_reason=c.stop_reason,
-                                            logprobs=self.logprobs(c.token_ids, c.logprobs))
-                                            for i, c in choices])
-
-    def first_chunk(self, request_id, created, index):
-        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
-                                     choices=[p.ChatStreamChoice(
-                                         index=index,
-                                         delta=p.DeltaMessage(role="assistant", content=""))])
-
-    def chunk(self, request_id, created, index, text, ids, lps, finish, stop):
-        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
-                                     choices=[p.ChatStreamChoice(
-                                         index=index, delta=p.DeltaMessage(content=text),
-                                         finish_reason=finish, stop_reason=stop,
-                                         logprobs=self.logprobs(ids, lps))])
-
-    def usage_chunk(self, request_id, created, usage):
-        return p.ChatCompletionChunk(id=request_id, created=created, model=self.model_name,
-                                     choices=[], usage=usage)
-

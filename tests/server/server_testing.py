@@ -19,8 +19,10 @@ MODEL_NAME = "tiny-llama"
 ENGINE_ARGS = dict(num_kv_blocks=128, max_model_len=256, max_num_seqs=16,
                    max_num_batched_tokens=256)
 # Server flags (not engine options) of the shared server: small limits, to test them.
+# Tool choice "auto" with the hermes parser (test_server_tools.py).
 SERVER_ARGS = dict(max_request_body_bytes=6 << 20, header_read_timeout=2,
-                   max_sequences_per_request=64)
+                   max_sequences_per_request=64, enable_auto_tool_choice=None,
+                   tool_call_parser="hermes")
 STARTUP_TIMEOUT_S = 180
 
 

@@ -3,6 +3,7 @@ streamed and not, n=2, logprobs, stop strings, usage, and greedy output equal to
 from __future__ import annotations
 
 import httpx
+import openai
 import pytest
 
 from paged_jax import LLM, SamplingParams
@@ -193,3 +194,66 @@ def test_a_repeated_long_prompt_hits_the_prefix_cache(client, server):
     hits = "paged_jax:prefix_cache_hits_total"
     assert after[queries] - before[queries] == 2 * n
     assert after[hits] - before[hits] == (n - 1) // 16 * 16  # the second prompt's full blocks
+    # OpenAI's usage field for it, whole and streamed
+    assert second.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+    streamed = [c for c in client.completions.create(
+        model=server.model, prompt=prompt, stream=True, stream_options={"include_usage": True},
+        **GREEDY)]
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, server, llm):
+    ids = llm.get_tokenizer().encode(" ".join(["word"] * 300))  # past the 256-token context
+    out = client.completions.create(model=server.model, prompt=ids, temperature=0,
+                                    max_tokens=4, extra_body={"truncate_prompt_tokens": 100})
+    assert out.usage.prompt_tokens == 100
+    same = client.completions.create(model=server.model, prompt=ids[-100:], temperature=0,
+                                     max_tokens=4)
+    assert out.choices[0].text == same.choices[0].text
+    chat = client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": "word " * 400}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 50})
+    assert chat.usage.prompt_tokens == 50
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model, prompt=ids, max_tokens=4,
+                                  extra_body={"truncate_prompt_tokens": 1000})
+    assert info.value.body["param"] == "truncate_prompt_tokens"
+    assert "at most max_model_len (256)" in info.value.body["message"]
+
+
+def test_special_tokens_kept_with_and_without_spaces(client, server, llm):
+    tok = llm.get_tokenizer()
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    out = {}
+    for spaces in (True, False):
+        r = client.completions.create(
+            model=server.model, prompt="x", max_tokens=6, temperature=0,
+            extra_body={"skip_special_tokens": False, "spaces_between_special_tokens": spaces,
+                        "allowed_token_ids": [special, tok.encode("a")[0]]})
+        out[spaces] = r.choices[0].text
+    assert "<|im_start|>" in out[False] and " " not in out[False]
+    assert out[True].replace(" ", "") == out[False]
+
+
+def test_continue_final_message_echo_and_template_fields(client, server, llm):
+    tok = llm.get_tokenizer()
+    turn = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi the"}]
+    out = client.chat.completions.create(
+        model=server.model, messages=turn, max_tokens=4, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "echo": True})
+    rendered = tok.apply_chat_template(turn, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("Hi the") and out.usage.prompt_tokens == len(tok.encode(rendered))
+    assert out.choices[0].message.content.startswith("Hi the")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=server.model, messages=turn, max_tokens=4, temperature=0, stream=True,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                    "echo": True}) if c.choices)
+    assert streamed == out.choices[0].message.content
+    for extra, param in [({"continue_final_message": True}, "messages"),  # and a new turn?
+                         ({"chat_template": "{{ messages }}"}, "chat_template"),
+                         ({"chat_template_kwargs": {"tools": []}}, "messages")]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=server.model, messages=turn, max_tokens=2,
+                                           extra_body=extra)
+        assert info.value.body["param"] == param, (extra, info.value.body)
