@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
+ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16")
 
 
@@ -67,6 +68,14 @@ class ModelConfig:
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         scaling = _rope_scaling(hf_config)
+        if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
+            raise ValueError(f"rope scaling type {scaling['rope_type']!r} is not supported; "
+                             f"supported: {', '.join(ROPE_TYPES)} (or none)")
+        partial = _rope_params(hf_config).get(
+            "partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"partial_rotary_factor {partial} (rope on part of each head) "
+                             "is not supported; every head dimension is rotated here")
         return cls(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,

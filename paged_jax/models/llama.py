@@ -1,6 +1,6 @@
-"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3) as flax NNX modules, used
-functionally. Qwen2 is Llama with q/k/v biases; Qwen3 Llama with an RMSNorm on each query and
-key head.
+"""Llama-family decoder (Llama, Mistral, Mixtral, Qwen2, Qwen3, Phi-3) as flax NNX modules,
+used functionally. Qwen2 is Llama with q/k/v biases; Qwen3 Llama with an RMSNorm on each query
+and key head; Phi-3 Llama with its projections stored fused (split at load, params.py).
 
 Every parameter carries logical axis names (`out_sharding`) that paged_jax/sharding.py maps
 to a device mesh. Kernels are stored [in, out]. Layers are a Python list, unrolled under jit:

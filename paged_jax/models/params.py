@@ -41,7 +41,7 @@ def load_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], mesh=None,
     graphdef, state = nnx.split(abstract_model(cfg))
     pure = nnx.to_pure_dict(state)
     place = None if mesh is None else _placer(cfg, state, mesh)
-    _fill(pure, (), tensors, jnp.dtype(cfg.dtype), cfg.head_dim, kv_repeat, place)
+    _fill(pure, (), tensors, jnp.dtype(cfg.dtype), cfg, kv_repeat, place)
     nnx.replace_by_pure_dict(state, pure)
     return graphdef, state
 
@@ -58,20 +58,24 @@ def _placer(cfg: ModelConfig, state, mesh):
     return place
 
 
-def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place):
+def _fill(tree: dict, prefix: tuple, tensors, dtype, cfg: ModelConfig, kv_repeat, place):
+    head_dim = cfg.head_dim
     for key, node in tree.items():
         path = prefix + (key,)
         if isinstance(node, dict):
-            _fill(node, path, tensors, dtype, head_dim, kv_repeat, place)
+            _fill(node, path, tensors, dtype, cfg, kv_repeat, place)
             continue
         name, transposed = hf_name(path)
         if "{}" in name:  # experts: stacked on a leading axis
             name, value = _experts(name, path, tensors, tuple(node.shape))
         else:
             name = _fused_router_name(name, tensors)
-            if name not in tensors:
+            if name not in tensors and _unfused(name, tensors, cfg) is not None:
+                name, value = _unfused(name, tensors, cfg)
+            elif name not in tensors:
                 raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
-            value = np.asarray(tensors[name])
+            else:
+                value = np.asarray(tensors[name])
             value = value.T if transposed else value
         if kv_repeat > 1 and sharding.is_kv_projection(path):
             value = sharding.repeat_kv_heads(value, kv_repeat, head_dim)
@@ -79,6 +83,32 @@ def _fill(tree: dict, prefix: tuple, tensors, dtype, head_dim, kv_repeat, place)
             raise ValueError(f"tensor {name!r} has shape {tuple(np.asarray(tensors[name]).shape)}, "
                              f"expected {tuple(reversed(node.shape)) if transposed else node.shape}")
         tree[key] = jnp.asarray(value, dtype=dtype) if place is None else place(path, value)
+
+
+# Phi-3 fuses projections: self_attn.qkv_proj [(Hq + 2 Hkv) D, H] (q rows, then k, then v)
+# and mlp.gate_up_proj [2 I, H] (gate rows first). Split into the separate projections.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+          "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def _unfused(name: str, tensors, cfg: ModelConfig) -> tuple[str, np.ndarray] | None:
+    """(the fused tensor's name, this projection's rows [out, in]) for a projection the
+    checkpoint stores fused, else None."""
+    parts = name.split(".")
+    if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in _FUSED:
+        return None
+    fused = ".".join(parts[:-2] + [_FUSED[parts[-2]], "weight"])
+    if fused not in tensors:
+        return None
+    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, \
+        cfg.intermediate_size
+    start, size = {"q_proj": (0, q), "k_proj": (q, kv), "v_proj": (q + kv, kv),
+                   "gate_proj": (0, i), "up_proj": (i, i)}[parts[-2]]
+    value = np.asarray(tensors[fused])
+    want = q + 2 * kv if _FUSED[parts[-2]] == "qkv_proj" else 2 * i
+    if value.shape[0] != want:
+        raise ValueError(f"tensor {fused!r} has {value.shape[0]} rows, expected {want}")
+    return fused, value[start:start + size]
 
 
 # transformers 5 can also save Mixtral's experts fused (save_original_format=False):

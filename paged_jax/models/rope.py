@@ -6,9 +6,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from paged_jax.models.config import ModelConfig
-
-ROPE_TYPES = ("linear", "llama3")
+from paged_jax.models.config import ROPE_TYPES, ModelConfig
 
 
 def inv_freq(cfg: ModelConfig) -> np.ndarray:
