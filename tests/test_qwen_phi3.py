@@ -1,4 +1,5 @@
-"""Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm) and Phi-3 (fused qkv and gate_up
+"""Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Qwen3-MoE (its experts unnormalized)
+and Phi-3 (fused qkv and gate_up
 projections, a sliding window) against transformers in float32, and through the paged engine
 against a dense run; what is not built yet (Qwen's per-layer window, Phi's longrope and
 partial rotary) refused by name."""
@@ -32,12 +33,17 @@ def make_hf_dir(folder, kind: str, **overrides):
                 parameter.normal_(1.0, 0.1)
             if name.endswith(".bias"):
                 parameter.normal_(0.0, 0.1)
+            if name.endswith("mlp.gate.weight"):  # a router wide enough to spread tokens
+                parameter.normal_(0.0, 0.5)
     model.save_pretrained(folder)
     return folder
 
 
 # head_dim 32 != hidden / heads for Qwen3; a window shorter than the prompts for Phi-3
-EXTRA = {"Qwen2": {}, "Qwen3": dict(head_dim=32), "Phi3": dict(sliding_window=24)}
+EXTRA = {"Qwen2": {}, "Qwen3": dict(head_dim=32), "Phi3": dict(sliding_window=24),
+         # 4 experts of width 32, 2 a token, probabilities as the router gives them
+         "Qwen3Moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, norm_topk_prob=False)}
 
 
 @pytest.fixture(scope="module", params=sorted(EXTRA))
@@ -49,7 +55,9 @@ def family_dir(request, tmp_path_factory):
 def test_logits_match_transformers(family_dir):
     m = load_model(str(family_dir), with_tokenizer=False)
     kind = json.loads((family_dir / "config.json").read_text())["model_type"]
-    assert m.config.attention_bias == (kind == "qwen2") and m.config.qk_norm == (kind == "qwen3")
+    assert m.config.attention_bias == (kind == "qwen2")
+    assert m.config.qk_norm == kind.startswith("qwen3")
+    assert m.config.num_experts == (4 if kind == "qwen3_moe" else 0)
     assert m.config.sliding_window == (24 if kind == "phi3" else None)
     ids = np.random.default_rng(0).integers(0, 256, 150).tolist()
     ours = dense_logits(m.graphdef, m.params, ids)
@@ -77,4 +85,11 @@ def test_phi3s_rope_variants_not_built_are_refused_by_name(tmp_path, rope, words
     folder = make_hf_dir(tmp_path, "Phi3", num_hidden_layers=1, head_dim=16,
                          rope_parameters={"rope_theta": 10000.0, **rope})
     with pytest.raises(ValueError, match=words):
+        load_model(str(folder), with_tokenizer=False)
+
+
+def test_qwen3_moe_with_dense_layers_is_refused_by_name(tmp_path):
+    folder = make_hf_dir(tmp_path, "Qwen3Moe", num_hidden_layers=2, head_dim=16, num_experts=2,
+                         num_experts_per_tok=1, moe_intermediate_size=16, mlp_only_layers=[0])
+    with pytest.raises(ValueError, match="mlp_only_layers"):
         load_model(str(folder), with_tokenizer=False)

@@ -22,12 +22,14 @@ import numpy as np
 # module imports this tuple; keep it the one place the list lives.
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM",
                                              "MixtralForCausalLM", "Qwen2ForCausalLM",
-                                             "Qwen3ForCausalLM", "Phi3ForCausalLM")
+                                             "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                                             "Phi3ForCausalLM")
 
 # What a config without an "architectures" entry stands for, by its model_type.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                               "phi3": "Phi3ForCausalLM"}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3")
 ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16")
 
@@ -32,6 +32,12 @@ class ModelConfig:
     # the MLP, num_experts_per_tok of them per token. 0: a dense MLP.
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # The chosen experts' router probabilities renormalized to sum to 1 (Mixtral always;
+    # Qwen3-MoE as its norm_topk_prob says)
+    norm_topk_prob: bool = True
+    # How the checkpoint names the experts: "mixtral" (block_sparse_moe.experts.{e}.w1/w3/w2)
+    # or "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj)
+    expert_names: str = "mixtral"
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -76,10 +82,18 @@ class ModelConfig:
         if partial not in (None, 1, 1.0):
             raise ValueError(f"partial_rotary_factor {partial} (rope on part of each head) "
                              "is not supported; every head dimension is rotated here")
+        if model_type == "qwen3_moe" and (
+                getattr(hf_config, "mlp_only_layers", None)
+                or getattr(hf_config, "decoder_sparse_step", 1) != 1):
+            raise ValueError("qwen3_moe with dense layers among the sparse ones "
+                             "(mlp_only_layers, decoder_sparse_step > 1) is not supported yet")
+        experts = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts"}.get(model_type)
         return cls(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
+            # (an MoE model's expert width: every layer is sparse)
+            intermediate_size=(hf_config.moe_intermediate_size if model_type == "qwen3_moe"
+                               else hf_config.intermediate_size),
             num_layers=hf_config.num_hidden_layers,
             num_heads=num_heads,
             num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
@@ -92,12 +106,13 @@ class ModelConfig:
             # Qwen2's q/k/v projections always carry a bias (its config has no flag)
             attention_bias=(model_type == "qwen2"
                             or bool(getattr(hf_config, "attention_bias", False))),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(hf_config, model_type),
-            num_experts=getattr(hf_config, "num_local_experts", 0) if model_type == "mixtral"
-            else 0,
-            num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0)
-            if model_type == "mixtral" else 0,
+            num_experts=getattr(hf_config, experts, 0) if experts else 0,
+            num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0) if experts else 0,
+            norm_topk_prob=(bool(getattr(hf_config, "norm_topk_prob", True))
+                            if model_type == "qwen3_moe" else True),
+            expert_names="qwen" if model_type == "qwen3_moe" else "mixtral",
             dtype=dtype,
         )
 
@@ -105,7 +120,7 @@ class ModelConfig:
 def _sliding_window(hf_config, model_type: str) -> int | None:
     """Mistral's window (every layer); Qwen's sliding_window is only in force with
     use_sliding_window, and then from layer max_window_layers on: not built yet."""
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         if getattr(hf_config, "use_sliding_window", False):
             raise ValueError(f"{model_type} with use_sliding_window (a window on layers "
                              f"{getattr(hf_config, 'max_window_layers', '?')} and up) is not "

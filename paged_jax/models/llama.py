@@ -97,6 +97,7 @@ class SparseMoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype):
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
+        self.norm_topk = cfg.norm_topk_prob
         self.gate = Linear(h, e, ("embed", "experts"), dtype)
         self.w1 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # gate projection
         self.w3 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # up projection
@@ -106,7 +107,8 @@ class SparseMoE(nnx.Module):
         t, k, e = x.shape[0], self.top_k, self.w1.shape[0]
         probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
         weights, experts = jax.lax.top_k(probs, k)  # [T, k]
-        weights = weights / weights.sum(-1, keepdims=True)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdims=True)
         flat = experts.reshape(-1)  # (token, choice) pairs, token-major
         order = jnp.argsort(flat, stable=True)  # grouped by expert
         rows = x[order // k]  # [T * k, H]
@@ -123,11 +125,12 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        # Named as the checkpoints name them (models/params.py maps paths to tensor names).
-        if cfg.num_experts:
+        # Named as the checkpoints name them (models/params.py maps paths to tensor names):
+        # Mixtral's experts are block_sparse_moe, Qwen3-MoE's mlp.
+        if cfg.num_experts and cfg.expert_names == "mixtral":
             self.block_sparse_moe = SparseMoE(cfg, dtype)
         else:
-            self.mlp = MLP(cfg, dtype)
+            self.mlp = SparseMoE(cfg, dtype) if cfg.num_experts else MLP(cfg, dtype)
 
     def __call__(self, x, positions, kv_cache, md):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)

@@ -13,6 +13,8 @@ from paged_jax import sharding
 
 
 EXPERT_WEIGHTS = ("w1", "w2", "w3")  # SparseMoE's stacked expert weights [E, in, out]
+# Qwen-MoE's names of them (gate, down and up projections)
+_QWEN_EXPERT_NAMES = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -121,8 +123,12 @@ def _fused_router_name(name: str, tensors) -> str:
 
 def _experts(template: str, path: tuple, tensors, shape: tuple) -> tuple[str, np.ndarray]:
     """(a tensor name for messages, the [E, in, out] stack) of SparseMoE weight w1, w3 or w2,
-    from one [out, in] tensor per expert (experts.{e}.wN.weight) or the fused layout."""
+    from one [out, in] tensor per expert (experts.{e}.wN.weight, or Qwen-MoE's
+    experts.{e}.gate_proj / up_proj / down_proj) or the fused layout."""
     names = [template.format(e) for e in range(shape[0])]
+    qwen = [n.replace(f".{path[-1]}.", f".{_QWEN_EXPERT_NAMES[path[-1]]}.") for n in names]
+    if names[0] not in tensors and qwen[0] in tensors:
+        names = qwen
     missing = [n for n in names if n not in tensors]
     if not missing:
         want = shape[1:][::-1]  # each expert's [out, in]
@@ -131,7 +137,7 @@ def _experts(template: str, path: tuple, tensors, shape: tuple) -> tuple[str, np
                 raise ValueError(f"tensor {n!r} has shape {tuple(np.shape(tensors[n]))}, "
                                  f"expected {want}")
         return names[0], np.stack([np.asarray(tensors[n]).T for n in names])
-    stem = template.split(".block_sparse_moe.")[0] + ".mlp.experts."
+    stem = template.split(".experts.")[0].replace(".block_sparse_moe", ".mlp") + ".experts."
     leaf = path[-1]
     fused = stem + ("down_proj" if leaf == "w2" else "gate_up_proj")
     if fused not in tensors:
