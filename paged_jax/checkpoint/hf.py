@@ -23,13 +23,13 @@ import numpy as np
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM",
                                              "MixtralForCausalLM", "Qwen2ForCausalLM",
                                              "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                                             "Phi3ForCausalLM")
+                                             "Phi3ForCausalLM", "Gemma3ForCausalLM")
 
 # What a config without an "architectures" entry stands for, by its model_type.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                               "phi3": "Phi3ForCausalLM"}
+                               "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

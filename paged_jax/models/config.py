@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3",
+                         "gemma3_text")
 ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16")
 
@@ -38,6 +39,14 @@ class ModelConfig:
     # How the checkpoint names the experts: "mixtral" (block_sparse_moe.experts.{e}.w1/w3/w2)
     # or "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj)
     expert_names: str = "mixtral"
+    # "llama" (models/llama.py) or "gemma3" (models/gemma3.py: (1 + w) RMSNorms around
+    # attention and the MLP, GeGLU, embeddings scaled by sqrt(hidden), tied head)
+    family: str = "llama"
+    # Gemma 3: per layer "sliding_attention" (a window of sliding_window, rope theta
+    # rope_local_theta, no scaling) or "full_attention"; None: every layer the same
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (Gemma)
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -69,7 +78,7 @@ class ModelConfig:
             raise ValueError(
                 f"model type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
         act = getattr(hf_config, "hidden_act", "silu")
-        if act not in ("silu", "swish"):  # the MLP and the experts are SwiGLU
+        if act not in ("silu", "swish") and model_type != "gemma3_text":  # SwiGLU
             raise ValueError(f"hidden_act {act!r} is not supported; supported: silu")
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
@@ -88,7 +97,7 @@ class ModelConfig:
             raise ValueError("qwen3_moe with dense layers among the sparse ones "
                              "(mlp_only_layers, decoder_sparse_step > 1) is not supported yet")
         experts = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts"}.get(model_type)
-        return cls(
+        fields = dict(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
             # (an MoE model's expert width: every layer is sparse)
@@ -115,6 +124,40 @@ class ModelConfig:
             expert_names="qwen" if model_type == "qwen3_moe" else "mixtral",
             dtype=dtype,
         )
+        if model_type == "gemma3_text":
+            fields.update(_gemma3(hf_config))
+        return cls(**fields)
+
+
+def _gemma3(hf_config) -> dict:
+    """Gemma 3's fields (its text model): rope per layer type, GeGLU, its attention scale."""
+    act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"gemma3 hidden_activation {act!r} is not supported; supported: "
+                         "gelu_pytorch_tanh")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(hf_config, name, None) is not None:
+            raise ValueError(f"{name} (Gemma 2's soft-capping) is not supported yet")
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention is not supported: attention is causal")
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    theta = full.pop("rope_theta", getattr(hf_config, "rope_theta", 1e6))
+    local_theta = local.get("rope_theta", getattr(hf_config, "rope_local_base_freq", 1e4))
+    kind = full.get("rope_type", "default")
+    if kind not in ("default",) + ROPE_TYPES:
+        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: "
+                         f"{', '.join(ROPE_TYPES)} (or none)")
+    if local.get("rope_type", "default") != "default":
+        raise ValueError("gemma3 sliding layers with rope scaling are not supported")
+    scaling = None if kind == "default" else {k: v for k, v in full.items() if v is not None}
+    types = tuple(getattr(hf_config, "layer_types", None) or ())
+    return dict(family="gemma3", rope_theta=float(theta), rope_local_theta=float(local_theta),
+                rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+                layer_types=types or None,
+                sliding_window=getattr(hf_config, "sliding_window", None),
+                query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
+                tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)))
 
 
 def _sliding_window(hf_config, model_type: str) -> int | None:

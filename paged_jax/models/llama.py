@@ -15,33 +15,8 @@ from flax import nnx
 
 from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_head
 from paged_jax.models.config import ModelConfig
+from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param
 from paged_jax.models.rope import apply_rope, inv_freq
-
-
-def _param(shape, names, dtype):
-    # Created abstractly (nnx.eval_shape) and filled from a checkpoint; zeros never reach a run.
-    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, dtype):
-        self.weight = _param((size,), ("norm",), dtype)
-        self.eps = eps
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * xf.astype(x.dtype)
-
-
-class Linear(nnx.Module):
-    def __init__(self, n_in, n_out, names, dtype, bias=False):
-        self.kernel = _param((n_in, n_out), names, dtype)
-        self.bias = _param((n_out,), names[1:], dtype) if bias else None
-
-    def __call__(self, x):
-        y = x @ self.kernel[...]
-        return y if self.bias is None else y + self.bias[...]
 
 
 class Attention(nnx.Module):
@@ -72,17 +47,6 @@ class Attention(nnx.Module):
                                               scale=cfg.head_dim ** -0.5,
                                               sliding_window=cfg.sliding_window)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
-
-
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
-        h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, i, ("embed", "mlp"), dtype)
-        self.up_proj = Linear(h, i, ("embed", "mlp"), dtype)
-        self.down_proj = Linear(i, h, ("mlp", "embed"), dtype)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SparseMoE(nnx.Module):
@@ -130,7 +94,8 @@ class DecoderLayer(nnx.Module):
         if cfg.num_experts and cfg.expert_names == "mixtral":
             self.block_sparse_moe = SparseMoE(cfg, dtype)
         else:
-            self.mlp = SparseMoE(cfg, dtype) if cfg.num_experts else MLP(cfg, dtype)
+            self.mlp = SparseMoE(cfg, dtype) if cfg.num_experts else GatedMLP(
+                cfg.hidden_size, cfg.intermediate_size, dtype, jax.nn.silu)
 
     def __call__(self, x, positions, kv_cache, md):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
@@ -165,6 +130,10 @@ class LlamaForCausalLM(nnx.Module):
         return logits, (None if kv_caches is None else new_caches)
 
 
-def abstract_model(cfg: ModelConfig) -> LlamaForCausalLM:
-    """The module tree with shape-only parameters; weights.py fills it."""
+def abstract_model(cfg: ModelConfig) -> nnx.Module:
+    """The module tree of cfg's family with shape-only parameters; weights.py fills it."""
+    if cfg.family == "gemma3":
+        from paged_jax.models.gemma3 import Gemma3ForCausalLM
+
+        return nnx.eval_shape(lambda: Gemma3ForCausalLM(cfg))
     return nnx.eval_shape(lambda: LlamaForCausalLM(cfg))

@@ -1,5 +1,5 @@
-"""Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Qwen3-MoE (its experts unnormalized)
-and Phi-3 (fused qkv and gate_up
+"""Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Qwen3-MoE (its experts unnormalized),
+Gemma 3's text model (models/gemma3.py: sliding and full layers) and Phi-3 (fused qkv and gate_up
 projections, a sliding window) against transformers in float32, and through the paged engine
 against a dense run; what is not built yet (Qwen's per-layer window, Phi's longrope and
 partial rotary) refused by name."""
@@ -24,13 +24,14 @@ def make_hf_dir(folder, kind: str, **overrides):
                initializer_range=0.1, rope_theta=10000.0, tie_word_embeddings=False,
                bos_token_id=1, eos_token_id=2, pad_token_id=2),
         **overrides})
-    config.architectures = [f"{kind}ForCausalLM"]
+    name = kind.removesuffix("Text")  # Gemma3TextConfig goes with Gemma3ForCausalLM
+    config.architectures = [f"{name}ForCausalLM"]
     torch.manual_seed(0)
-    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     with torch.no_grad():  # norms and biases away from their 1 / 0 init, so tests see them
         for name, parameter in model.named_parameters():
-            if name.endswith("norm.weight"):
-                parameter.normal_(1.0, 0.1)
+            if name.endswith("norm.weight"):  # (Gemma scales by 1 + weight)
+                parameter.normal_(0.0 if kind.startswith("Gemma") else 1.0, 0.1)
             if name.endswith(".bias"):
                 parameter.normal_(0.0, 0.1)
             if name.endswith("mlp.gate.weight"):  # a router wide enough to spread tokens
@@ -43,7 +44,17 @@ def make_hf_dir(folder, kind: str, **overrides):
 EXTRA = {"Qwen2": {}, "Qwen3": dict(head_dim=32), "Phi3": dict(sliding_window=24),
          # 4 experts of width 32, 2 a token, probabilities as the router gives them
          "Qwen3Moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
-                          moe_intermediate_size=32, norm_topk_prob=False)}
+                          moe_intermediate_size=32, norm_topk_prob=False),
+         # sliding and full layers (their own windows and rope thetas), the global ones
+         # with linear rope scaling, a query scale of its own, the tied head
+         "Gemma3Text": dict(head_dim=16, num_hidden_layers=3, sliding_window=24,
+                            layer_types=["sliding_attention", "full_attention",
+                                         "sliding_attention"], query_pre_attn_scalar=24,
+                            tie_word_embeddings=True, rope_parameters={
+                                "sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                   "rope_theta": 1000000.0}})}
 
 
 @pytest.fixture(scope="module", params=sorted(EXTRA))
@@ -58,7 +69,7 @@ def test_logits_match_transformers(family_dir):
     assert m.config.attention_bias == (kind == "qwen2")
     assert m.config.qk_norm == kind.startswith("qwen3")
     assert m.config.num_experts == (4 if kind == "qwen3_moe" else 0)
-    assert m.config.sliding_window == (24 if kind == "phi3" else None)
+    assert m.config.sliding_window == (24 if kind in ("phi3", "gemma3_text") else None)
     ids = np.random.default_rng(0).integers(0, 256, 150).tolist()
     ours = dense_logits(m.graphdef, m.params, ids)
     ref, _ = hf_logits(family_dir, ids)
