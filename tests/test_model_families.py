@@ -78,7 +78,9 @@ def test_logits_match_transformers(family_dir):
 
 def test_through_the_paged_engine_equals_dense(family_dir):
     m = load_model(str(family_dir), with_tokenizer=False)
-    assert_paged_greedy_equals_dense(m, (1, 17, 40), 10)
+    # chunked prefill (16-token chunks) and prefix caching (on by default) on
+    assert_paged_greedy_equals_dense(m, (1, 17, 40), 10, enable_chunked_prefill=True,
+                                     max_num_batched_tokens=16)
 
 
 def test_qwens_layer_sliding_window_is_refused_by_name(tmp_path):

@@ -232,3 +232,24 @@ def test_multi_host_flags_reach_the_engine_config():
         from paged_jax.config import EngineConfig
         from paged_jax.plan import check_options
         check_options(EngineConfig(num_processes=2, process_id=2))
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("Qwen2", {}),  # q/k/v biases, split with their heads
+    ("Gemma3Text", dict(head_dim=16, num_hidden_layers=2, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=16, tie_word_embeddings=True))])
+def test_other_families_tp_2_equals_tp_1(kind, extra, tmp_path, smollm2_tokenizer_files):
+    import shutil
+
+    from test_model_families import make_hf_dir
+
+    model = make_hf_dir(tmp_path / "model", kind, vocab_size=49152, **extra)
+    for file in smollm2_tokenizer_files.iterdir():  # (the worker loads a tokenizer)
+        shutil.copy(file, model)
+    out = run_worker("single", dict(model=str(model), prompts=random_prompts(2),
+                                    max_tokens=12, runs=[[1, "xla"], [2, "xla"]]),
+                     tmp_path, devices=2)
+    reference = out["tokens"]["1-xla"]
+    assert all(len(t) == 12 for t in reference)
+    assert out["tokens"]["2-xla"] == reference
