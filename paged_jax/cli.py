@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", required=True, help="the checkpoint folder to write")
     add_log_level(conv, "warning")
     add_engine_options(conv)
+    commands.add_parser("models", help="list the model architectures paged-jax runs")
     return parser
 
 
@@ -295,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     """The process's exit code: 0, or 1 when the server stopped because its engine died."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "models":  # the registry only: no engine options, no JAX
+        from paged_jax.models.registry import table
+
+        print(table())
+        return 0
     try:
         config = engine_config(args)
         if args.command == "serve":

@@ -26,3 +26,13 @@ def test_the_supported_models_table_matches_the_loaders():
         assert gguf.startswith("yes") == (architecture in GGUF_ARCHITECTURES.values())
     for gguf_name, architecture in GGUF_ARCHITECTURES.items():
         assert f"`general.architecture` {gguf_name}" in rows[architecture][1]
+
+
+def test_paged_jax_models_lists_the_registry(capsys):
+    from paged_jax.cli import main
+    from paged_jax.models.registry import FAMILIES
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [[f.architecture, f.model_type]
+                                                    for f in FAMILIES]

@@ -18,18 +18,14 @@ from typing import Any, Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-# The architectures (config.json "architectures" entries) the paged-jax model implements. The model
-# module imports this tuple; keep it the one place the list lives.
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM",
-                                             "MixtralForCausalLM", "Qwen2ForCausalLM",
-                                             "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                                             "Phi3ForCausalLM", "Gemma3ForCausalLM")
+from paged_jax.models import registry
+
+# The architectures (config.json "architectures" entries) the paged-jax models implement
+# (models/registry.py is the one place the list lives).
+SUPPORTED_ARCHITECTURES = registry.SUPPORTED_ARCHITECTURES
 
 # What a config without an "architectures" entry stands for, by its model_type.
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                               "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+_ARCHITECTURE_OF_MODEL_TYPE = registry.ARCHITECTURE_OF_MODEL_TYPE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

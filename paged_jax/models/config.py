@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "phi3",
-                         "gemma3_text")
+from paged_jax.models.registry import family
+
 ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16")
 
@@ -39,9 +39,8 @@ class ModelConfig:
     # How the checkpoint names the experts: "mixtral" (block_sparse_moe.experts.{e}.w1/w3/w2)
     # or "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj)
     expert_names: str = "mixtral"
-    # "llama" (models/llama.py) or "gemma3" (models/gemma3.py: (1 + w) RMSNorms around
-    # attention and the MLP, GeGLU, embeddings scaled by sqrt(hidden), tied head)
-    family: str = "llama"
+    # config.json's model_type: which family's module builds the model (models/registry.py)
+    model_type: str = "llama"
     # Gemma 3: per layer "sliding_attention" (a window of sliding_window, rope theta
     # rope_local_theta, no scaling) or "full_attention"; None: every layer the same
     layer_types: tuple[str, ...] | None = None
@@ -74,9 +73,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf_config, dtype: str = "float32") -> "ModelConfig":
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        family(model_type)  # a ValueError naming the supported types for any other
         act = getattr(hf_config, "hidden_act", "silu")
         if act not in ("silu", "swish") and model_type != "gemma3_text":  # SwiGLU
             raise ValueError(f"hidden_act {act!r} is not supported; supported: silu")
@@ -122,6 +119,7 @@ class ModelConfig:
             norm_topk_prob=(bool(getattr(hf_config, "norm_topk_prob", True))
                             if model_type == "qwen3_moe" else True),
             expert_names="qwen" if model_type == "qwen3_moe" else "mixtral",
+            model_type=model_type,
             dtype=dtype,
         )
         if model_type == "gemma3_text":
@@ -152,7 +150,7 @@ def _gemma3(hf_config) -> dict:
         raise ValueError("gemma3 sliding layers with rope scaling are not supported")
     scaling = None if kind == "default" else {k: v for k, v in full.items() if v is not None}
     types = tuple(getattr(hf_config, "layer_types", None) or ())
-    return dict(family="gemma3", rope_theta=float(theta), rope_local_theta=float(local_theta),
+    return dict(rope_theta=float(theta), rope_local_theta=float(local_theta),
                 rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
                 layer_types=types or None,
                 sliding_window=getattr(hf_config, "sliding_window", None),

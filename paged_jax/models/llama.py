@@ -16,6 +16,7 @@ from flax import nnx
 from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_head
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param
+from paged_jax.models.registry import family
 from paged_jax.models.rope import apply_rope, inv_freq
 
 
@@ -131,9 +132,7 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def abstract_model(cfg: ModelConfig) -> nnx.Module:
-    """The module tree of cfg's family with shape-only parameters; weights.py fills it."""
-    if cfg.family == "gemma3":
-        from paged_jax.models.gemma3 import Gemma3ForCausalLM
-
-        return nnx.eval_shape(lambda: Gemma3ForCausalLM(cfg))
-    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg))
+    """The module tree of cfg's family (models/registry.py) with shape-only parameters;
+    weights.py fills it."""
+    model_class = family(cfg.model_type).load_class()
+    return nnx.eval_shape(lambda: model_class(cfg))
