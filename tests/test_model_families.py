@@ -45,6 +45,9 @@ EXTRA = {"Qwen2": {}, "Qwen3": dict(head_dim=32), "Phi3": dict(sliding_window=24
          # 4 experts of width 32, 2 a token, probabilities as the router gives them
          "Qwen3Moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
                           moe_intermediate_size=32, norm_topk_prob=False),
+         # its shared expert, gated, beside 4 routed ones
+         "Qwen2Moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=48),
          # sliding and full layers (their own windows and rope thetas), the global ones
          # with linear rope scaling, a query scale of its own, the tied head
          "Gemma3Text": dict(head_dim=16, num_hidden_layers=3, sliding_window=24,
@@ -66,9 +69,10 @@ def family_dir(request, tmp_path_factory):
 def test_logits_match_transformers(family_dir):
     m = load_model(str(family_dir), with_tokenizer=False)
     kind = json.loads((family_dir / "config.json").read_text())["model_type"]
-    assert m.config.attention_bias == (kind == "qwen2")
+    assert m.config.attention_bias == kind.startswith("qwen2")
     assert m.config.qk_norm == kind.startswith("qwen3")
-    assert m.config.num_experts == (4 if kind == "qwen3_moe" else 0)
+    assert m.config.num_experts == (4 if kind.endswith("_moe") else 0)
+    assert m.config.shared_expert_intermediate_size == (48 if kind == "qwen2_moe" else 0)
     assert m.config.sliding_window == (24 if kind in ("phi3", "gemma3_text") else None)
     ids = np.random.default_rng(0).integers(0, 256, 150).tolist()
     ours = dense_logits(m.graphdef, m.params, ids)

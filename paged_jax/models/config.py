@@ -39,6 +39,9 @@ class ModelConfig:
     # How the checkpoint names the experts: "mixtral" (block_sparse_moe.experts.{e}.w1/w3/w2)
     # or "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj)
     expert_names: str = "mixtral"
+    # Qwen2-MoE: a dense SwiGLU expert of this width every token goes through, scaled by a
+    # sigmoid gate (mlp.shared_expert, mlp.shared_expert_gate); 0: none
+    shared_expert_intermediate_size: int = 0
     # config.json's model_type: which family's module builds the model (models/registry.py)
     model_type: str = "llama"
     # Gemma 3: per layer "sliding_attention" (a window of sliding_window, rope theta
@@ -88,17 +91,19 @@ class ModelConfig:
         if partial not in (None, 1, 1.0):
             raise ValueError(f"partial_rotary_factor {partial} (rope on part of each head) "
                              "is not supported; every head dimension is rotated here")
-        if model_type == "qwen3_moe" and (
+        if model_type in ("qwen3_moe", "qwen2_moe") and (
                 getattr(hf_config, "mlp_only_layers", None)
                 or getattr(hf_config, "decoder_sparse_step", 1) != 1):
-            raise ValueError("qwen3_moe with dense layers among the sparse ones "
+            raise ValueError(f"{model_type} with dense layers among the sparse ones "
                              "(mlp_only_layers, decoder_sparse_step > 1) is not supported yet")
-        experts = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts"}.get(model_type)
+        experts = {"mixtral": "num_local_experts", "qwen3_moe": "num_experts",
+                   "qwen2_moe": "num_experts"}.get(model_type)
         fields = dict(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
             # (an MoE model's expert width: every layer is sparse)
-            intermediate_size=(hf_config.moe_intermediate_size if model_type == "qwen3_moe"
+            intermediate_size=(hf_config.moe_intermediate_size
+                               if model_type in ("qwen3_moe", "qwen2_moe")
                                else hf_config.intermediate_size),
             num_layers=hf_config.num_hidden_layers,
             num_heads=num_heads,
@@ -110,15 +115,18 @@ class ModelConfig:
             max_position_embeddings=hf_config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             # Qwen2's q/k/v projections always carry a bias (its config has no flag)
-            attention_bias=(model_type == "qwen2"
+            attention_bias=(model_type == "qwen2" or bool(getattr(hf_config, "qkv_bias", False))
                             or bool(getattr(hf_config, "attention_bias", False))),
             qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=_sliding_window(hf_config, model_type),
             num_experts=getattr(hf_config, experts, 0) if experts else 0,
             num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0) if experts else 0,
             norm_topk_prob=(bool(getattr(hf_config, "norm_topk_prob", True))
-                            if model_type == "qwen3_moe" else True),
-            expert_names="qwen" if model_type == "qwen3_moe" else "mixtral",
+                            if model_type in ("qwen3_moe", "qwen2_moe") else True),
+            expert_names="qwen" if model_type in ("qwen3_moe", "qwen2_moe") else "mixtral",
+            shared_expert_intermediate_size=(
+                getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+                if model_type == "qwen2_moe" else 0),
             model_type=model_type,
             dtype=dtype,
         )
@@ -161,7 +169,7 @@ def _gemma3(hf_config) -> dict:
 def _sliding_window(hf_config, model_type: str) -> int | None:
     """Mistral's window (every layer); Qwen's sliding_window is only in force with
     use_sliding_window, and then from layer max_window_layers on: not built yet."""
-    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe"):
         if getattr(hf_config, "use_sliding_window", False):
             raise ValueError(f"{model_type} with use_sliding_window (a window on layers "
                              f"{getattr(hf_config, 'max_window_layers', '?')} and up) is not "

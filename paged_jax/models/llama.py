@@ -67,6 +67,10 @@ class SparseMoE(nnx.Module):
         self.w1 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # gate projection
         self.w3 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # up projection
         self.w2 = _param((e, i, h), ("experts", "mlp", "embed"), dtype)  # down projection
+        if cfg.shared_expert_intermediate_size:  # Qwen2-MoE's, beside the routed experts
+            self.shared_expert = GatedMLP(h, cfg.shared_expert_intermediate_size, dtype,
+                                          jax.nn.silu)
+            self.shared_expert_gate = Linear(h, 1, ("embed", "experts"), dtype)
 
     def __call__(self, x):
         t, k, e = x.shape[0], self.top_k, self.w1.shape[0]
@@ -82,7 +86,10 @@ class SparseMoE(nnx.Module):
                * jax.lax.ragged_dot(rows, self.w3[...], sizes))
         out = jax.lax.ragged_dot(act, self.w2[...], sizes)  # [T * k, H]
         out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
-        return jnp.einsum("tkh,tk->th", out.astype(jnp.float32), weights).astype(x.dtype)
+        routed = jnp.einsum("tkh,tk->th", out.astype(jnp.float32), weights).astype(x.dtype)
+        if not hasattr(self, "shared_expert"):
+            return routed
+        return routed + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class DecoderLayer(nnx.Module):

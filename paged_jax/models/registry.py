@@ -35,6 +35,8 @@ FAMILIES: tuple[Family, ...] = (
            "Qwen3 dense (per-head q/k RMSNorm); use_sliding_window refused"),
     Family("Qwen3MoeForCausalLM", "qwen3_moe", "paged_jax.models.llama:LlamaForCausalLM",
            "Qwen3 MoE (every layer sparse, norm_topk_prob as configured)"),
+    Family("Qwen2MoeForCausalLM", "qwen2_moe", "paged_jax.models.llama:LlamaForCausalLM",
+           "Qwen1.5 / Qwen2 MoE (q/k/v biases, a gated shared expert beside the routed ones)"),
     Family("Gemma3ForCausalLM", "gemma3_text", "paged_jax.models.gemma3:Gemma3ForCausalLM",
            "Gemma 3 text models: sliding and full layers, each with its rope"),
     Family("Phi3ForCausalLM", "phi3", "paged_jax.models.llama:LlamaForCausalLM",
