@@ -130,3 +130,22 @@ def test_mosaic_decode_kernel_makes_the_xla_backends_choices(make_tiny_llama_dir
         outs[name] = run_outputs(engine, prompts, 10, logprobs=2)
     assert calls, "the decode steps did not reach the Mosaic GPU kernel"
     assert_same_greedy_choices(outs["xla"], outs["pallas"])
+
+
+def test_pallas_backend_on_gemma3s_sliding_and_full_layers(tmp_path):
+    """Per-layer windows and their ropes (models/gemma3.py) through the Pallas kernels and
+    the CPU kernel. (Large weights: peaked logits, so greedy choices do not flip on ulps.)"""
+    from test_model_families import make_hf_dir
+
+    folder = make_hf_dir(tmp_path, "Gemma3Text", hidden_size=64, head_dim=64,
+                         num_hidden_layers=2, sliding_window=8, query_pre_attn_scalar=64,
+                         layer_types=["sliding_attention", "full_attention"],
+                         tie_word_embeddings=True, initializer_range=0.3)
+    model = load_model(str(folder), "float32", with_tokenizer=False)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (3, 12, 21)]
+    outs = {backend: run(LLMEngine(EngineConfig(
+        dtype="float32", num_kv_blocks=32, max_model_len=64, max_num_seqs=4,
+        max_num_batched_tokens=64, attention_backend=backend), model=model), prompts, 10)
+        for backend in ("xla", "pallas", "cpu")}
+    assert outs["pallas"] == outs["xla"] and outs["cpu"] == outs["xla"]
