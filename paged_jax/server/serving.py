@@ -141,6 +141,11 @@ class OpenAIServing:
         self._check_model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+        limit = getattr(getattr(self.loop.engine, "config", None), "max_logprobs", None)
+        if body.top_logprobs and limit is not None and body.top_logprobs > limit:
+            # (the engine would name its own field, logprobs)
+            raise bad_request(f"top_logprobs must be at most max_logprobs ({limit}), got "
+                              f"{body.top_logprobs}", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, body.requested_max_tokens, logprobs)
         asked = self._asked_max_tokens(body.requested_max_tokens, params)

@@ -39,6 +39,15 @@ def test_invalid_parameter_is_400(client, server, kwargs, param, words, stream):
     assert words in err["message"] and err["type"] == "invalid_request_error"
 
 
+def test_top_logprobs_over_max_logprobs_is_400_naming_it(client, server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model, max_tokens=2, logprobs=True,
+                                       top_logprobs=21,
+                                       messages=[{"role": "user", "content": PROMPT}])
+    err = assert_error(info.value.body, "top_logprobs")
+    assert "top_logprobs must be at most max_logprobs (20), got 21" in err["message"]
+
+
 def test_prompt_plus_max_tokens_over_context_is_400(client, server):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=server.model, prompt=[5] * 250, max_tokens=16)
