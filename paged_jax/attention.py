@@ -53,6 +53,8 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
     k_cache = write_kv(kv_cache[0], k, md.slot_mapping)
     v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
     if md.backend == "pallas":
+        if sliding_window is not None:  # (the plan refuses such a model; never silently)
+            raise NotImplementedError("the Pallas kernels do not apply a sliding window")
         out = _pallas(q, k_cache, v_cache, md, scale)
     elif md.backend == "cpu":
         from paged_jax import cpu_kernels  # lazily: builds the kernel on first use

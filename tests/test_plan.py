@@ -10,7 +10,8 @@ from paged_jax.config import EngineConfig
 from paged_jax.plan import check_options, make_plan, pick_backend, resolve_dtype
 
 # kv_bytes_per_token: 2 (K, V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
-MODEL = types.SimpleNamespace(max_position_embeddings=4096, kv_bytes_per_token=1024)
+MODEL = types.SimpleNamespace(max_position_embeddings=4096, kv_bytes_per_token=1024,
+                              sliding_window=None)
 
 
 def plan(platform="cpu", multihost=False, dtype="float32", **options):
@@ -81,6 +82,12 @@ def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
     assert pick_backend("auto", "cpu", "float32", True) == "xla"  # multi-host
     assert pick_backend("auto", "gpu", "bfloat16", False) == "pallas"
     assert pick_backend("xla", "cpu", "float32", False) == "xla"
+    # The Pallas kernels apply no sliding window: such a model takes the XLA path on a GPU,
+    # and asking for pallas is refused by name.
+    assert pick_backend("auto", "gpu", "bfloat16", False, 4096) == "xla"
+    assert pick_backend("auto", "cpu", "float32", False, 4096) == "cpu"
+    with pytest.raises(ValueError, match=r"not apply the model's sliding_window \(4096\)"):
+        pick_backend("pallas", "gpu", "bfloat16", False, 4096)
     with pytest.raises(ValueError, match="'cpu' cannot run here: it takes float32, not bfloat16"):
         pick_backend("cpu", "cpu", "bfloat16", False)
     with pytest.raises(ValueError, match="'cpu' needs the CPU platform, not 'gpu'"):

@@ -161,7 +161,9 @@ def _gemma3(hf_config) -> dict:
     return dict(rope_theta=float(theta), rope_local_theta=float(local_theta),
                 rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
                 layer_types=types or None,
-                sliding_window=getattr(hf_config, "sliding_window", None),
+                # (no sliding layer: no window anywhere, and the Pallas kernels may run it)
+                sliding_window=(getattr(hf_config, "sliding_window", None)
+                                if "sliding_attention" in types else None),
                 query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
                 tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)))
 
