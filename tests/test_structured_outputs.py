@@ -25,8 +25,8 @@ FORMS = {
              lambda text: jsonschema.validate(json.loads(text), SCHEMA)),
     "json_object": (StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
                     lambda text: isinstance(json.loads(text), dict) or 1 / 0),
-    "regex": (StructuredOutputsParams(regex=r"[a-z]{2,6}-\d{3}"),
-              lambda text: re.fullmatch(r"[a-z]{2,6}-\d{3}", text) or 1 / 0),
+    "regex": (StructuredOutputsParams(regex=r"[a-z]{2,6}-[0-9]{3}"),
+              lambda text: re.fullmatch(r"[a-z]{2,6}-[0-9]{3}", text) or 1 / 0),
     "choice": (StructuredOutputsParams(choice=["alpha", "beta gamma", "delta"]),
                lambda text: text in ("alpha", "beta gamma", "delta") or 1 / 0),
     "grammar": (StructuredOutputsParams(grammar='start: "(" item ("," item)* ")"\n'
