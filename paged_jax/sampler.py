@@ -93,8 +93,8 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
     score = None
     if scores:  # (rows past the sampled ones are like padding but for the token scored)
         score = np.full((num_rows,), -1, np.int32)
-        for row, target in scores:
-            score[row] = target
+        rows, targets = zip(*scores)
+        score[list(rows)] = targets
 
     def col(values, dtype, fill=0):
         return np.asarray(list(values) + [fill] * pad, dtype)

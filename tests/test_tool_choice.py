@@ -23,6 +23,13 @@ def test_auto_needs_the_servers_flags(choice):
     plan = plan_tools(TOOLS, choice, False, AUTO)
     assert (plan.mode, plan.parser, plan.parallel, plan.constraint) == (
         "auto", "hermes", False, None)
+    # strict asks for schema-held arguments, which auto cannot give: refused, not ignored
+    strict = [p.ChatTool(function=p.FunctionDefinition(name="s", parameters=WEATHER,
+                                                        strict=True))]
+    with pytest.raises(ToolChoiceError, match="strict function 's'") as info:
+        plan_tools(strict, choice, True, AUTO)
+    assert info.value.param == "tools"
+    assert plan_tools(strict, "required", True, AUTO).constraint is not None
 
 
 def test_none_and_no_tools_ask_nothing():

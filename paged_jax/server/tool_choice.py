@@ -65,6 +65,11 @@ def plan_tools(tools, tool_choice, parallel_tool_calls: bool,
         if not (options.enable_auto_tool_choice and options.tool_call_parser):
             raise ToolChoiceError('"auto" tool choice requires --enable-auto-tool-choice and '
                                   "--tool-call-parser to be set", "tool_choice")
+        strict = [t.function.name for t in tools if t.function.strict]
+        if strict:  # the parser reads what the model wrote; nothing holds it to a schema
+            raise ToolChoiceError(f"strict function {strict[0]!r}: arguments are held to a "
+                                  'schema only with tool_choice "required" or a named '
+                                  'function, not "auto"', "tools")
         return ToolPlan("auto", parser=options.tool_call_parser,
                         parallel=parallel_tool_calls)
     if tool_choice == "required":
