@@ -41,21 +41,23 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
     return flat.reshape(hkv, n, b, d)
 
 
-def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding_window=None):
+def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding_window=None,
+              softcap=None):
     """q [T, Hq, D], k/v [T, Hkv, D]; kv_cache (k_cache, v_cache) or None for a dense run.
+    sliding_window: keys within this many positions of the query (None: all before it);
+    softcap: Gemma 2's attention logits capped at +-softcap by tanh (None: not capped).
 
     Returns (out [T, Hq, D], new kv_cache).
     """
     if kv_cache is None:
         if md.mode != "prefill":
             raise ValueError(f"a run without a KV cache must be a prefill, got mode {md.mode!r}")
-        return xla_attention.prefill_dense(q, k, v, md, scale, sliding_window), None
+        return xla_attention.prefill_dense(q, k, v, md, scale, sliding_window,
+                                           softcap=softcap), None
     k_cache = write_kv(kv_cache[0], k, md.slot_mapping)
     v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
     if md.backend == "pallas":
-        if sliding_window is not None:  # (the plan refuses such a model; never silently)
-            raise NotImplementedError("the Pallas kernels do not apply a sliding window")
-        out = _pallas(q, k_cache, v_cache, md, scale)
+        out = _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap)
     elif md.backend == "cpu":
         from paged_jax import cpu_kernels  # lazily: builds the kernel on first use
 
@@ -63,30 +65,35 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
         # one new token, so no separate pass (or lax.cond) is needed.
         out = cpu_kernels.paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
                                           md.block_tables, scale=scale,
-                                          sliding_window=sliding_window)
+                                          sliding_window=sliding_window, softcap=softcap)
     elif md.mode == "prefill":
-        out = xla_attention.prefill_tiled(q, k, v, md, scale, sliding_window)
+        out = xla_attention.prefill_tiled(q, k, v, md, scale, sliding_window, softcap=softcap)
         if md.num_decodes is not None:
             # Skipped at run time when no row decodes: even loops of zero trips cost here.
-            out = jax.lax.cond(md.num_decodes > 0, xla_attention.with_decode_rows,
+            out = jax.lax.cond(md.num_decodes > 0,
+                               functools.partial(xla_attention.with_decode_rows,
+                                                 softcap=softcap),
                                lambda out, *_: out, out, q, k_cache, v_cache, md, scale,
                                sliding_window)
     elif md.mode == "decode":
-        out = xla_attention.decode(q, k_cache, v_cache, md, scale, sliding_window)
+        out = xla_attention.decode(q, k_cache, v_cache, md, scale, sliding_window,
+                                   softcap=softcap)
     else:
-        out = xla_attention.mixed(q, k_cache, v_cache, md, scale, sliding_window)
+        out = xla_attention.mixed(q, k_cache, v_cache, md, scale, sliding_window,
+                                  softcap=softcap)
     return out, (k_cache, v_cache)
 
 
-def _pallas(q, k_cache, v_cache, md, scale):
+def _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap):
     # Imported lazily: the kernels pull in Pallas/Triton lowering that the XLA path never needs.
     from pallas_kernels import ragged_paged_attention
     from pallas_kernels.dispatch import paged_decode
 
+    features = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if md.mode == "decode":
-        return paged_decode(q, k_cache, v_cache, md.block_tables, md.seq_lens, scale=scale)
+        return paged_decode(q, k_cache, v_cache, md.block_tables, md.seq_lens, **features)
     return ragged_paged_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens,
-                                  md.query_start_loc, scale=scale)
+                                  md.query_start_loc, **features)
 
 
 # ---- attention under shard_map ---------------------------------------------------------------

@@ -196,6 +196,9 @@ class ContiguousKV(NoPrefixCache):
     def can_admit(self, num_tokens: int) -> bool:
         return self.buddy.can_allocate(num_tokens)
 
+    def release_outside_window(self, request_id: str, num_computed: int) -> int:
+        return 0  # a contiguous range is held whole until the request ends (no window)
+
     def free(self, request_id: str) -> None:
         r = self.ranges.pop(request_id, None)
         if r is not None:

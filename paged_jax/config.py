@@ -9,7 +9,7 @@ import dataclasses
 # it can run (float32, one process, a C++ compiler), else "xla".
 ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
-DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SPECULATIVE_METHODS = (None, "ngram")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -29,6 +29,10 @@ class EngineConfig:
         "cache (default: the embedded SmolLM2-135M-Instruct)")
     revision: str | None = option(None, "with a hub name: the branch, tag or commit of its "
                                   "cached snapshot (default: main)")
+    tokenizer: str | None = option(None, "the tokenizer's folder or hub name, when it is not "
+                                   "the model's (default: the model's own)")
+    tokenizer_revision: str | None = option(None, "with a tokenizer hub name: the revision "
+                                            "of its cached snapshot (default: main)")
     dtype: str = option("auto", "the model's dtype; auto: float32 on the CPU (XLA's CPU "
                         "bfloat16 matmuls are slower), bfloat16 on accelerators",
                         DTYPES)
@@ -118,7 +122,7 @@ class EngineConfig:
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
                              f"{self.block_size}")

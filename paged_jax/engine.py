@@ -23,7 +23,7 @@ from paged_jax.kv_cache_manager import KVCacheManager, KVUsage
 from paged_jax.model_runner import ModelRunner
 from paged_jax.models.loader import LoadedModel, load_model, shard_model
 from paged_jax.outputs import OutputBuilder
-from paged_jax.plan import check_options, make_plan, resolve_dtype, warn_bfloat16_on_cpu
+from paged_jax.plan import check_options, make_plan, resolve_dtype, warn_half_on_cpu
 from paged_jax.request import Request, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import ScheduledBatch, Scheduler
@@ -94,9 +94,15 @@ class LLMEngine:
         tp = config.tensor_parallel_size
         if model is None:
             model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
-                               mesh=self.mesh, revision=config.revision)
-        elif self.mesh is not None:
-            model = shard_model(model, self.mesh)
+                               mesh=self.mesh, revision=config.revision,
+                               tokenizer=config.tokenizer,
+                               tokenizer_revision=config.tokenizer_revision)
+        else:
+            if config.tokenizer is not None or config.tokenizer_revision is not None:
+                raise ValueError("tokenizer / tokenizer_revision apply when the engine loads "
+                                 "the model; with a model handed in, pass them to load_model")
+            if self.mesh is not None:
+                model = shard_model(model, self.mesh)
         self.model = model
         # What the server calls the model (unless --served-model-name) and where it lies.
         self.model_name = config.model or DEFAULT_MODEL_NAME
@@ -108,8 +114,8 @@ class LLMEngine:
         # The loaded model's dtype decides (a model handed in may differ from config.dtype).
         self.plan = plan = make_plan(config, mcfg, jax.default_backend(), bool(self.multihost),
                                      jnp.dtype(mcfg.dtype).name)
-        if on_cpu and jnp.dtype(mcfg.dtype) == jnp.bfloat16:
-            warn_bfloat16_on_cpu()
+        if on_cpu and mcfg.dtype != "float32":
+            warn_half_on_cpu(mcfg.dtype)
         self.backend = plan.backend
         self.max_model_len = plan.max_model_len
         self.max_num_batched_tokens = plan.max_num_batched_tokens
@@ -119,7 +125,8 @@ class LLMEngine:
         self.tokenizer = self.model.tokenizer
         self.kv = KVCacheManager(num_blocks, config.block_size,
                                  enable_caching=config.enable_prefix_caching,
-                                 num_cpu_blocks=num_cpu_blocks)
+                                 num_cpu_blocks=num_cpu_blocks,
+                                 sliding_window=mcfg.kv_window)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, self.max_num_batched_tokens,
                                    mixed=config.mixed_batches,
                                    chunked=config.enable_chunked_prefill, swap=swapping,
@@ -313,6 +320,14 @@ class LLMEngine:
                              f"{self.max_model_len}, which leaves no room to generate")
         need = min(len(ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
         blocks = cdiv(need, self.kv.block_size)
+        window = self.kv.sliding_window
+        if window is not None and self.config.enable_chunked_prefill:
+            # Blocks the window has passed go back as the request goes (prompt chunks too):
+            # it holds a window and one block, one more for a chunk to start in, and its
+            # drafts. (Without chunks a prompt, or a preempted request's recompute, comes in
+            # whole and needs its full length.)
+            blocks = min(blocks, cdiv(window, self.kv.block_size) + 2
+                         + cdiv(self.plan.num_speculative_tokens, self.kv.block_size))
         if blocks > self.kv.pool.num_usable:
             raise ValueError(f"the request needs up to {need} tokens ({blocks} KV blocks) but "
                              f"the KV cache holds {self.kv.pool.num_usable} blocks")
@@ -587,7 +602,8 @@ class LLMEngine:
                 self._channel = None
 
     def kv_usage(self) -> KVUsage:
-        held = {r.request_id: r.num_computed_tokens for r in self.scheduler.running}
+        held = {r.request_id: self.kv.tokens_held(r.request_id, r.num_computed_tokens)
+                for r in self.scheduler.running}
         return self.kv.usage(held)
 
     def snapshot(self, with_requests: bool = False) -> EngineSnapshot:
@@ -613,6 +629,7 @@ class LLMEngine:
             num_cpu_blocks_used=cpu.num_used if cpu is not None else 0,
             num_preemptions=sched.num_preemptions, num_swapped_out=sched.num_swapped_out,
             prefix_cache_queries=kv.cache_stats.queries, prefix_cache_hits=kv.cache_stats.hits,
+            window_released_blocks=kv.num_released_blocks,
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens, prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generation_tokens, num_steps=stats.num_steps,

@@ -1,6 +1,10 @@
 """Per-request block tables over the block pool, grown on demand; prefix-cache lookups and
-registration; swapping tables out to a pool of host (CPU) blocks and back; KV usage
-accounting."""
+registration; swapping tables out to a pool of host (CPU) blocks and back; blocks that fell out
+of a sliding window given back; KV usage accounting.
+
+A table entry of 0 (the reserved padding block) after `release_outside_window` is a logical
+block whose K/V no later query reads: every layer's window has moved past it. Readers still
+see its slot in the table (positions stay where they are) and the window masks it out."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,10 +43,18 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, shuffle_seed: int | None = None,
-                 enable_caching: bool = False, num_cpu_blocks: int = 0):
+                 enable_caching: bool = False, num_cpu_blocks: int = 0,
+                 sliding_window: int | None = None):
         """num_cpu_blocks: host blocks that preemption by swap copies tables into (0: none).
-        Host block 0 is reserved like the device's, as the target of padded copies."""
+        Host block 0 is reserved like the device's, as the target of padded copies.
+        sliding_window: the window every layer of the model attends within (None: some layer
+        reads the whole context), after which release_outside_window gives blocks back."""
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         self.block_size = block_size
+        self.sliding_window = sliding_window
+        self._released: dict[str, int] = {}  # request -> leading table entries given back
+        self.num_released_blocks = 0  # running total, for the metrics
         self.pool = BlockPool(num_blocks, shuffle_seed)
         self.cpu_pool = BlockPool(num_cpu_blocks + 1) if num_cpu_blocks else None
         self._swapped: dict[str, list[int]] = {}  # swapped-out request -> its host blocks
@@ -129,7 +141,8 @@ class KVCacheManager:
         done = len(known)
         known[:] = block_hashes(token_ids, self.block_size, known, limit=len(table))
         for i in range(done, len(known)):
-            self.pool.register(table[i], known[i])
+            if table[i]:  # (0: released before it was registered; nothing to cache)
+                self.pool.register(table[i], known[i])
 
     def reset_prefix_cache(self) -> None:
         """Drop every cached hash; the tables' own blocks stay. Held blocks computed so far
@@ -144,12 +157,40 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         """Give back the request's device blocks, or its host blocks if it is swapped out."""
         self._hashes.pop(request_id, None)
+        released = self._released.pop(request_id, 0)
         table = self._tables.pop(request_id, None)
         if table:
-            self.pool.free(table)
+            self.pool.free(table[released:])
         host = self._swapped.pop(request_id, None)
         if host:
-            self.cpu_pool.free(host)
+            self.cpu_pool.free([b for b in host if b])  # (0: a block released before)
+
+    # ---- sliding windows ------------------------------------------------------------------
+
+    def release_outside_window(self, request_id: str, num_computed: int) -> int:
+        """Give back the request's blocks that no later query reads: its next query sits at
+        position num_computed and attends to keys after num_computed - sliding_window, so
+        every block wholly before that is dead in every layer (vLLM's sliding-window manager
+        does the same). Released blocks keep their prefix-cache hash on the free list, as any
+        freed block does. Returns how many blocks were given back (0 without a window).
+        num_computed must never exceed what later queries start from: speculative drafts
+        are settled first (update_from_output), so it only grows."""
+        table = self._tables.get(request_id)
+        if self.sliding_window is None or not table:
+            return 0
+        done = self._released.get(request_id, 0)
+        dead = min(len(table), max(0, num_computed - self.sliding_window + 1) // self.block_size)
+        if dead <= done:
+            return 0
+        self.pool.free(table[done:dead])
+        table[done:dead] = [0] * (dead - done)
+        self._released[request_id] = dead
+        self.num_released_blocks += dead - done
+        return dead - done
+
+    def num_released(self, request_id: str) -> int:
+        """Leading blocks of the request's table given back to the pool (entries now 0)."""
+        return self._released.get(request_id, 0)
 
     # ---- swapping (preemption by swap) ----------------------------------------------------
 
@@ -163,14 +204,17 @@ class KVCacheManager:
         already being copied out this step; their host copies are shared, not made again."""
         copied = copied or {}
         table = self._tables[request_id]
-        blocks = table[:cdiv(num_computed, self.block_size)]
+        released = self._released.get(request_id, 0)
+        blocks = table[released:cdiv(num_computed, self.block_size)]
         new = [b for b in blocks if b not in copied]
         if self.cpu_pool is None or len(new) > self.cpu_pool.num_free:
             return None
         fresh = dict(zip(new, self.cpu_pool.allocate(len(new))))
         self.cpu_pool.share([copied[b] for b in blocks if b in copied])
         self.free(request_id)
-        self._swapped[request_id] = [fresh[b] if b in fresh else copied[b] for b in blocks]
+        # (released blocks stay released: host entry 0, nothing copied)
+        self._swapped[request_id] = [0] * released + [
+            fresh[b] if b in fresh else copied[b] for b in blocks]
         return list(fresh.items())
 
     def swap_in(self, request_id: str, num_tokens: int) -> list[tuple[int, int]] | None:
@@ -182,11 +226,18 @@ class KVCacheManager:
         host = self._swapped[request_id]
         if request_id in self._tables:
             raise ValueError(f"request {request_id!r} is swapped out and holds device blocks")
+        released = next((i for i, b in enumerate(host) if b), len(host))
+        if released:  # a table starts with its released entries: nothing to copy there
+            self._tables[request_id] = [0] * released
         if not self.allocate(request_id, max(num_tokens, len(host) * self.block_size)):
+            self._tables.pop(request_id, None)
             return None
+        if released:
+            self._released[request_id] = released
         del self._swapped[request_id]
-        self.cpu_pool.free(host)
-        return list(zip(host, self._tables.setdefault(request_id, [])))  # [] if none computed
+        self.cpu_pool.free(host[released:])
+        table = self._tables.setdefault(request_id, [])  # [] if none computed
+        return list(zip(host[released:], table[released:]))
 
     def host_blocks(self, request_id: str) -> list[int]:
         """A swapped-out request's host blocks (shared with others swapped out in the same
@@ -201,9 +252,14 @@ class KVCacheManager:
         table, b = self._tables[request_id], self.block_size
         return [table[p // b] * b + p % b for p in range(start, end)]
 
+    def tokens_held(self, request_id: str, num_computed: int) -> int:
+        """Of the request's first num_computed tokens, those whose K/V its blocks still hold
+        (released blocks hold none)."""
+        return max(0, num_computed - self._released.get(request_id, 0) * self.block_size)
+
     def usage(self, tokens_held: dict[str, int]) -> KVUsage:
-        """tokens_held: request id -> tokens whose K/V sit in its blocks, for every request
-        that holds blocks. A shared block is always full (only full blocks are shared), so
+        """tokens_held: request id -> tokens whose K/V sit in its blocks (tokens_held), for
+        every request that holds blocks. A shared block is always full (only full blocks are shared), so
         each extra owner of one counted block_size tokens twice."""
         used = self.pool.num_used
         return KVUsage(used, self.pool.num_usable, used * self.block_size,

@@ -416,6 +416,9 @@ class Scheduler:
                     self.finish(req)
                     break
             updated.append((req, n))
+        for req in batch.requests:  # after drafts are settled: computed tokens only grow now
+            if not req.finished:
+                self.kv.release_outside_window(req.request_id, req.num_computed_tokens)
         return updated
 
     def finish(self, req: Request) -> None:

@@ -42,6 +42,7 @@ class EngineSnapshot:
     num_swapped_out: int  # by swap
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache ...
     prefix_cache_hits: int  # ... and those whose K/V it supplied
+    window_released_blocks: int  # blocks given back once every layer's window passed them
     spec_draft_tokens: int  # speculative tokens computed ...
     spec_accepted_tokens: int  # ... and kept
     prompt_tokens: int  # of admitted prompts (a preempted request's again), cached included

@@ -17,7 +17,8 @@ def load_tokenizer(folder: str | os.PathLike):
     if not path.is_dir():
         raise FileNotFoundError(f"model folder {path} does not exist")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in model folder {path}")
+        raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in model folder {path} "
+                                "(tokenizer= / --tokenizer takes it from another folder or hub name)")
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

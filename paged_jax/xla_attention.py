@@ -30,6 +30,11 @@ def _token_seq_ids(md, num_tokens: int) -> jax.Array:
     return jnp.searchsorted(md.query_start_loc[1:], jnp.arange(num_tokens), side="right")
 
 
+def _cap(scores, softcap):
+    """Gemma 2's logit soft-capping, applied to the scaled scores before masking."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
 def _masked_softmax(scores, mask):
     """Softmax over the last axis in float32; fully masked rows give zeros, not NaNs."""
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -49,7 +54,7 @@ def _online_softmax_step(carry, scores, values, pv: str):
     return new_peak, total * rescale + p.sum(-1), acc
 
 
-def prefill_dense(q, k, v, md, scale, sliding_window):
+def prefill_dense(q, k, v, md, scale, sliding_window, *, softcap=None):
     """Causal attention among the step's own tokens, sequences kept apart by a segment mask.
 
     Flat over the step (cost grows with the square of its tokens): the dense run's attention
@@ -62,13 +67,14 @@ def prefill_dense(q, k, v, md, scale, sliding_window):
     if sliding_window is not None:
         mask &= pos[:, None] - pos[None, :] < sliding_window
     qg = q.reshape(t, hkv, hq // hkv, d).astype(jnp.float32)
-    scores = jnp.einsum("thgd,shd->hgts", qg, k.astype(jnp.float32)) * scale
+    scores = _cap(jnp.einsum("thgd,shd->hgts", qg, k.astype(jnp.float32)) * scale, softcap)
     weights = _masked_softmax(scores, mask[None, None])
     out = jnp.einsum("hgts,shd->thgd", weights, v.astype(jnp.float32))
     return out.reshape(t, hq, d).astype(q.dtype)
 
 
-def prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE):
+def prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE, *,
+                  softcap=None):
     """prefill_dense's result at a cost that grows with each sequence's own length.
 
     The step's tokens are cut into tiles; a query tile visits only the key tiles from the one
@@ -106,7 +112,8 @@ def prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE):
             mask = (qseg[:, None] == segt[j][None, :]) & (kpos[None, :] <= qpos[:, None])
             if sliding_window is not None:
                 mask &= qpos[:, None] - kpos[None, :] < sliding_window
-            scores = jnp.where(mask, jnp.einsum("hgqd,hkd->hgqk", qi, kt[j]), -jnp.inf)
+            scores = jnp.where(mask, _cap(jnp.einsum("hgqd,hkd->hgqk", qi, kt[j]), softcap),
+                               -jnp.inf)
             return _online_softmax_step(carry, scores, vt[j], "hgqk,hkd->hgqd")
 
         init = (jnp.full((hkv, g, c), -1e30, jnp.float32), jnp.zeros((hkv, g, c), jnp.float32),
@@ -119,7 +126,7 @@ def prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE):
     return out.astype(q.dtype)
 
 
-def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
+def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None):
     """A prefill step whose first num_decodes rows are decodes: those rows' tokens (the first
     num_decodes tokens) attend over their pages instead. Rows past num_decodes get length 0,
     so their groups of the decode loop run no iteration."""
@@ -128,23 +135,25 @@ def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window):
     dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
     dec = decode(q[:s], k_cache, v_cache,
                       dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
-                      scale, sliding_window)
+                      scale, sliding_window, softcap=softcap)
     dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
     return jnp.where((jnp.arange(t) < md.num_decodes)[:, None, None], dec, out)
 
 
-def decode(q, k_cache, v_cache, md, scale, sliding_window):
+def decode(q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None):
     """One query per sequence: q [S, Hq, D] (T == S in decode steps), in row groups."""
     s = q.shape[0]
     parts = []
     for lo in range(0, s, DECODE_ROW_GROUP):
         rows = slice(lo, lo + DECODE_ROW_GROUP)
         parts.append(decode_rows(q[rows], k_cache, v_cache, md.seq_lens[rows],
-                                  md.block_tables[rows], scale, sliding_window))
+                                  md.block_tables[rows], scale, sliding_window,
+                                  softcap=softcap))
     return jnp.concatenate(parts)
 
 
-def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window):
+def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, *,
+                softcap=None):
     """Decode attention of some rows: q [S, Hq, D], seq_lens [S], block_tables [S, MB].
 
     Walks the block table a few columns at a time with an online softmax, so only
@@ -169,7 +178,8 @@ def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
         v = v_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
         pos = j * pages * b + jnp.arange(pages * b)
         valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
-        scores = jnp.where(valid[None, :, None], jnp.einsum("hsgd,hsbd->hsgb", qg, k), -jnp.inf)
+        scores = jnp.where(valid[None, :, None],
+                           _cap(jnp.einsum("hsgd,hsbd->hsgb", qg, k), softcap), -jnp.inf)
         return _online_softmax_step(carry, scores, v, "hsgb,hsbd->hsgd")
 
     # The running max starts finite so fully masked columns give exp(-inf - m) = 0, not NaN.
@@ -182,7 +192,8 @@ def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
     return out.transpose(1, 0, 2, 3).reshape(s, hq, d).astype(q.dtype)
 
 
-def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE):
+def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE, *,
+          softcap=None):
     """General ragged case (prompts over a cached prefix, with decode rows): each token
     attends to its sequence's pages up to its own position.
 
@@ -219,8 +230,8 @@ def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TI
             v = v_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
             kpos = j * span + jnp.arange(span)
             valid = (kpos[None, :] <= posi[:, None]) & (kpos[None, :] >= lo[:, None])
-            scores = jnp.where(valid[None, :, None], jnp.einsum("hcgd,hckd->hcgk", qi, k),
-                               -jnp.inf)
+            scores = jnp.where(valid[None, :, None],
+                               _cap(jnp.einsum("hcgd,hckd->hcgk", qi, k), softcap), -jnp.inf)
             return _online_softmax_step(carry, scores, v, "hcgk,hckd->hcgd")
 
         init = (jnp.full((hkv, c, g), -1e30, jnp.float32), jnp.zeros((hkv, c, g), jnp.float32),

@@ -71,3 +71,40 @@ def test_llm_loads_a_cached_hub_model_by_name(hub_cache):
     assert engine.model_name == "tiny-org/tiny-llama"
     assert engine.model_path == str(hub_cache / "snapshots" / OLD)
     assert llm.get_tokenizer() is not None
+
+
+def test_a_tokenizer_from_its_own_hub_repository_at_its_revision(tmp_path, monkeypatch,
+                                                                 make_tiny_llama_dir,
+                                                                 smollm2_tokenizer_files):
+    """Weights in one cached repository, the tokenizer in another (vLLM's tokenizer= and
+    tokenizer_revision=), the network unreachable; a weights-only folder alone says where
+    the tokenizer can come from."""
+    from huggingface_hub import constants
+
+    from paged_jax.models.loader import load_model
+
+    hub = tmp_path / "hub"
+    weights_repo = hub / "models--org--weights-only"
+    shutil.copytree(make_tiny_llama_dir(vocab_size=49152), weights_repo / "snapshots" / SHA)
+    (weights_repo / "refs").mkdir()
+    (weights_repo / "refs" / "main").write_text(SHA)
+    tok_repo = hub / "models--org--tok"
+    shutil.copytree(smollm2_tokenizer_files, tok_repo / "snapshots" / OLD)
+    (tok_repo / "refs").mkdir()
+    (tok_repo / "refs" / "v1").write_text(OLD)  # only at v1: main is not cached
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer files .* --tokenizer takes it"):
+        load_model("org/weights-only")
+    with pytest.raises(FileNotFoundError, match=r"'org/tok' \(revision main\)"):
+        load_model("org/weights-only", tokenizer="org/tok")
+    m = load_model("org/weights-only", tokenizer="org/tok", tokenizer_revision="v1")
+    assert m.path == str(weights_repo / "snapshots" / SHA)
+    assert m.tokenizer.decode(m.tokenizer.encode("Hi there")) == "Hi there"
+    assert m.tokenizer.chat_template  # SmolLM2's, from the tokenizer's repository
+    with pytest.raises(ValueError, match="tokenizer_revision 'v1' needs a tokenizer"):
+        load_model("org/weights-only", tokenizer_revision="v1")
+    small = make_tiny_llama_dir()  # vocab 256 < the tokenizer's 49152
+    with pytest.raises(ValueError, match=r"has 49152 tokens; the model's vocab_size is 256"):
+        load_model(str(small), tokenizer="org/tok", tokenizer_revision="v1")

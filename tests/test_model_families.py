@@ -1,5 +1,6 @@
 """Qwen2 (q/k/v biases), Qwen3 (per-head q/k RMSNorm), Qwen3-MoE (its experts unnormalized),
-Gemma 3's text model (models/gemma3.py: sliding and full layers) and Phi-3 (fused qkv and gate_up
+Gemma 2 and Gemma 3's text model (models/gemma.py: sliding and full layers, Gemma 2's soft
+caps) and Phi-3 (fused qkv and gate_up
 projections, a sliding window) against transformers in float32, and through the paged engine
 against a dense run; what is not built yet (Qwen's per-layer window, Phi's longrope and
 partial rotary) refused by name."""
@@ -52,6 +53,11 @@ EXTRA = {"Qwen2": {}, "Qwen3": dict(head_dim=32), "Phi3": dict(sliding_window=24
                           shared_expert_intermediate_size=48),
          # sliding and full layers (their own windows and rope thetas), the global ones
          # with linear rope scaling, a query scale of its own, the tied head
+         # Gemma 2: caps low enough that tanh bends the random model's scores and logits
+         "Gemma2": dict(head_dim=16, num_hidden_layers=3, sliding_window=24,
+                        layer_types=["sliding_attention", "full_attention",
+                                     "sliding_attention"], query_pre_attn_scalar=24,
+                        attn_logit_softcapping=0.5, final_logit_softcapping=0.8),
          "Gemma3Text": dict(head_dim=16, num_hidden_layers=3, sliding_window=24,
                             layer_types=["sliding_attention", "full_attention",
                                          "sliding_attention"], query_pre_attn_scalar=24,
@@ -72,10 +78,11 @@ def test_logits_match_transformers(family_dir):
     m = load_model(str(family_dir), with_tokenizer=False)
     kind = json.loads((family_dir / "config.json").read_text())["model_type"]
     assert m.config.attention_bias == kind.startswith("qwen2")
-    assert m.config.qk_norm == kind.startswith("qwen3")
+    assert m.config.qk_norm == (kind.startswith("qwen3") or kind == "gemma3_text")
     assert m.config.num_experts == (4 if kind.endswith("_moe") else 0)
     assert m.config.shared_expert_intermediate_size == (48 if kind == "qwen2_moe" else 0)
-    assert m.config.sliding_window == (24 if kind in ("phi3", "gemma3_text") else None)
+    assert m.config.sliding_window == (24 if kind in ("phi3", "gemma2", "gemma3_text") else None)
+    assert m.config.attn_logit_softcapping == (0.5 if kind == "gemma2" else None)
     ids = np.random.default_rng(0).integers(0, 256, 150).tolist()
     ours = dense_logits(m.graphdef, m.params, ids)
     ref, _ = hf_logits(family_dir, ids)
@@ -133,3 +140,21 @@ def test_qwen3_moe_with_dense_layers_is_refused_by_name(tmp_path):
                          num_experts_per_tok=1, moe_intermediate_size=16, mlp_only_layers=[0])
     with pytest.raises(ValueError, match="mlp_only_layers"):
         load_model(str(folder), with_tokenizer=False)
+
+
+@pytest.mark.parametrize("kind", ["Gemma2"])  # (one family: each compiles its own steps)
+def test_float16_through_the_paged_engine_equals_a_float16_dense_run(kind, tmp_path):
+    """float16 weights (Gemma's norms computed in float32, its soft caps in float32 logits)
+    through the paged engine, chunked and prefix-cached, against the dense run in float16;
+    and the float16 logits track float32's."""
+    folder = make_hf_dir(tmp_path, kind, **EXTRA[kind])
+    m16 = load_model(str(folder), "float16", with_tokenizer=False)
+    assert m16.config.dtype == "float16"
+    assert m16.params["embed_tokens"][...].dtype.name == "float16"
+    ids = np.random.default_rng(0).integers(0, 256, 60).tolist()
+    m32 = load_model(str(folder), with_tokenizer=False)
+    got = dense_logits(m16.graphdef, m16.params, ids)
+    want = dense_logits(m32.graphdef, m32.params, ids)
+    assert np.all(np.isfinite(got)) and 0 < np.abs(got - want).max() < 2e-2
+    assert_paged_greedy_equals_dense(m16, (5, 30), 8, enable_chunked_prefill=True,
+                                     max_num_batched_tokens=16)

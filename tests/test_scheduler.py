@@ -232,14 +232,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     CACHING = False  # prefix caching: prompts then come from a few shared stems
     CHUNKED = False  # chunked prefill: requests may be longer than a step's budget
     SWAP = False  # preemption by swap, into a host pool that may run out
+    WINDOWED = False  # a sliding window on every layer: blocks it passed are released
 
     @initialize(block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(2, 40),
                 max_num_seqs=st.integers(1, 6), budget=st.integers(4, 64),
                 cpu_blocks=st.integers(1, 30))
     def setup(self, block_size, num_blocks, max_num_seqs, budget, cpu_blocks):
+        # (drawn from the block geometry so the draws before it keep their meaning)
+        self.window = 1 + (num_blocks * 7 + block_size * 3) % 13 if self.WINDOWED else None
         self.sched = Scheduler(KVCacheManager(num_blocks, block_size,
                                               enable_caching=self.CACHING,
-                                              num_cpu_blocks=cpu_blocks if self.SWAP else 0),
+                                              num_cpu_blocks=cpu_blocks if self.SWAP else 0,
+                                              sliding_window=self.window),
                                max_num_seqs, budget, mixed=self.MIXED, chunked=self.CHUNKED,
                                swap=self.SWAP)
         # Longest request that can always run alone, and be recomputed after a preemption.
@@ -386,7 +390,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 page[pos % kv.block_size] = tuple(ids[:pos + 1])
         for r, new in zip(batch.requests, batch.num_new_tokens):  # ... attention reads them
             table, ids = kv.block_table(r.request_id), r.all_token_ids
-            for pos in range(r.num_computed_tokens + new):
+            first = 0 if self.window is None else max(0, r.num_computed_tokens - self.window + 1)
+            assert 0 not in table[first // kv.block_size:], "a block the window reads is gone"
+            for pos in range(first, r.num_computed_tokens + new):
                 got = self.pages[table[pos // kv.block_size]][pos % kv.block_size]
                 assert got == tuple(ids[:pos + 1]), f"{r.request_id} reads another's K/V"
         sampling = [r.num_computed_tokens + new >= r.num_tokens
@@ -412,16 +418,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         # A block that several victims share is copied once, their host tables sharing it.
         want_out = {d for r in batch.preempted if r.status is Status.SWAPPED
                     for d in old_tables[r.request_id][:cdiv(r.num_computed_tokens,
-                                                            kv.block_size)]}
+                                                            kv.block_size)] if d}
         assert sorted(d for d, _ in out) == sorted(want_out)
-        host_of = dict(out)
+        host_of = dict(out) | {0: 0}  # (a released block stays released on the host)
         for r in batch.preempted:
             if r.status is Status.SWAPPED:
                 n = cdiv(r.num_computed_tokens, kv.block_size)
                 assert kv.host_blocks(r.request_id) == [
                     host_of[d] for d in old_tables[r.request_id][:n]]
         want_in = [d for r in back for d in kv.block_table(r.request_id)[
-            :cdiv(r.num_computed_tokens, kv.block_size)]]
+            :cdiv(r.num_computed_tokens, kv.block_size)] if d]
         assert [d for _, d in batch.swap_in] == want_in
         moved_out = {h: list(self.pages.get(d, [])) for d, h in out}
         moved_in = {d: list(self.host_pages.get(h, [])) for h, d in batch.swap_in}
@@ -444,12 +450,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             hosts = [kv.host_blocks(r.request_id) for r in swapped]
             assert [len(h) for h in hosts] == [cdiv(r.num_computed_tokens, kv.block_size)
                                                for r in swapped]
-            assert kv.num_swapped_blocks() == len({b for h in hosts for b in h})
-            for b in {b for h in hosts for b in h}:
+            assert kv.num_swapped_blocks() == len({b for h in hosts for b in h if b})
+            for b in {b for h in hosts for b in h if b}:
                 assert kv.cpu_pool.ref_count(b) == sum(h.count(b) for h in hosts)
         tables = [kv.block_table(r.request_id) for r in running]
+        for r, t in zip(running, tables):  # released entries (0) lead, and only with a window
+            n = kv.num_released(r.request_id)
+            assert t[:n] == [0] * n and 0 not in t[n:]
+            assert n == 0 or (self.window is not None and n * kv.block_size
+                              <= r.num_computed_tokens - self.window + 1)
+        tables = [t[kv.num_released(r.request_id):] for r, t in zip(running, tables)]
         blocks = [b for t in tables for b in t]
-        assert 0 not in blocks
         if not self.CACHING:
             assert len(blocks) == len(set(blocks))  # no block in two tables
         for b in set(blocks):  # one owner per table that holds it, none elsewhere
@@ -459,9 +470,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for r in running:
             for i, b in enumerate(kv.block_table(r.request_id)):
                 n = min(kv.block_size, r.num_computed_tokens - i * kv.block_size)
-                if n > 0:
+                if n > 0 and b:
                     filled[b] = max(filled.get(b, 0), n)
-        usage = kv.usage({r.request_id: r.num_computed_tokens for r in running})
+        usage = kv.usage({r.request_id: kv.tokens_held(r.request_id, r.num_computed_tokens)
+                          for r in running})
         assert usage.token_states == sum(filled.values())
         assert kv.pool.num_free + kv.pool.num_used == kv.pool.num_usable
         for r in running:
@@ -522,6 +534,10 @@ TestSwapMixedCachingMachine = machine_test(
     variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 150)
 TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
                                            dict(SWAP=True)), 150)
+TestWindowedMachine = machine_test(type("WindowedMachine", (ChunkedSchedulerMachine,),
+                                        dict(SWAP=True, WINDOWED=True)), 80)
+TestWindowedPrefillFirstMachine = machine_test(
+    variant("WindowedPrefillFirstMachine", CACHING=True, SWAP=True, WINDOWED=True), 60)
 
 
 def _token(req: Request, position: int) -> int:

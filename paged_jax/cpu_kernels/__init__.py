@@ -128,29 +128,34 @@ def unavailable_reason() -> str | None:
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     query_start_loc: jax.Array, seq_lens: jax.Array, block_tables: jax.Array,
-                    *, scale: float, sliding_window: int | None = None) -> jax.Array:
+                    *, scale: float, sliding_window: int | None = None,
+                    softcap: float | None = None) -> jax.Array:
     """Ragged paged attention: sequence s owns query tokens [qsl[s], qsl[s + 1]) of q.
 
     q [T, Hq, D] float32; k_cache, v_cache [Hkv, N, B, D] float32, the new tokens' K/V already
     written; query_start_loc [S + 1], seq_lens [S] (context with the new tokens; 0: padding),
     block_tables [S, MB], all int32. Token i of a sequence with qlen new tokens sits at
     position seq_len - qlen + i and attends causally (to its last sliding_window positions if
-    given). Returns [T, Hq, D]; padding tokens and sequences of length 0 give zeros.
+    given), its scaled scores capped at +-softcap by tanh if given (Gemma 2). Returns
+    [T, Hq, D]; padding tokens and sequences of length 0 give zeros.
     """
     validate(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables)
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU paged-attention kernel is unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_cache, v_cache, query_start_loc.astype(jnp.int32), seq_lens, block_tables,
-                scale=np.float32(scale), window=np.int64(sliding_window or 0))
+                scale=np.float32(scale), window=np.int64(sliding_window or 0),
+                softcap=np.float32(softcap or 0.0))
 
 
 def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens: jax.Array,
                  block_tables: jax.Array, *, scale: float,
-                 sliding_window: int | None = None) -> jax.Array:
+                 sliding_window: int | None = None, softcap: float | None = None) -> jax.Array:
     """Decode attention, one query token per sequence: q [S, Hq, D]; seq_lens [S] (0: a padded
     row, whose output is zeros); block_tables [S, MB]. Returns [S, Hq, D]."""
     if q.ndim != 3 or q.shape[0] != block_tables.shape[0]:
@@ -158,4 +163,4 @@ def paged_decode(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, seq_lens:
                          f"{block_tables.shape[0]} table rows")
     qsl = jnp.arange(q.shape[0] + 1, dtype=jnp.int32)
     return paged_attention(q, k_cache, v_cache, qsl, seq_lens, block_tables, scale=scale,
-                           sliding_window=sliding_window)
+                           sliding_window=sliding_window, softcap=softcap)

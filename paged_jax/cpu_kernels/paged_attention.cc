@@ -18,7 +18,8 @@
 //   out             [T, Hq, D]      zeros for padding tokens and sequences of length 0
 // Token i of sequence s (of qlen new tokens) sits at position seq_len - qlen + i and attends
 // causally to positions up to it (the last `window` of them when window > 0).
-// Attributes: scale (float32), window (int64).
+// Attributes: scale (float32), window (int64), softcap (float32; > 0: scores become
+// softcap * tanh(score / softcap), Gemma 2's attention soft-capping).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -48,6 +49,7 @@ struct Problem {
   int64_t hq, hkv, num_pages, block, dim, max_blocks;
   float scale;
   int64_t window;
+  float softcap;
 };
 
 struct Item {
@@ -83,6 +85,11 @@ void attend_token(const Problem& p, int64_t s, int64_t h, int64_t token, int64_t
       }
     }
     t = stop;
+  }
+  if (p.softcap > 0.f) {
+    const float inv_cap = 1.f / p.softcap;
+    for (int64_t i = 0; i < g_size * n; ++i)
+      scores[i] = p.softcap * std::tanh(scores[i] * inv_cap);
   }
   // Softmax per query head (max-subtracted, in float32 as the XLA path).
   float inv_total[kMaxGroup];
@@ -159,7 +166,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::S32> query_start_loc,
                               ffi::Buffer<ffi::S32> seq_lens,
                               ffi::Buffer<ffi::S32> block_tables,
-                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t window) {
+                              ffi::ResultBuffer<ffi::F32> out, float scale, int64_t window,
+                              float softcap) {
   auto qd = q.dimensions(), kd = k_cache.dimensions(), td = block_tables.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || td.size() != 2)
     return ffi::Error::InvalidArgument("paged_attention: q must be 3-D, caches 4-D, tables 2-D");
@@ -198,7 +206,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
               sizeof(float) * (num_tokens - qsl[num_seqs]) * row);  // padding tokens
   shared->problem = Problem{q.typed_data(), k_cache.typed_data(), v_cache.typed_data(), lens,
                             qsl, tables, result, qd[1], hkv, kd[1], kd[2], kd[3], td[1],
-                            scale, window};
+                            scale, window, softcap};
   const int64_t count = static_cast<int64_t>(shared->items.size());
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { drain(*shared); });
@@ -220,4 +228,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttentionF32, PagedAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // block_tables
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("softcap"));

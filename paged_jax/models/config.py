@@ -7,7 +7,7 @@ from typing import Any
 from paged_jax.models.registry import family
 
 ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale = its -1/2 power (Gemma)
+    # Gemma 2: attention scores and final logits through cap * tanh(x / cap); None: uncapped
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -69,6 +72,15 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @property
+    def kv_window(self) -> int | None:
+        """The window every layer attends within, None if some layer reads the whole context:
+        only then can a request's oldest blocks be given back (kv_cache_manager)."""
+        if self.layer_types is not None and any(t != "sliding_attention"
+                                                for t in self.layer_types):
+            return None
+        return self.sliding_window
+
+    @property
     def kv_bytes_per_token(self) -> int:
         itemsize = 4 if self.dtype == "float32" else 2
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
@@ -78,7 +90,7 @@ class ModelConfig:
         model_type = getattr(hf_config, "model_type", None)
         family(model_type)  # a ValueError naming the supported types for any other
         act = getattr(hf_config, "hidden_act", "silu")
-        if act not in ("silu", "swish") and model_type != "gemma3_text":  # SwiGLU
+        if act not in ("silu", "swish") and model_type not in GEMMAS:  # SwiGLU
             raise ValueError(f"hidden_act {act!r} is not supported; supported: silu")
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
@@ -117,7 +129,7 @@ class ModelConfig:
             # Qwen2's q/k/v projections always carry a bias (its config has no flag)
             attention_bias=(model_type == "qwen2" or bool(getattr(hf_config, "qkv_bias", False))
                             or bool(getattr(hf_config, "attention_bias", False))),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=_sliding_window(hf_config, model_type),
             num_experts=getattr(hf_config, experts, 0) if experts else 0,
             num_experts_per_tok=getattr(hf_config, "num_experts_per_tok", 0) if experts else 0,
@@ -130,22 +142,38 @@ class ModelConfig:
             model_type=model_type,
             dtype=dtype,
         )
-        if model_type == "gemma3_text":
-            fields.update(_gemma3(hf_config))
+        if model_type in GEMMAS:
+            fields.update(_gemma(hf_config, model_type))
         return cls(**fields)
 
 
-def _gemma3(hf_config) -> dict:
-    """Gemma 3's fields (its text model): rope per layer type, GeGLU, its attention scale."""
+GEMMAS = ("gemma2", "gemma3_text")
+
+
+def _gemma(hf_config, model_type: str) -> dict:
+    """Gemma 2's and 3's fields: GeGLU, the attention scale, the window pattern, the soft
+    caps; Gemma 3's rope per layer type."""
     act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", None)
     if act != "gelu_pytorch_tanh":
-        raise ValueError(f"gemma3 hidden_activation {act!r} is not supported; supported: "
-                         "gelu_pytorch_tanh")
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(hf_config, name, None) is not None:
-            raise ValueError(f"{name} (Gemma 2's soft-capping) is not supported yet")
+        raise ValueError(f"{model_type} hidden_activation {act!r} is not supported; "
+                         "supported: gelu_pytorch_tanh")
     if getattr(hf_config, "use_bidirectional_attention", False):
         raise ValueError("use_bidirectional_attention is not supported: attention is causal")
+    if getattr(hf_config, "attention_bias", False):
+        raise ValueError(f"{model_type} with attention_bias is not supported")
+    types = tuple(getattr(hf_config, "layer_types", None) or ())
+    caps = {name: (float(getattr(hf_config, name)) if getattr(hf_config, name, None) is not None
+                   else None)
+            for name in ("attn_logit_softcapping", "final_logit_softcapping")}
+    fields = dict(layer_types=types or None,
+                  # (no sliding layer: no window anywhere)
+                  sliding_window=(getattr(hf_config, "sliding_window", None)
+                                  if "sliding_attention" in types else None),
+                  query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
+                  tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)),
+                  **caps)
+    if model_type == "gemma2":  # one rope for every layer, as Llama's
+        return fields
     rope = getattr(hf_config, "rope_parameters", None) or {}
     full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
     theta = full.pop("rope_theta", getattr(hf_config, "rope_theta", 1e6))
@@ -157,15 +185,8 @@ def _gemma3(hf_config) -> dict:
     if local.get("rope_type", "default") != "default":
         raise ValueError("gemma3 sliding layers with rope scaling are not supported")
     scaling = None if kind == "default" else {k: v for k, v in full.items() if v is not None}
-    types = tuple(getattr(hf_config, "layer_types", None) or ())
-    return dict(rope_theta=float(theta), rope_local_theta=float(local_theta),
-                rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-                layer_types=types or None,
-                # (no sliding layer: no window anywhere, and the Pallas kernels may run it)
-                sliding_window=(getattr(hf_config, "sliding_window", None)
-                                if "sliding_attention" in types else None),
-                query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
-                tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", True)))
+    return dict(fields, rope_theta=float(theta), rope_local_theta=float(local_theta),
+                rope_scaling=tuple(sorted(scaling.items())) if scaling else None)
 
 
 def _sliding_window(hf_config, model_type: str) -> int | None:

@@ -37,10 +37,14 @@ class LoadedModel:
 
 
 def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str | None = None,
-               with_tokenizer: bool = True, mesh=None, revision: str | None = None) -> LoadedModel:
+               with_tokenizer: bool = True, mesh=None, revision: str | None = None,
+               tokenizer: str | None = None,
+               tokenizer_revision: str | None = None) -> LoadedModel:
     """mesh: a tensor-parallel mesh (paged_jax/sharding.py): every parameter goes straight to
     its shards. A folder written by checkpoint.sharded.save_checkpoint is restored with Orbax,
-    shard by shard; any other folder is read from its safetensors."""
+    shard by shard; any other folder is read from its safetensors. tokenizer: a folder, GGUF
+    file or hub name to take the tokenizer (and its chat template) from instead of the
+    model's, at tokenizer_revision if a hub name."""
     from paged_jax.checkpoint import sharded
 
     start = time.perf_counter()
@@ -54,7 +58,18 @@ def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str 
         graphdef, params = sharded.restore_params(folder, cfg, mesh, kv_repeat)
     else:
         graphdef, params = load_params(cfg, weights.read_safetensors(folder), mesh, kv_repeat)
-    tokenizer = load_tokenizer(folder) if with_tokenizer else None
+    if tokenizer is None and tokenizer_revision is not None:
+        raise ValueError(f"tokenizer_revision {tokenizer_revision!r} needs a tokenizer (a hub "
+                         "name); the model's own tokenizer comes with its revision")
+    if with_tokenizer:
+        source = folder if tokenizer is None else weights.resolve_model(
+            tokenizer, cache_dir=cache_dir, revision=tokenizer_revision)
+        tokenizer = load_tokenizer(source)
+        if len(tokenizer) > cfg.vocab_size:  # ids past the embedding would fail every step
+            raise ValueError(f"the tokenizer from {source} has {len(tokenizer)} tokens; the "
+                             f"model's vocab_size is {cfg.vocab_size}")
+    else:
+        tokenizer = None
     log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
              time.perf_counter() - start, dtype)
     return LoadedModel(cfg, graphdef, params, tokenizer, hf_config, str(folder))

@@ -66,6 +66,10 @@ class ServerMetrics:
                                       "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits",
                                    "Prompt tokens whose K/V the prefix cache supplied.")
+        self.window_released = counter(
+            "kv_blocks_released_by_window",
+            "KV blocks given back to the pool once every layer's sliding window had passed "
+            "them (models whose layers all attend within a window).")
         self.refused = counter("num_requests_refused",
                                "Generation requests refused as a whole with a 4xx (bad "
                                "parameters, too long, malformed): nothing of them ran.")
@@ -82,7 +86,7 @@ class ServerMetrics:
         self.queue_time = histogram("request_queue_time_seconds",
                                     "Arrival to first scheduled.", LATENCY_BUCKETS)
         self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "prefix_queries": 0,
-                      "prefix_hits": 0, "spec_drafts": 0, "spec_accepted": 0, "finished": {}}
+                      "prefix_hits": 0, "window_released": 0, "spec_drafts": 0, "spec_accepted": 0, "finished": {}}
 
     def update(self, snap: EngineSnapshot) -> None:
         """Gauges from the engine's state and counters from its running totals (engine
@@ -102,6 +106,7 @@ class ServerMetrics:
         self._advance(self.spec_accepted, "spec_accepted", snap.spec_accepted_tokens)
         self._advance(self.prefix_queries, "prefix_queries", snap.prefix_cache_queries)
         self._advance(self.prefix_hits, "prefix_hits", snap.prefix_cache_hits)
+        self._advance(self.window_released, "window_released", snap.window_released_blocks)
         for reason, count in snap.finished.items():
             delta = count - seen["finished"].get(reason, 0)
             if delta > 0:

@@ -72,12 +72,14 @@ def random_q(rng, num_tokens: int, num_q_heads: int, head_size: int, dtype) -> j
   return jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, head_size), np.float32), dtype)
 
 
-def _attend_np(q, keys, values, scale):
+def _attend_np(q, keys, values, scale, softcap=None):
   """q [Hq, D]; keys, values [L, Hkv, D] -> [Hq, D] (float64); query head h uses KV head
-  h // (Hq // Hkv)."""
+  h // (Hq // Hkv); softcap: logits capped at +-softcap by tanh (Gemma 2)."""
   num_kv_heads = keys.shape[1]
   qg = q.reshape(num_kv_heads, -1, q.shape[-1])              # [Hkv, G, D]
   logits = np.einsum("hgd,lhd->hgl", qg, keys) * scale
+  if softcap is not None:
+    logits = softcap * np.tanh(logits / softcap)
   w = np.exp(logits - logits.max(axis=-1, keepdims=True))
   w /= w.sum(axis=-1, keepdims=True)
   return np.einsum("hgl,lhd->hgd", w, values).reshape(q.shape)

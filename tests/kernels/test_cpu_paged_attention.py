@@ -2,6 +2,8 @@
 reference, on random permuted block tables with random unused blocks: decode batches, ragged
 batches (prefills, chunks over a cached prefix, decodes, padding), a sliding window, and its
 refusals."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +72,39 @@ def test_ragged_sliding_window_matches_numpy():
             lo = max(0, pos + 1 - window)
             ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125)
             np.testing.assert_allclose(got[token], ref, atol=2e-5, rtol=2e-5)
+
+
+def test_ragged_softcap_with_and_without_a_window_matches_numpy():
+    """Gemma 2's soft-capping: the scaled scores through tanh, before the window's mask; the
+    block before the window points at block 0, full of large values the window must hide."""
+    rng = np.random.default_rng(7)
+    case, qsl, q = ragged_case(rng, (6, 2), 64, 8)
+    q = q * 3.0  # scores well past the cap, so capping changes the answer
+    case.block_tables[0, 0] = 0  # (a block the window passed, released to the pool)
+    k_cache = case.k_cache.at[:, 0].set(50.0)
+    q64 = np.asarray(q, np.float64)
+    for window in (None, 10):  # (sequence 0's first query sees from position 9 on)
+        got = np.asarray(cpu_kernels.paged_attention(
+            q, k_cache, case.v_cache, jnp.asarray(qsl), jnp.asarray(case.seq_lens),
+            jnp.asarray(case.block_tables), scale=0.125, sliding_window=window, softcap=2.5))
+        plain = np.asarray(cpu_kernels.paged_attention(
+            q, k_cache, case.v_cache, jnp.asarray(qsl), jnp.asarray(case.seq_lens),
+            jnp.asarray(case.block_tables), scale=0.125, sliding_window=window))
+        assert not np.allclose(got[:qsl[-1]], plain[:qsl[-1]], atol=1e-3)
+        ref_case = dataclasses.replace(case, k_cache=k_cache)
+        for s, length in enumerate(case.seq_lens):
+            keys, values = kt._context_np(ref_case, s, int(length))
+            qlen = qsl[s + 1] - qsl[s]
+            for i, token in enumerate(range(qsl[s], qsl[s + 1])):
+                pos = int(length) - qlen + i
+                lo = 0 if window is None else max(0, pos + 1 - window)
+                ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125,
+                                    softcap=2.5)
+                np.testing.assert_allclose(got[token], ref, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="softcap must be > 0, got 0.0"):
+        cpu_kernels.paged_attention(q, k_cache, case.v_cache, jnp.asarray(qsl),
+                                    jnp.asarray(case.seq_lens), jnp.asarray(case.block_tables),
+                                    scale=0.125, softcap=0.0)
 
 
 def test_padded_rows_give_zeros_and_sliding_window_matches_numpy():

@@ -18,9 +18,10 @@ def metadata(case, query_start_loc, mode):
                              jnp.zeros((1,), jnp.int32), mode, "xla")
 
 
-@pytest.mark.parametrize("heads, head_size, block_size", [((9, 3), 64, 16), ((8, 8), 80, 8),
-                                                          ((16, 1), 128, 32)])
-def test_decode_xla_matches_numpy(heads, head_size, block_size):
+@pytest.mark.parametrize("heads, head_size, block_size, softcap", [
+    ((9, 3), 64, 16, None), ((8, 8), 80, 8, None), ((16, 1), 128, 32, None),
+    ((9, 3), 64, 16, 0.5)])
+def test_decode_xla_matches_numpy(heads, head_size, block_size, softcap):
     rng = np.random.default_rng(0)
     lens = kt.seq_lengths(rng, 7, 5 * block_size + 3, block_size)
     lens[-1] = 0  # a padded row
@@ -29,13 +30,21 @@ def test_decode_xla_matches_numpy(heads, head_size, block_size):
     q = kt.random_q(rng, len(lens), heads[0], head_size, jnp.float32)
     scale = head_size ** -0.5
     md = metadata(case, np.arange(len(lens) + 1, dtype=np.int32), "decode")
-    got = decode(q, case.k_cache, case.v_cache, md, scale, None)
-    np.testing.assert_allclose(kt.as_f64(got), kt.decode_reference_np(q, case, scale),
-                               atol=2e-5, rtol=2e-5)
+    got = kt.as_f64(decode(q, case.k_cache, case.v_cache, md, scale, None, softcap=softcap))
+    q64 = kt.as_f64(q)
+    for s, length in enumerate(lens):
+        if length:
+            ref = kt._attend_np(q64[s], *kt._context_np(case, s, int(length)), scale,
+                                softcap=softcap)
+            np.testing.assert_allclose(got[s], ref, atol=2e-5, rtol=2e-5)
+    if softcap is not None:  # (a cap this low changes every row)
+        plain = kt.as_f64(decode(q, case.k_cache, case.v_cache, md, scale, None))
+        assert not np.allclose(got[:-1], plain[:-1], atol=1e-4)
 
 
-@pytest.mark.parametrize("tile, window", [(32, None), (8, None), (8, 13)])
-def test_mixed_xla_matches_numpy(tile, window):
+@pytest.mark.parametrize("tile, window, softcap", [(32, None, None), (8, None, None),
+                                                   (8, 13, None), (8, 13, 2.0)])
+def test_mixed_xla_matches_numpy(tile, window, softcap):
     """tile 8: query tiles that hold tokens of several sequences, and tiles of padding."""
     rng = np.random.default_rng(1)
     block_size = 8
@@ -45,8 +54,9 @@ def test_mixed_xla_matches_numpy(tile, window):
     case = kt.make_case(rng, num_kv_heads=2, head_size=64, block_size=block_size,
                         dtype=jnp.float32, seq_lens=lens)
     q = kt.random_q(rng, int(qsl[-1]) + 11, 6, 64, jnp.float32)  # 11 padding tokens at the end
+    q = q * 3.0  # scores past a cap of 2
     got = kt.as_f64(mixed(q, case.k_cache, case.v_cache, metadata(case, qsl, "mixed"),
-                               0.125, window, tile=tile))
+                          0.125, window, tile=tile, softcap=softcap))
     assert np.all(np.isfinite(got))
     q64 = kt.as_f64(q)
     for s, length in enumerate(lens):
@@ -54,7 +64,8 @@ def test_mixed_xla_matches_numpy(tile, window):
         for i, token in enumerate(range(qsl[s], qsl[s + 1])):
             pos = int(length) - int(qlens[s]) + i
             lo = 0 if window is None else max(0, pos + 1 - window)
-            ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125)
+            ref = kt._attend_np(q64[token], keys[lo:pos + 1], values[lo:pos + 1], 0.125,
+                                softcap=softcap)
             np.testing.assert_allclose(got[token], ref, atol=2e-5, rtol=2e-5)
 
 
@@ -74,8 +85,9 @@ def _new_tokens_from_cache(case, qsl, t_pad):
     return k, v, slots
 
 
-@pytest.mark.parametrize("tile, window", [(32, None), (8, None), (16, 7)])
-def test_tiled_prefill_matches_flat_prefill(tile, window):
+@pytest.mark.parametrize("tile, window, softcap", [(32, None, None), (8, None, None),
+                                                   (16, 7, None), (16, 7, 1.5)])
+def test_tiled_prefill_matches_flat_prefill(tile, window, softcap):
     rng = np.random.default_rng(3)
     lens = np.array([45, 1, 17, 64, 3, 0, 0], np.int32)  # spans tiles, tiny, padded rows
     qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
@@ -85,8 +97,13 @@ def test_tiled_prefill_matches_flat_prefill(tile, window):
     v = kt.random_q(rng, t, 2, 64, jnp.float32)
     md = AttentionMetadata(jnp.zeros((t,), jnp.int32), jnp.asarray(qsl), jnp.asarray(lens),
                            jnp.zeros((len(lens), 1), jnp.int32), jnp.zeros((1,), jnp.int32))
-    want = np.asarray(prefill_dense(q, k, v, md, 0.125, window))
-    got = np.asarray(prefill_tiled(q, k, v, md, 0.125, window, tile))
+    want = np.asarray(prefill_dense(q, k, v, md, 0.125, window, softcap=softcap))
+    got = np.asarray(prefill_tiled(q, k, v, md, 0.125, window, tile, softcap=softcap))
+    if softcap is not None:  # the dense one against numpy, token 44 of the first prompt
+        keys = np.asarray(k, np.float64)[38:45]
+        ref = kt._attend_np(np.asarray(q, np.float64)[44], keys,
+                            np.asarray(v, np.float64)[38:45], 0.125, softcap=softcap)
+        np.testing.assert_allclose(want[44], ref, atol=2e-5, rtol=2e-5)
     n = int(qsl[-1])
     np.testing.assert_allclose(got[:n], want[:n], atol=2e-6, rtol=2e-6)
     assert np.all(np.isfinite(got))

@@ -15,7 +15,8 @@ from paged_jax.snapshot import EngineSnapshot
 IDLE = EngineSnapshot(
     num_waiting=0, num_running=0, num_swapped=0, kv=KVUsage(0, 100, 0, 0), block_size=16,
     num_free_blocks=100, num_cpu_blocks=0, num_cpu_blocks_used=0, num_preemptions=0,
-    num_swapped_out=0, prefix_cache_queries=0, prefix_cache_hits=0, spec_draft_tokens=0,
+    num_swapped_out=0, prefix_cache_queries=0, prefix_cache_hits=0, window_released_blocks=0,
+    spec_draft_tokens=0,
     spec_accepted_tokens=0, prompt_tokens=0, generation_tokens=0, num_steps=0,
     step_seconds={}, finished={})
 

@@ -1,14 +1,16 @@
-"""Gemma 3's text decoder (Gemma3ForCausalLM) as flax NNX modules, used functionally as the
-Llama family is (models/layers.py's Linear and parameters with logical axis names, the attention
-dispatch).
+"""The Gemma 2 and Gemma 3 text decoders (Gemma2ForCausalLM, Gemma3ForCausalLM) as flax NNX
+modules, used functionally as the Llama family is (models/layers.py's Linear and parameters
+with logical axis names, the attention dispatch).
 
 What differs from Llama: RMSNorms scale by (1 + weight), computed in float32; each layer
 normalizes attention's and the MLP's outputs too (post_attention_layernorm,
 pre/post_feedforward_layernorm); the MLP is GeGLU (tanh GELU); the embeddings are scaled by
-sqrt(hidden_size) and tied to the output head; queries and keys are RMS-normalized per head
-before rope; the attention scale is query_pre_attn_scalar^-1/2; and layers alternate between
-a sliding window with their own rope theta ("sliding_attention") and the full context with
-the global theta and scaling ("full_attention").
+sqrt(hidden_size) and tied to the output head; the attention scale is
+query_pre_attn_scalar^-1/2; and layers alternate between a sliding window
+("sliding_attention") and the full context ("full_attention").
+Gemma 2: attention scores and the final logits soft-capped (cap * tanh(x / cap)).
+Gemma 3: queries and keys RMS-normalized per head before rope; sliding layers with a rope
+theta of their own, the global theta and scaling on the full ones.
 """
 from __future__ import annotations
 
@@ -36,26 +38,31 @@ class Attention(nnx.Module):
         self.cfg = cfg
         sliding = cfg.layer_types is not None and cfg.layer_types[layer] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
-        # Sliding layers: their own theta, no scaling; full ones: the global theta and scaling
+        # Gemma 3's sliding layers: their own theta, no scaling; full ones (and every Gemma 2
+        # layer): the global theta and scaling
         self.rope = (dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
-                     if sliding else cfg)
+                     if sliding and cfg.rope_local_theta is not None else cfg)
         self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype)
         self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype)
         self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype)
         self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype)
-        self.q_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.k_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
+        if cfg.qk_norm:  # Gemma 3
+            self.q_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
+            self.k_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
 
     def __call__(self, x, positions, kv_cache, md: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
         freq = inv_freq(self.rope)
-        q = self.q_norm(self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim))
-        k = self.k_norm(self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim))
+        q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, freq), apply_rope(k, positions, freq)
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,
                                               scale=cfg.query_pre_attn_scalar ** -0.5,
-                                              sliding_window=self.window)
+                                              sliding_window=self.window,
+                                              softcap=cfg.attn_logit_softcapping)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
@@ -80,7 +87,7 @@ class DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(ffn), kv_cache
 
 
-class Gemma3ForCausalLM(nnx.Module):
+class GemmaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig):
         dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
@@ -102,4 +109,7 @@ class Gemma3ForCausalLM(nnx.Module):
         x = self.norm(x[md.logits_indices])
         head = embed.T if self.lm_head is None else self.lm_head[...]
         logits = (x @ head).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:  # Gemma 2
+            logits = cap * jnp.tanh(logits / cap)
         return logits, (None if kv_caches is None else new_caches)
