@@ -2,8 +2,8 @@
 Gemma 2 and Gemma 3's text model (models/gemma.py: sliding and full layers, Gemma 2's soft
 caps) and Phi-3 (fused qkv and gate_up
 projections, a sliding window) against transformers in float32, and through the paged engine
-against a dense run; what is not built yet (Qwen's per-layer window, Phi's longrope and
-partial rotary) refused by name."""
+against a dense run; Phi-3's LongRoPE (short and long factors); what is not built yet (Qwen's
+per-layer window, partial rotary) refused by name."""
 import json
 
 import numpy as np
@@ -125,8 +125,6 @@ def test_qwens_layer_sliding_window_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("rope, words", [
-    (dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
-          original_max_position_embeddings=256), "rope scaling type 'longrope'"),
     (dict(rope_type="default", partial_rotary_factor=0.75), "partial_rotary_factor 0.75")])
 def test_phi3s_rope_variants_not_built_are_refused_by_name(tmp_path, rope, words):
     folder = make_hf_dir(tmp_path, "Phi3", num_hidden_layers=1, head_dim=16,
@@ -158,3 +156,47 @@ def test_float16_through_the_paged_engine_equals_a_float16_dense_run(kind, tmp_p
     assert np.all(np.isfinite(got)) and 0 < np.abs(got - want).max() < 2e-2
     assert_paged_greedy_equals_dense(m16, (5, 30), 8, enable_chunked_prefill=True,
                                      max_num_batched_tokens=16)
+
+
+def test_phi3_longrope_short_and_long_factors_match_transformers(tmp_path):
+    """LongRoPE with an original context of 64 extended to 512: short factors for sequences
+    within 64 tokens, long ones (and the attention factor sqrt(1 + ln 8 / ln 64)) past it, as
+    transformers picks them; an engine whose max_model_len passes 64 runs the long factors
+    for every position (vLLM's rule), and its greedy tokens equal transformers' generate
+    from a prompt already past 64."""
+    import torch
+    import transformers
+
+    rng = np.random.default_rng(4)
+    rope = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,
+                short_factor=rng.uniform(1.0, 1.2, 8).tolist(),
+                long_factor=rng.uniform(1.0, 8.0, 8).tolist())
+    folder = make_hf_dir(tmp_path, "Phi3", head_dim=16, rope_parameters=rope,
+                         original_max_position_embeddings=64)
+    m = load_model(str(folder), with_tokenizer=False)
+    scaling = m.config.rope_scaling_dict
+    assert not scaling["long"] and scaling["attention_factor"] == pytest.approx(1.5 ** 0.5)
+    long_model = m.with_config(m.config.for_max_model_len(128))
+    assert m.config.for_max_model_len(64) is m.config
+    for n, model in ((40, m), (100, long_model)):
+        ids = rng.integers(0, 256, n).tolist()
+        ref, _ = hf_logits(folder, ids)
+        assert max_rel_diff(dense_logits(model.graphdef, model.params, ids), ref) < 1e-4, n
+    # the other factor set is really different: the short model on the long sequence is not
+    assert max_rel_diff(dense_logits(m.graphdef, m.params, ids), ref) > 1e-2
+
+    engine = LLMEngine(EngineConfig(num_kv_blocks=32, max_model_len=128, max_num_seqs=2,
+                                    enable_chunked_prefill=True, max_num_batched_tokens=32),
+                       model=m)
+    assert engine.model.config.rope_scaling_dict["long"]
+    prompt = rng.integers(3, 256, 70).tolist()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
+                           do_sample=False)[0, 70:].tolist()
+    engine.add_request("a", prompt, SamplingParams(temperature=0.0, max_tokens=8,
+                                                   ignore_eos=True))
+    out = []
+    while engine.has_unfinished_requests():
+        out += [o for o in engine.step() if o.finished]
+    assert out[0].outputs[0].token_ids == want

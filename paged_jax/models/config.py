@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from paged_jax.models.registry import family
 
-ROPE_TYPES = ("linear", "llama3")  # rope scalings built (models/rope.py), besides none
+ROPE_TYPES = ("linear", "llama3", "longrope")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -71,6 +72,20 @@ class ModelConfig:
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
+    def for_max_model_len(self, max_model_len: int) -> "ModelConfig":
+        """The config an engine of this max_model_len runs: a longrope model (Phi-3) takes its
+        long factors for every position when sequences may pass the original context, its
+        short ones otherwise (vLLM's rule). One factor set for a whole sequence keeps its
+        cached keys and new queries rotated alike; transformers switches per forward pass and
+        recomputes its cache when a sequence first crosses the threshold."""
+        s = self.rope_scaling_dict
+        if s is None or s["rope_type"] != "longrope":
+            return self
+        long = max_model_len > s["original_max_position_embeddings"]
+        if long == s["long"]:
+            return self
+        return dataclasses.replace(self, rope_scaling=tuple(sorted({**s, "long": long}.items())))
+
     @property
     def kv_window(self) -> int | None:
         """The window every layer attends within, None if some layer reads the whole context:
@@ -95,6 +110,8 @@ class ModelConfig:
         num_heads = hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
         scaling = _rope_scaling(hf_config)
+        if scaling is not None and scaling["rope_type"] == "longrope":
+            scaling = _longrope(hf_config, scaling, head_dim)
         if scaling is not None and scaling["rope_type"] not in ROPE_TYPES:
             raise ValueError(f"rope scaling type {scaling['rope_type']!r} is not supported; "
                              f"supported: {', '.join(ROPE_TYPES)} (or none)")
@@ -201,6 +218,27 @@ def _sliding_window(hf_config, model_type: str) -> int | None:
     return getattr(hf_config, "sliding_window", None)
 
 
+def _longrope(hf_config, scaling: dict, head_dim: int) -> dict:
+    """Phi-3's LongRoPE as transformers computes it: per-frequency short and long factors and
+    one attention factor (cos and sin are scaled by it) from the context extension. Starts
+    with the short factors; ModelConfig.for_max_model_len picks."""
+    original = (scaling.get("original_max_position_embeddings")
+                or getattr(hf_config, "original_max_position_embeddings", None))
+    if not original:
+        raise ValueError("longrope rope scaling without original_max_position_embeddings")
+    short, long = tuple(scaling["short_factor"]), tuple(scaling["long_factor"])
+    if len(short) != head_dim // 2 or len(long) != head_dim // 2:
+        raise ValueError(f"longrope short_factor ({len(short)}) and long_factor ({len(long)}) "
+                         f"must each have head_dim / 2 = {head_dim // 2} entries")
+    factor = scaling.get("factor") or hf_config.max_position_embeddings / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(rope_type="longrope", short_factor=short, long_factor=long,
+                original_max_position_embeddings=int(original),
+                attention_factor=float(attention), long=False)
+
+
 def _rope_params(hf_config) -> dict:
     # transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
     params = getattr(hf_config, "rope_parameters", None)
@@ -216,6 +254,7 @@ def _rope_scaling(hf_config) -> dict | None:
     params = _rope_params(hf_config) or dict(getattr(hf_config, "rope_scaling", None) or {})
     params.pop("rope_theta", None)
     kind = params.get("rope_type", params.get("type", "default"))
+    kind = {"su": "longrope"}.get(kind, kind)  # (Phi-3's first name for it)
     if kind == "default":
         return None
     params["rope_type"] = kind

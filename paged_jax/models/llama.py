@@ -17,7 +17,7 @@ from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_h
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param
 from paged_jax.models.registry import family
-from paged_jax.models.rope import apply_rope, inv_freq
+from paged_jax.models.rope import apply_rope, attention_scale, inv_freq
 
 
 class Attention(nnx.Module):
@@ -36,12 +36,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, kv_cache, md: AttentionMetadata):
         cfg, t = self.cfg, x.shape[0]
-        freq = inv_freq(cfg)
+        freq, rope_scale = inv_freq(cfg), attention_scale(cfg)
         q = self.q_proj(x).reshape(t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions, freq), apply_rope(k, positions, freq)
+        q, k = (apply_rope(q, positions, freq, rope_scale),
+                apply_rope(k, positions, freq, rope_scale))
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
         # Under a tensor-parallel mesh each device attends its own KV heads (shard_map).
         out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,

@@ -27,6 +27,13 @@ class LoadedModel:
     hf_config: object
     path: str
 
+    def with_config(self, cfg: ModelConfig) -> "LoadedModel":
+        """The same parameters under a config of the same shapes (e.g. LongRoPE's factors)."""
+        from flax import nnx
+
+        graphdef, _ = nnx.split(abstract_model(cfg))
+        return dataclasses.replace(self, config=cfg, graphdef=graphdef)
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = set()

@@ -42,7 +42,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma3ForCausalLM", "gemma3_text", "paged_jax.models.gemma:GemmaForCausalLM",
            "Gemma 3 text models: sliding and full layers, each with its rope"),
     Family("Phi3ForCausalLM", "phi3", "paged_jax.models.llama:LlamaForCausalLM",
-           "Phi-3 (fused qkv / gate_up split at load); longrope refused"),
+           "Phi-3 (fused qkv / gate_up split at load; LongRoPE factors by max_model_len)"),
 )
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(f.architecture for f in FAMILIES)

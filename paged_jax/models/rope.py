@@ -21,7 +21,18 @@ def inv_freq(cfg: ModelConfig) -> np.ndarray:
         return (freq / np.float32(scaling["factor"])).astype(np.float32)
     if kind == "llama3":
         return _llama3(freq, scaling)
+    if kind == "longrope":
+        factors = np.asarray(scaling["long_factor" if scaling["long"] else "short_factor"],
+                             np.float32)
+        base = (np.float32(cfg.rope_theta) ** exponents).astype(np.float32)
+        return (np.float32(1.0) / (factors * base)).astype(np.float32)
     raise ValueError(f"rope scaling type {kind!r} is not supported; supported: {ROPE_TYPES}")
+
+
+def attention_scale(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by (LongRoPE's attention factor; 1 otherwise)."""
+    scaling = cfg.rope_scaling_dict
+    return scaling["attention_factor"] if scaling and "attention_factor" in scaling else 1.0
 
 
 def _llama3(freq: np.ndarray, s: dict) -> np.ndarray:
@@ -35,11 +46,15 @@ def _llama3(freq: np.ndarray, s: dict) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, freq: np.ndarray) -> jnp.ndarray:
-    """x: [T, H, D]; positions: [T]. Rotate-half convention (Hugging Face Llama)."""
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, freq: np.ndarray,
+               scale: float = 1.0) -> jnp.ndarray:
+    """x: [T, H, D]; positions: [T]. Rotate-half convention (Hugging Face Llama); scale: the
+    attention factor cos and sin are multiplied by (LongRoPE)."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(freq)[None, :]  # [T, D/2]
     cos = jnp.cos(angles)[:, None, :]
     sin = jnp.sin(angles)[:, None, :]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
