@@ -253,3 +253,21 @@ def test_other_families_tp_2_equals_tp_1(kind, extra, tmp_path, smollm2_tokenize
     reference = out["tokens"]["1-xla"]
     assert all(len(t) == 12 for t in reference)
     assert out["tokens"]["2-xla"] == reference
+
+
+def test_the_other_families_logits_under_tp_2_equal_tp_1(tmp_path):
+    """The families without an engine run above (Qwen3's q/k norms, both Qwen MoEs and the
+    shared expert, Gemma 2's soft caps and windows, Phi-3's fused projections split at load):
+    parameters split over a 2-device mesh, logits equal to one device's. (The paged attention
+    under shard_map is family-independent and runs above for Llama, Qwen2 and Gemma 3.)"""
+    from test_model_families import EXTRA, make_hf_dir
+
+    kinds = ("Qwen3", "Qwen3Moe", "Qwen2Moe", "Gemma2", "Phi3")
+    folders = {kind: str(make_hf_dir(tmp_path / kind, kind, **EXTRA[kind])) for kind in kinds}
+    ids = np.random.default_rng(0).integers(0, 256, 40).tolist()
+    out = run_worker("logits", dict(models=list(folders.values()), tp=2, ids=ids), tmp_path,
+                     devices=2)
+    for kind, folder in folders.items():
+        got = out[folder]
+        assert got["max_rel_diff"] < 1e-5, kind
+        assert got["split"] >= got["num"] // 2, (kind, got)  # most weights are split

@@ -159,8 +159,35 @@ def process(a):
     return out
 
 
+def logits(a):
+    """For each model folder: dense logits at tp 1 and under a tp mesh, and how many of its
+    parameters the mesh splits."""
+    import jax
+
+    from paged_jax import sharding
+    from paged_jax.models.forward import dense_logits
+    from paged_jax.models.loader import load_model
+
+    mesh = sharding.make_mesh(a["tp"])
+    out = {}
+    for folder in a["models"]:
+        one = load_model(folder, with_tokenizer=False)
+        split = load_model(folder, with_tokenizer=False, mesh=mesh)
+        want = dense_logits(one.graphdef, one.params, a["ids"])
+        with jax.set_mesh(mesh):
+            got = dense_logits(split.graphdef, split.params, a["ids"])
+        flat = flat_params(split.params).values()
+        out[folder] = {"max_rel_diff": float(np.abs(got - want).max() / np.abs(want).max()),
+                       "split": sum(len({tuple(s.data.shape) for s in x.addressable_shards}
+                                        ) == 1 and x.addressable_shards[0].data.shape != x.shape
+                                    for x in flat),
+                       "num": len(list(flat))}
+    return out
+
+
 if __name__ == "__main__":
     task, args, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-    data = {"single": single, "smollm2": smollm2, "refuse": refuse, "process": process}[task](args)
+    data = {"single": single, "smollm2": smollm2, "refuse": refuse, "process": process,
+            "logits": logits}[task](args)
     with open(result, "w") as f:
         json.dump(data, f)
