@@ -89,8 +89,7 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
     handed in may differ from config.dtype)."""
     from paged_jax import kv_cache
 
-    backend = pick_backend(config.attention_backend, platform, model_dtype, multihost,
-                           model_config.sliding_window)
+    backend = pick_backend(config.attention_backend, platform, model_dtype, multihost)
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings,
                                                 DEFAULT_MAX_MODEL_LEN)
     if max_model_len > model_config.max_position_embeddings:
@@ -128,25 +127,15 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
         async_scheduling=config.async_scheduling and not spec)
 
 
-def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
-                 sliding_window: int | None = None) -> str:
-    """The attention backend "auto" stands for, or the requested one if it can run.
-    sliding_window: the model's (Mistral, Phi-3, Gemma 3's sliding layers); the Pallas
-    kernels do not apply one, so such a model runs on the XLA path."""
-    if requested == "pallas" and sliding_window is not None:
-        raise ValueError(f"attention_backend 'pallas' cannot run this model: its kernels do "
-                         f"not apply the model's sliding_window ({sliding_window}); use xla "
-                         f"(or auto)")
+def pick_backend(requested: str, platform: str, dtype: str, multihost: bool) -> str:
+    """The attention backend "auto" stands for, or the requested one if it can run. (Every
+    backend applies sliding windows and soft-capping.)"""
     if requested not in ("auto", "cpu"):
         return requested
     if platform != "cpu":
         if requested == "cpu":
             raise ValueError(f"attention_backend 'cpu' needs the CPU platform, not "
                              f"{platform!r}")
-        if sliding_window is not None:
-            log.info("attention backend xla: the Pallas kernels do not apply the model's "
-                     "sliding_window (%d)", sliding_window)
-            return "xla"
         return "pallas"
     from paged_jax import cpu_kernels
 

@@ -45,10 +45,15 @@ def load_kv(cache_ref, page, token, cols, token_ok, head_size):
   return plgpu.load(cache_ref.at[index], mask=mask, other=0)
 
 
-def online_softmax_step(q, k, v, visible, carry, qk_scale):
+def online_softmax_step(q, k, v, visible, carry, *, scale, softcap=None):
   """One flash-attention step in float32, in base 2 (scores are pre-multiplied by log2 e)."""
   acc, m_prev, l_prev = carry
-  s = plgpu.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST) * qk_scale
+  s = plgpu.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST)
+  if softcap is None:
+    s = s * (scale * LOG2E)
+  else:
+    # softcap * tanh(scale * qk / softcap) is capped in natural units; only then to base 2.
+    s = jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
   s = jnp.where(visible, s, MASK_VALUE)
   m_next = jnp.maximum(m_prev, s.max(axis=1))
   alpha = jnp.exp2(m_prev - m_next)
@@ -66,7 +71,8 @@ def _decode_kernel(
     v_ref,             # [N, B, D]
     o_ref,             # [G, D]     k_splits == 1: normalised output; else unnormalised f32
     *stat_refs,        # k_splits > 1: m [G], l [G] float32 (base-2 running max, sum)
-    scale: float, rows: int, head_pad: int, tokens_per_step: int, tokens_per_split: int,
+    scale: float, softcap: float | None, window: int | None, rows: int, head_pad: int,
+    tokens_per_step: int, tokens_per_split: int,
 ):
   seq = pl.program_id(0)
   split = pl.program_id(2)
@@ -81,19 +87,29 @@ def _decode_kernel(
   start = split * tokens_per_split
   end = jnp.minimum(seq_len, start + tokens_per_split)
   num_steps = pl.cdiv(jnp.maximum(end - start, 0), tokens_per_step)
+  first_step = 0
+  if window is not None:
+    # Keys before `lo` are out of the window: start at the step holding lo, so a split
+    # wholly before it runs no step and leaves the empty state (m = MASK_VALUE, l = 0).
+    lo = seq_len - window
+    first_step = jnp.maximum(lo - start, 0) // tokens_per_step
 
   def body(step, carry):
     token = start + step * tokens_per_step + jnp.arange(tokens_per_step)
     token_ok = token < end
+    if window is not None:
+      # Never read out-of-window keys: their table entries may point at block 0.
+      token_ok &= token >= lo
     page = plgpu.load(block_tables_ref.at[token // block_size], mask=token_ok, other=0)
     k = load_kv(k_ref, page, token, cols, token_ok, head_size)
     v = load_kv(v_ref, page, token, cols, token_ok, head_size)
-    return online_softmax_step(q, k, v, token_ok[None, :], carry, scale * LOG2E)
+    return online_softmax_step(q, k, v, token_ok[None, :], carry, scale=scale,
+                               softcap=softcap)
 
   init = (jnp.zeros((rows, head_pad), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  acc, m, l = lax.fori_loop(0, num_steps, body, init)
+  acc, m, l = lax.fori_loop(first_step, num_steps, body, init)
 
   out_mask = (row < group)[:, None] & (cols < head_size)[None, :]
   out_index = (row[:, None], cols[None, :])
@@ -109,7 +125,8 @@ def _decode_kernel(
 
 # ---------------------------------------------------------------- pallas_call wrapper
 
-def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config, interpret):
+def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, softcap, window,
+                 config, interpret):
   """q4 [S, Hkv, G, D] -> out [S, Hkv, G, D] (k_splits == 1) or partial (o, m, l)."""
   num_seqs, num_kv_heads, group, head_size = q4.shape
   _, num_blocks, block_size, _ = k_cache.shape
@@ -118,7 +135,7 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, config,
   tokens_per_step = config.pages_per_compute_block * block_size
   steps_per_split = pl.cdiv(pl.cdiv(max_blocks * block_size, tokens_per_step), splits)
   kernel = functools.partial(
-      _decode_kernel, scale=scale,
+      _decode_kernel, scale=scale, softcap=softcap, window=window,
       rows=max(16, tuning.next_pow2(group)),  # Triton's dot needs >= 16 rows
       head_pad=max(16, tuning.next_pow2(head_size)),
       tokens_per_step=tokens_per_step,
@@ -200,11 +217,22 @@ def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens):
                      f"rows, got {seq_lens.dtype} {seq_lens.shape}")
 
 
+def validate_features(softcap, sliding_window):
+  """Checks the optional attention features; raises ValueError naming the bad one."""
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"softcap must be > 0, got {softcap}")
+  if sliding_window is not None and (int(sliding_window) != sliding_window
+                                     or sliding_window < 1):
+    raise ValueError(f"sliding_window must be an integer >= 1, got {sliding_window}")
+
+
 # ---------------------------------------------------------------- public function
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "config",
+                                             "interpret"))
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     block_tables: jax.Array, seq_lens: jax.Array, *, scale: float,
+                    softcap: float | None = None, sliding_window: int | None = None,
                     config: tuning.DecodeConfig | None = None,
                     interpret: bool | None = None) -> jax.Array:
   """Decode attention over the paged KV cache.
@@ -212,8 +240,13 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   q [S, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB] int32;
   seq_lens [S] int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D] in
   q's dtype: softmax(scale * q k^T) v over key positions 0..seq_lens[s]-1.
+
+  softcap: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
+  sliding_window: only the last sliding_window positions are attended to; table entries
+  before them are never read (they may be 0).
   """
   validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  validate_features(softcap, sliding_window)
   if q.shape[0] != block_tables.shape[0]:
     raise ValueError(f"q sequences {q.shape[0]} != block_tables rows {block_tables.shape[0]}")
   num_seqs, num_q_heads, head_size = q.shape
@@ -223,7 +256,8 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       max_blocks=block_tables.shape[1], block_size=block_size, head_size=head_size)
   q4 = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_size)
   out = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                     config=config, interpret=backend.use_interpret(interpret))
+                     softcap=softcap, window=sliding_window, config=config,
+                     interpret=backend.use_interpret(interpret))
   if config.k_splits > 1:
     out = merge_splits(*out)
   return out.reshape(q.shape).astype(q.dtype)

@@ -271,17 +271,25 @@ def plgpu_interpret_params():
 
 # ---------------------------------------------------------------- public function
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "config",
+                                             "interpret"))
 def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                          block_tables: jax.Array, seq_lens: jax.Array, *, scale: float,
+                         softcap: float | None = None, sliding_window: int | None = None,
                          config: MosaicDecodeConfig | None = None,
                          interpret: bool | None = None) -> jax.Array:
   """Decode attention over the paged KV cache, as paged_attention.paged_attention.
 
   q [S, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB] int32; seq_lens [S]
   int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D] in q's dtype.
-  Raises ValueError naming the mismatch, or what this kernel does not take (see supports).
+  Raises ValueError naming the mismatch, or what this kernel does not take (see supports);
+  NotImplementedError for softcap or sliding_window (paged_attention takes them).
   """
+  # Accepted so a caller passing the Triton kernel's arguments fails loudly, not silently.
+  for name, value in (("softcap", softcap), ("sliding_window", sliding_window)):
+    if value is not None:
+      raise NotImplementedError(f"paged_attention_mgpu has no {name} (got {value}); "
+                                f"use paged_attention")
   validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
   if q.shape[0] != block_tables.shape[0]:
     raise ValueError(f"q sequences {q.shape[0]} != block_tables rows {block_tables.shape[0]}")

@@ -4,7 +4,8 @@ The flat tokens are cut into tiles of up to `block_q` consecutive queries of one
 (a schedule computed with jnp before the kernel). Grid (tile, KV head): a program holds
 block_q tokens x the padded query heads of one KV group as the rows of one matrix, and
 streams that sequence's pages up to its last query's position, reading each page once for
-the whole group. Queries are the sequence's last q_len positions; masking is causal.
+the whole group. Queries are the sequence's last q_len positions; masking is causal, and
+with a sliding window a tile's loop starts at its first query's window.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend, tuning
-from pallas_kernels.paged_attention import (LOG2E, MASK_VALUE, load_kv, online_softmax_step,
-                                            validate_cache_args)
+from pallas_kernels.paged_attention import (MASK_VALUE, load_kv, online_softmax_step,
+                                            validate_cache_args, validate_features)
 
 
 def _ragged_kernel(
@@ -33,7 +34,8 @@ def _ragged_kernel(
     v_ref,                # [N, B, D]
     o_init_ref,           # [T, G, D]    zeros, aliased to o_ref (padding tokens stay 0)
     o_ref,                # [T, G, D]
-    *, scale: float, group_pad: int, rows: int, head_pad: int, tokens_per_step: int,
+    *, scale: float, softcap: float | None, window: int | None, group_pad: int, rows: int,
+    head_pad: int, tokens_per_step: int,
 ):
   del o_init_ref
   tile = pl.program_id(0)
@@ -58,20 +60,33 @@ def _ragged_kernel(
   q = plgpu.load(q_ref.at[io_index], mask=io_mask, other=0)
 
   kv_end = jnp.where(count > 0, context_start + first + count, 0)
+  first_step = 0
+  if window is not None:
+    # The first key any query of the tile sees: its first query's window start. Earlier
+    # steps are skipped and earlier keys never read (their table entries may be block 0).
+    kv_start = jnp.maximum(context_start + first - window + 1, 0)
+    first_step = kv_start // tokens_per_step
 
   def body(step, carry):
     key = step * tokens_per_step + jnp.arange(tokens_per_step)
     key_ok = key < kv_end
+    if window is not None:
+      key_ok &= key >= kv_start
     page = plgpu.load(block_tables_ref.at[seq, key // block_size], mask=key_ok, other=0)
     k = load_kv(k_ref, page, key, cols, key_ok, head_size)
     v = load_kv(v_ref, page, key, cols, key_ok, head_size)
     visible = key[None, :] <= position[:, None]
-    return online_softmax_step(q, k, v, visible, carry, scale * LOG2E)
+    if window is not None:
+      # A later query of the tile may see nothing in the first steps, summing keys at
+      # exp2(MASK_VALUE - MASK_VALUE) = 1: finite (keys >= kv_start are live pages, the rest
+      # load as 0), and wiped by alpha = 0 at its first visible key.
+      visible &= position[:, None] - key[None, :] < window
+    return online_softmax_step(q, k, v, visible, carry, scale=scale, softcap=softcap)
 
   init = (jnp.zeros((rows, head_pad), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
-  acc, _, l = lax.fori_loop(0, pl.cdiv(kv_end, tokens_per_step), body, init)
+  acc, _, l = lax.fori_loop(first_step, pl.cdiv(kv_end, tokens_per_step), body, init)
   out = acc / jnp.where(l == 0, 1, l)[:, None]
   plgpu.store(o_ref.at[io_index], out.astype(o_ref.dtype), mask=io_mask)
 
@@ -96,7 +111,7 @@ def num_tiles_bound(num_tokens: int, num_seqs: int, block_q: int) -> int:
 
 
 def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *,
-                 scale, config, interpret):
+                 scale, softcap, window, config, interpret):
   """q3 [T, Hkv, G, D] -> [T, Hkv, G, D]."""
   num_tokens, num_kv_heads, group, head_size = q3.shape
   _, num_blocks, block_size, _ = k_cache.shape
@@ -107,7 +122,8 @@ def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
   num_tiles = num_tiles_bound(num_tokens, num_seqs, block_q)
   schedule = tile_schedule(query_start_loc, num_tiles, block_q)
   kernel = functools.partial(
-      _ragged_kernel, scale=scale, group_pad=group_pad, rows=rows,
+      _ragged_kernel, scale=scale, softcap=softcap, window=window,
+      group_pad=group_pad, rows=rows,
       head_pad=max(16, tuning.next_pow2(head_size)),
       tokens_per_step=config.pages_per_compute_block * block_size)
   whole = lambda shape: pl.BlockSpec(shape, lambda t, h: (0,) * len(shape))
@@ -139,10 +155,12 @@ def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     jnp.zeros_like(q3))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "config",
+                                             "interpret"))
 def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            block_tables: jax.Array, seq_lens: jax.Array,
                            query_start_loc: jax.Array, *, scale: float,
+                           softcap: float | None = None, sliding_window: int | None = None,
                            config: tuning.RaggedConfig | None = None,
                            interpret: bool | None = None) -> jax.Array:
   """Causal attention for a flat batch of new tokens over the paged KV cache.
@@ -151,8 +169,13 @@ def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   query_start_loc [S + 1] int32. Sequence s owns tokens query_start_loc[s]..[s+1]-1, its
   last q_len context positions (their K/V already in the cache). Returns [T, Hq, D] in q's
   dtype; tokens past query_start_loc[S] get zeros.
+
+  softcap: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
+  sliding_window: a query at position p sees keys k with p - sliding_window < k <= p; table
+  entries wholly before a sequence's first query's window are never read (they may be 0).
   """
   validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  validate_features(softcap, sliding_window)
   num_seqs = block_tables.shape[0]
   if query_start_loc.shape != (num_seqs + 1,) or query_start_loc.dtype != jnp.int32:
     raise ValueError(f"query_start_loc must be int32 [{num_seqs + 1}] (sequences + 1), got "
@@ -162,5 +185,6 @@ def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   config = tuning.resolve_ragged(config, block_size=block_size, head_size=head_size)
   q3 = q.reshape(num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_size)
   out = _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                     scale=scale, config=config, interpret=backend.use_interpret(interpret))
+                     scale=scale, softcap=softcap, window=sliding_window, config=config,
+                     interpret=backend.use_interpret(interpret))
   return out.reshape(q.shape)

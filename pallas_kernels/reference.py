@@ -16,9 +16,11 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
   return pages.transpose(1, 0, 2, 3)
 
 
-def _attend(q, k, v, mask, scale):
+def _attend(q, k, v, mask, scale, softcap):
   """q [R, Hkv, G, D]; k, v [R, Hkv, L, D]; mask [R, L] -> [R, Hkv, G, D] float32."""
   logits = jnp.einsum("rhgd,rhld->rhgl", q, k, precision="highest") * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
   # Rows with no visible key (padding) get zeros rather than NaN.
   weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True, initial=-1e30))
@@ -27,22 +29,35 @@ def _attend(q, k, v, mask, scale):
   return jnp.einsum("rhgl,rhld->rhgd", weights, v, precision="highest")
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
-def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float):
-  """Decode attention: q [S, Hq, D] -> [S, Hq, D] float32."""
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window"))
+def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
+                              softcap: float | None = None,
+                              sliding_window: int | None = None):
+  """Decode attention: q [S, Hq, D] -> [S, Hq, D] float32.
+
+  softcap: scaled scores s -> softcap * tanh(s / softcap), before masking. sliding_window:
+  the query, at p = seq_len - 1, sees keys k with p - sliding_window < k <= p."""
   num_seqs, num_q_heads, head_size = q.shape
   num_kv_heads = k_cache.shape[0]
   k = gather_pages(k_cache.astype(jnp.float32), block_tables)
   v = gather_pages(v_cache.astype(jnp.float32), block_tables)
-  mask = jnp.arange(k.shape[2])[None, :] < seq_lens[:, None]
+  key = jnp.arange(k.shape[2])[None, :]
+  mask = key < seq_lens[:, None]
+  if sliding_window is not None:
+    mask &= seq_lens[:, None] - 1 - key < sliding_window
   q = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, -1, head_size)
-  return _attend(q, k, v, mask, scale).reshape(num_seqs, num_q_heads, head_size)
+  return _attend(q, k, v, mask, scale, softcap).reshape(num_seqs, num_q_heads, head_size)
 
 
-@functools.partial(jax.jit, static_argnames=("scale",))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window"))
 def ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     query_start_loc, *, scale: float):
-  """Ragged causal attention: q [T, Hq, D] -> [T, Hq, D] float32; padding tokens get zeros."""
+                                     query_start_loc, *, scale: float,
+                                     softcap: float | None = None,
+                                     sliding_window: int | None = None):
+  """Ragged causal attention: q [T, Hq, D] -> [T, Hq, D] float32; padding tokens get zeros.
+
+  softcap as in paged_attention_reference; sliding_window: the query at position p sees
+  keys k with p - sliding_window < k <= p."""
   num_tokens, num_q_heads, head_size = q.shape
   num_kv_heads = k_cache.shape[0]
   num_seqs = block_tables.shape[0]
@@ -55,6 +70,9 @@ def ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
   position = seq_lens[seq] - q_len + (token - query_start_loc[seq])
   k = gather_pages(k_cache.astype(jnp.float32), block_tables)[seq]  # [T, Hkv, L, D]
   v = gather_pages(v_cache.astype(jnp.float32), block_tables)[seq]
-  mask = (jnp.arange(k.shape[2])[None, :] <= position[:, None]) & valid[:, None]
+  key = jnp.arange(k.shape[2])[None, :]
+  mask = (key <= position[:, None]) & valid[:, None]
+  if sliding_window is not None:
+    mask &= position[:, None] - key < sliding_window
   q = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, -1, head_size)
-  return _attend(q, k, v, mask, scale).reshape(num_tokens, num_q_heads, head_size)
+  return _attend(q, k, v, mask, scale, softcap).reshape(num_tokens, num_q_heads, head_size)

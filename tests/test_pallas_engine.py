@@ -132,26 +132,27 @@ def test_mosaic_decode_kernel_makes_the_xla_backends_choices(make_tiny_llama_dir
     assert_same_greedy_choices(outs["xla"], outs["pallas"])
 
 
-def test_gemma3_through_the_kernels_and_pallas_refusing_sliding_windows(tmp_path):
-    """Gemma 3 (models/gemma3.py) through the Pallas kernels (interpret mode) on its full
-    layers, and through the CPU kernel on sliding and full ones, equal to the XLA path; the
-    windows really change the tokens; Pallas, which applies no window, refuses them by
-    name. (Large weights: peaked logits, so greedy choices do not flip on ulps.)"""
-    import pytest
+def test_gemma2_windows_and_soft_caps_through_every_kernel(tmp_path):
+    """Gemma 2 (models/gemma.py: a sliding and a full layer, attention and final-logit soft
+    caps) through the Pallas kernels (interpret mode) and the CPU kernel: the same tokens and
+    logprobs as the XLA path; the window and the caps are in force (the same weights without
+    them give other logits). (Large weights: peaked logits, so greedy choices do not flip on
+    ulps.)"""
+    import dataclasses
 
+    from paged_jax.models.forward import dense_logits
     from test_model_families import make_hf_dir
 
-    def model(layer_types):
-        folder = make_hf_dir(tmp_path / "-".join(layer_types), "Gemma3Text", hidden_size=64,
-                             head_dim=64, num_hidden_layers=2, sliding_window=8,
-                             query_pre_attn_scalar=64, layer_types=layer_types,
-                             tie_word_embeddings=True, initializer_range=0.3)
-        return load_model(str(folder), "float32", with_tokenizer=False)
-
+    folder = make_hf_dir(tmp_path, "Gemma2", hidden_size=64, head_dim=64, num_hidden_layers=2,
+                         sliding_window=8, query_pre_attn_scalar=64,
+                         layer_types=["sliding_attention", "full_attention"],
+                         attn_logit_softcapping=4.0, final_logit_softcapping=20.0,
+                         initializer_range=0.3)
+    m = load_model(str(folder), "float32", with_tokenizer=False)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 256, n).tolist() for n in (3, 12, 21)]
 
-    def outputs(m, backend):
+    def outputs(backend):
         """(tokens, their logprobs) of each prompt."""
         outs = run_outputs(LLMEngine(EngineConfig(
             dtype="float32", num_kv_blocks=32, max_model_len=64, max_num_seqs=4,
@@ -161,16 +162,13 @@ def test_gemma3_through_the_kernels_and_pallas_refusing_sliding_windows(tmp_path
                 np.array([[e[t].logprob for t, e in zip(o.token_ids, o.logprobs)]
                           for o in outs]))
 
-    full = model(["full_attention", "full_attention"])
-    xla_full = outputs(full, "xla")
-    pallas_full = outputs(full, "pallas")
-    assert pallas_full[0] == xla_full[0]
-    np.testing.assert_allclose(pallas_full[1], xla_full[1], atol=1e-4)
-    windowed = model(["sliding_attention", "full_attention"])
-    xla_windowed, cpu_windowed = outputs(windowed, "xla"), outputs(windowed, "cpu")
-    assert cpu_windowed[0] == xla_windowed[0]
-    np.testing.assert_allclose(cpu_windowed[1], xla_windowed[1], atol=1e-4)
-    # The window is in force: the same weights with layer 0 windowed give other logprobs
-    assert np.abs(xla_windowed[1] - xla_full[1]).max() > 1e-3
-    with pytest.raises(ValueError, match="not apply the model's sliding_window"):
-        outputs(windowed, "pallas")
+    xla = outputs("xla")
+    for backend in ("pallas", "cpu"):
+        got = outputs(backend)
+        assert got[0] == xla[0], backend
+        np.testing.assert_allclose(got[1], xla[1], atol=1e-4, err_msg=backend)
+    ids = prompts[2]
+    logits = dense_logits(m.graphdef, m.params, ids)
+    for change in (dict(sliding_window=None), dict(attn_logit_softcapping=None)):
+        other = m.with_config(dataclasses.replace(m.config, **change))
+        assert np.abs(dense_logits(other.graphdef, other.params, ids) - logits).max() > 1e-3

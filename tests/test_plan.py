@@ -82,12 +82,6 @@ def test_auto_backend_falls_back_to_xla_where_the_cpu_kernel_cannot_run():
     assert pick_backend("auto", "cpu", "float32", True) == "xla"  # multi-host
     assert pick_backend("auto", "gpu", "bfloat16", False) == "pallas"
     assert pick_backend("xla", "cpu", "float32", False) == "xla"
-    # The Pallas kernels apply no sliding window: such a model takes the XLA path on a GPU,
-    # and asking for pallas is refused by name.
-    assert pick_backend("auto", "gpu", "bfloat16", False, 4096) == "xla"
-    assert pick_backend("auto", "cpu", "float32", False, 4096) == "cpu"
-    with pytest.raises(ValueError, match=r"not apply the model's sliding_window \(4096\)"):
-        pick_backend("pallas", "gpu", "bfloat16", False, 4096)
     with pytest.raises(ValueError, match="'cpu' cannot run here: it takes float32, not bfloat16"):
         pick_backend("cpu", "cpu", "bfloat16", False)
     with pytest.raises(ValueError, match="'cpu' needs the CPU platform, not 'gpu'"):

@@ -26,7 +26,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", "llama", "paged_jax.models.llama:LlamaForCausalLM",
            "Llama 2 / 3 (rope scaling: linear, llama3), SmolLM2, TinyLlama"),
     Family("MistralForCausalLM", "mistral", "paged_jax.models.llama:LlamaForCausalLM",
-           "sliding window: blocks it passed go back to the pool (not on Pallas)"),
+           "sliding window: blocks it passed go back to the pool"),
     Family("MixtralForCausalLM", "mixtral", "paged_jax.models.llama:LlamaForCausalLM",
            "sparse MoE (top-k router, lax.ragged_dot)"),
     Family("Qwen2ForCausalLM", "qwen2", "paged_jax.models.llama:LlamaForCausalLM",

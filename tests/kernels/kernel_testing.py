@@ -138,3 +138,16 @@ def check_decode(attend, heads, head_size, block_size, dtype, *, num_seqs, max_l
   assert out.shape == q.shape and out.dtype == q.dtype
   np.testing.assert_allclose(as_f64(out), decode_reference_np(q, case, scale),
                              **tolerance(dtype))
+
+
+def drop_dead_blocks(case: PagedCase, first_positions, window: int, fill=None):
+  """What the engine does to a windowed sequence: table entries of blocks wholly before its
+  first query's window point at block 0. Block 0 then holds `fill` (default NaN, so a kernel
+  that reads it, even masked afterwards, 0 * NaN in p @ V, fails): (k, v, tables)."""
+  block_size = case.k_cache.shape[2]
+  tables = case.block_tables.copy()
+  for s, p in enumerate(first_positions):
+    tables[s, :max(0, p - window + 1) // block_size] = 0
+  assert (tables != case.block_tables).any()
+  page = lambda c: c.at[:, 0].set(jnp.nan if fill is None else fill(c.shape[2:]).astype(c.dtype))
+  return page(case.k_cache), page(case.v_cache), jnp.asarray(tables)

@@ -1,12 +1,14 @@
 """ragged_paged_attention (mixed prefill / chunked prefill / decode) against NumPy."""
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernel_testing as kt
-from pallas_kernels import RaggedConfig, ragged_paged_attention
+from pallas_kernels import (RaggedConfig, ragged_paged_attention,
+                            ragged_paged_attention_reference)
 
 
 def _mixed_batch(rng, block_size, max_len):
@@ -62,6 +64,57 @@ def test_ragged_decode_only_matches_decode_kernel():
   ragged = ragged_paged_attention(*args, jnp.arange(6, dtype=jnp.int32), scale=0.125)
   decode = paged_attention(*args, scale=0.125)
   np.testing.assert_allclose(np.asarray(ragged), np.asarray(decode), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- softcap and sliding window
+
+@pytest.mark.parametrize("heads,block_size,dtype,features,config", [
+    # GQA, default tiles
+    ((8, 2), 8, jnp.float32, dict(softcap=2.0), None),
+    # MQA, a window shorter than a block; tiles of 4 queries, each starting at its own step
+    ((4, 1), 16, jnp.bfloat16, dict(sliding_window=5),
+     RaggedConfig(block_rows=16, pages_per_compute_block=1)),
+    # both, a window over several blocks; 2 pages a step
+    ((9, 3), 8, jnp.float32, dict(softcap=2.0, sliding_window=37),
+     RaggedConfig(block_rows=16, pages_per_compute_block=2)),
+], ids=["gqa-softcap", "mqa-bf16-window5-tiles4", "gqa-softcap-window37-tiles4"])
+def test_ragged_features(heads, block_size, dtype, features, config):
+  rng = np.random.default_rng(6)
+  num_q_heads, num_kv_heads = heads
+  # A decode past the window, a one-token prompt, a prompt crossing the window, a chunk over
+  # a cached prefix, a prompt shorter than the window, padding.
+  seq_lens = np.array([61, 1, 20, 50, 4, 0], np.int32)
+  q_lens = np.array([1, 1, 20, 19, 4, 0], np.int32)
+  query_start_loc = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  case = kt.make_case(rng, num_kv_heads=num_kv_heads, head_size=32, block_size=block_size,
+                      dtype=dtype, seq_lens=seq_lens)
+  q = kt.random_q(rng, int(query_start_loc[-1]) + 3, num_q_heads, 32, dtype) * 3  # reach the cap
+  intact = (case.k_cache, case.v_cache, jnp.asarray(case.block_tables), jnp.asarray(seq_lens),
+            jnp.asarray(query_start_loc))
+  ref = lambda **f: ragged_paged_attention_reference(q, *intact, scale=0.2, **f)
+  expected = ref(**features)
+  args = intact
+  if "sliding_window" in features:
+    dropped = kt.drop_dead_blocks(case, seq_lens - q_lens, features["sliding_window"])
+    args = (*dropped, *intact[3:])
+  out = ragged_paged_attention(q, *args, scale=0.2, config=config, **features)
+  assert out.dtype == dtype
+  np.testing.assert_allclose(kt.as_f64(out), np.asarray(expected), **kt.tolerance(dtype))
+  for name in features:  # each feature is in force, by far more than the tolerance
+    without = ref(**{f: x for f, x in features.items() if f != name})
+    assert np.abs(kt.as_f64(out) - np.asarray(without)).max() > 20 * kt.tolerance(dtype)["atol"]
+
+
+def test_ragged_features_lower_to_triton():
+  # Interpret mode never meets Triton's lowering rules (tanh, a loop with a traced start).
+  spec = jax.ShapeDtypeStruct
+  cache = spec((2, 32, 16, 128), jnp.bfloat16)
+  traced = ragged_paged_attention.trace(
+      spec((40, 8, 128), jnp.bfloat16), cache, cache, spec((3, 8), jnp.int32),
+      spec((3,), jnp.int32), spec((4,), jnp.int32), scale=0.1, softcap=50.0,
+      sliding_window=7, interpret=False,
+      config=RaggedConfig(block_rows=64, pages_per_compute_block=2, num_warps=4, num_stages=2))
+  assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.full
