@@ -269,8 +269,8 @@ def test_gguf_conversion_needs_no_torch(make_tiny_llama_dir, tmp_path):
 
 
 def test_unsupported_gguf_architecture(make_tiny_llama_dir, tmp_path):
-    gguf_path = write_tiny_gguf(make_tiny_llama_dir(), tmp_path / "tiny.gguf", arch="qwen2")
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'qwen2'.*llama"):
+    gguf_path = write_tiny_gguf(make_tiny_llama_dir(), tmp_path / "tiny.gguf", arch="gpt2")
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt2'.*llama, qwen2, qwen3, gemma2, phi3"):
         weights.resolve_model(gguf_path, cache_dir=tmp_path / "cache")
     assert not any((tmp_path / "cache").iterdir())  # the failed conversion left nothing behind
 
