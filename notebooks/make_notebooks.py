@@ -78,6 +78,14 @@ show("after the prefill")
 for _ in range(14):
     engine.step()  # decode: one token each
 show("after 14 decode steps")"""),
+    new_markdown_cell("""\
+The pool as a picture: one cell per block, coloured by the request that holds it (black:
+shared by several, grey: free but still cached for later prefix hits). `paged-jax serve`
+shows the same grid live at `/dashboard`."""),
+    new_code_cell("""\
+from paged_jax.kv_view import plot_kv_pool
+
+plot_kv_pool(llm, columns=16);"""),
     new_code_cell("""\
 k0, v0 = engine.runner.kv_caches[0]
 print("layer 0 K cache:", k0.shape, k0.dtype, "(kv_heads, num_blocks, block_size, head_dim)")

@@ -151,8 +151,9 @@ class Range:
 
 
 class NoPrefixCache:
-    """The prefix-cache half of the Scheduler's KV interface, for KV managers without one
-    (the Orca baselines): nothing is ever found, registered or counted."""
+    """The prefix-cache and sliding-window half of the Scheduler's KV interface, for KV
+    managers without them (the Orca baselines): nothing is ever found, registered, counted
+    or released early (a reservation is held whole until its request ends)."""
 
     block_size = 0
 
@@ -167,6 +168,9 @@ class NoPrefixCache:
 
     def record_admission(self, num_prompt_tokens: int, hit: PrefixHit) -> None:
         pass
+
+    def release_outside_window(self, request_id: str, num_computed: int) -> int:
+        return 0
 
 
 class ContiguousKV(NoPrefixCache):
@@ -195,9 +199,6 @@ class ContiguousKV(NoPrefixCache):
 
     def can_admit(self, num_tokens: int) -> bool:
         return self.buddy.can_allocate(num_tokens)
-
-    def release_outside_window(self, request_id: str, num_computed: int) -> int:
-        return 0  # a contiguous range is held whole until the request ends (no window)
 
     def free(self, request_id: str) -> None:
         r = self.ranges.pop(request_id, None)

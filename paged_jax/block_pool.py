@@ -63,6 +63,14 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref[block_id]
 
+    def ref_counts(self) -> list[int]:
+        """Owners of every block (a copy)."""
+        return list(self._ref)
+
+    def cached_ids(self) -> set[int]:
+        """Blocks registered in the prefix cache, held or free."""
+        return set(self._hash_of)
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")

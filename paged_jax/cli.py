@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-stats-interval", type=float, default=10.0,
                        help="seconds between stats lines while there is work "
                        "(default: %(default)s)")
+    serve.add_argument("--metrics-prefix", default="paged_jax:",
+                       help="prefix of the Prometheus series (vllm: serves vLLM's names, for "
+                            "dashboards built for vLLM)")
+    serve.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                       help="export a span per request to this OTLP/HTTP traces endpoint "
+                            "(the OTEL_EXPORTER_OTLP_* environment configures the rest); needs "
+                            "the tracing extra")
     serve.add_argument("--disable-fastapi-docs", action="store_true",
                        help="serve no /docs, /redoc or /openapi.json (otherwise they are "
                        "behind --api-key like /v1)")
@@ -249,7 +256,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
                      log_stats_interval=None if args.disable_log_stats
                      else args.log_stats_interval,
                      chat_options=chat, cors=cors_options(args),
-                     root_path=args.root_path)
+                     root_path=args.root_path, metrics_prefix=args.metrics_prefix,
+                     tracer=tracer(args, engine))
     try:
         return run_server(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=not args.no_access_log,
@@ -260,6 +268,15 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         # engine thread never started or is stuck in a step (the engine serializes the two
         # broadcasts; a no-op once one has been sent).
         engine.stop_followers()
+
+
+def tracer(args: argparse.Namespace, engine):
+    if args.otlp_traces_endpoint is None:
+        return None
+    from paged_jax.server.tracing import RequestTracer
+
+    return RequestTracer.for_endpoint(args.otlp_traces_endpoint,
+                                      args.served_model_name or engine.model_name)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> None:
@@ -313,6 +330,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--root-path must be a path such as /api (a leading /, no "
                                  f"trailing one), got {args.root_path!r}")
             chat_options(args)  # a missing template file: a usage error before the model loads
+            if args.otlp_traces_endpoint is not None:
+                from paged_jax.server.tracing import tracing_unavailable
+
+                if tracing_unavailable():
+                    raise ValueError(f"--otlp-traces-endpoint needs OpenTelemetry: "
+                                     f"{tracing_unavailable()}")
+            from paged_jax.server.metrics import check_prefix
+
+            check_prefix(args.metrics_prefix)
     except ValueError as err:
         parser.error(str(err))
     level = getattr(args, "log_level", None)

@@ -58,6 +58,7 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_steps: int = 0
+    batched_tokens: int = 0  # tokens the steps computed (prompt chunks, decodes, drafts)
     # Seconds spent in each phase of step(), summed: schedule (drafts and scheduling), build
     # (the step's padded arrays), device (dispatch, run, and the wait for the sampled
     # tokens), update (applying them: stop checks, detokenizing, outputs).
@@ -513,6 +514,7 @@ class LLMEngine:
                                    or bool(inputs.scores))
         self._lap("device")
         self.stats.num_steps += 1
+        self.stats.batched_tokens += batch.num_tokens
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
         tokens = result["tokens"].tolist()
@@ -636,6 +638,7 @@ class LLMEngine:
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens, prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generation_tokens, num_steps=stats.num_steps,
+            batched_tokens=stats.batched_tokens,
             step_seconds=dict(stats.step_seconds),
             finished=dict(stats.finished), requests=requests)
 

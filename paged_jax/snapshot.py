@@ -52,6 +52,7 @@ class EngineSnapshot:
     step_seconds: Mapping[str, float]
     finished: Mapping[str, int]  # finish reason -> sequences
     requests: tuple[RequestView, ...] = ()  # with_requests=True: every unfinished sequence
+    batched_tokens: int = 0  # tokens the steps computed (iteration_tokens_total)
 
     @property
     def cpu_usage(self) -> float:

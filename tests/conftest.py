@@ -51,6 +51,7 @@ SLOW_MODULES = {
     "test_server_load.py", "test_server_startup.py", "test_server_structured.py",
     "test_server_extras.py",
     "test_server_clients.py",  # instructor, langchain-openai, lm-eval
+    "test_dashboard.py", "test_observability.py",  # a browser; an in-process engine
     # experiments and notebooks run end to end
     "test_notebooks.py", "test_batching.py", "test_memory_waste.py",
     "test_preemption_experiment.py", "test_schedule_cost_experiment.py",

@@ -73,6 +73,7 @@ def test_llm_loads_a_cached_hub_model_by_name(hub_cache):
     assert llm.get_tokenizer() is not None
 
 
+@pytest.mark.slow  # loads SmolLM2's tokenizer
 def test_a_tokenizer_from_its_own_hub_repository_at_its_revision(tmp_path, monkeypatch,
                                                                  make_tiny_llama_dir,
                                                                  smollm2_tokenizer_files):

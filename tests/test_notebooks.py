@@ -49,6 +49,7 @@ def test_quickstart(monkeypatch):
     assert "after the prefill" in out and "-> block table [" in out
     assert "layer 0 K cache: (3, 64, 16, 64)" in out  # SmolLM2: 3 KV heads of 64
     assert "free blocks: 63 of 63" in out
+    assert "[1 images]" in out  # the block pool (kv_view.plot_kv_pool)
 
 
 def test_memory_waste(monkeypatch):

@@ -12,13 +12,16 @@ GET /metrics (Prometheus text), GET /version, POST /tokenize and POST /detokeniz
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
+import importlib.resources
+import time
 from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic.json_schema import models_json_schema
 
 from paged_jax.config import ServerLimits
@@ -27,6 +30,7 @@ from paged_jax.server.body import StrictJSONRoute
 from paged_jax.server.chat_options import ChatOptions
 from paged_jax.server.engine_loop import EngineLoop
 from paged_jax.server.errors import ERROR_RESPONSES, error_response, install_handlers
+from paged_jax.server.metrics import PREFIX as METRICS_PREFIX
 from paged_jax.server.metrics import ServerMetrics
 # ApiKeyMiddleware, RefusalCounter and the path tuples lived here first: still importable
 from paged_jax.server.middleware import (DOCS_PATHS, GENERATION_PATHS,  # noqa: F401
@@ -45,19 +49,27 @@ def create_app(engine, served_model_name: str | None = None,
                limits: ServerLimits = ServerLimits(), disable_docs: bool = False,
                log_stats_interval: float | None = DEFAULT_STATS_INTERVAL,
                chat_options: ChatOptions = ChatOptions(), cors: CorsOptions | None = None,
-               root_path: str = "") -> FastAPI:
+               root_path: str = "", metrics_prefix: str = METRICS_PREFIX,
+               tracer=None) -> FastAPI:
     """api_key: one key or several, any of which is accepted (None: no key).
     log_stats_interval: seconds between the stats lines in the log (None: no lines).
     chat_options: the chat template and tool calling (the serve flags). cors: the CORS
-    headers (None: none). root_path: the path prefix of a proxy in front (--root-path)."""
+    headers (None: none). root_path: the path prefix of a proxy in front (--root-path).
+    metrics_prefix: of the Prometheus series (vllm: for vLLM's dashboards). tracer: a
+    tracing.RequestTracer that gets a span per request (None: no traces)."""
     api_keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     model_name = served_model_name or engine.model_name
-    metrics = ServerMetrics(model_name)
+    kv = engine.kv
+    metrics = ServerMetrics(model_name, metrics_prefix, engine.max_model_len, cache_config=dict(
+        block_size=kv.block_size, num_gpu_blocks=kv.pool.num_usable,
+        num_cpu_blocks=kv.cpu_pool.num_usable if kv.cpu_pool is not None else 0,
+        enable_prefix_caching=kv.enable_caching, cache_dtype=engine.model.config.dtype,
+        sliding_window=kv.sliding_window))
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a
     # dead engine loop stops the server, which exits non-zero for a supervisor to restart.
     engine_loop = EngineLoop(engine, metrics, on_death=lambda: app.state.on_engine_death(),
                              stats=StatsLogger(log_stats_interval) if log_stats_interval
-                             else None)
+                             else None, tracer=tracer)
     tokenizer = load_tokenizer(engine.model_path)
     if engine.grammars is not None:
         # Structured outputs compile on the server's tokenizer thread, with the server's
@@ -78,6 +90,8 @@ def create_app(engine, served_model_name: str | None = None,
         finally:
             engine_loop.stop()
             serving.close()
+            if tracer is not None:
+                tracer.shutdown()  # exports what is still batched
 
     docs = {} if not disable_docs else dict(docs_url=None, redoc_url=None, openapi_url=None)
     app = _App(title="paged-jax", lifespan=lifespan, root_path=root_path, **docs)
@@ -131,6 +145,24 @@ def create_app(engine, served_model_name: str | None = None,
     async def ping():
         return await health()
 
+    @app.get("/v1/kv_cache", responses={401: ERROR_RESPONSES[401]})
+    async def kv_cache():
+        """The block pool (kv_view.py): each block's holder, shared and cached blocks, the
+        host pool, the queues with each request's block table, KV usage and waste. Built
+        on the engine's thread a few times a second while someone asks."""
+        deadline = time.monotonic() + 5.0
+        while (view := engine_loop.kv_cache_view()) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if view is None:
+            return error_response(503, "the engine has not answered", type="server_error",
+                                  code="engine_busy")
+        return view
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard():
+        # Static: the data comes from /v1/kv_cache, behind the API key.
+        return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"))
+
     @app.get("/version")
     async def version():
         return {"version": package_version()}
@@ -154,6 +186,9 @@ def create_app(engine, served_model_name: str | None = None,
         return app.openapi_schema
     app.openapi = openapi
     return app
+
+
+_DASHBOARD = importlib.resources.files("paged_jax.server") / "static" / "dashboard.html"
 
 
 def package_version() -> str:

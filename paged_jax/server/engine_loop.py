@@ -28,13 +28,19 @@ import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from paged_jax.engine import StepError
+from paged_jax.kv_view import kv_view
 from paged_jax.request import RequestOutput
 from paged_jax.sampling_params import SamplingParams
+from paged_jax.server.tracing import FinishedRequest
 
 log = logging.getLogger(__name__)
 # Failed steps in a row (each failing only its own requests) after which the engine is taken
 # to be broken rather than fed a few bad requests: the loop stops and the server exits 1.
 MAX_CONSECUTIVE_STEP_FAILURES = 8
+# The KV view (/v1/kv_cache) is rebuilt on the engine thread while a page polls it: at most
+# this often, and only within KV_VIEW_IDLE_S of the last poll (it walks every block).
+KV_VIEW_PERIOD_S = 0.25
+KV_VIEW_IDLE_S = 10.0
 
 
 class EngineDeadError(RuntimeError):
@@ -57,21 +63,30 @@ class _AddBatch:
     arrival: float
     deliver: Callable[[object], None]
     accepted: asyncio.Future
+    trace_context: object = None  # the HTTP request's traceparent (tracing.py)
 
 
 @dataclasses.dataclass
 class _Timing:
     arrival: float
+    params: SamplingParams
+    trace_context: object = None
     last: float | None = None  # time of the previous output; None before the first
+    first_token: float | None = None
 
 
 class EngineLoop:
     def __init__(self, engine, metrics=None, on_death: Callable[[], None] | None = None,
-                 stats=None):
+                 stats=None, tracer=None):
         """on_death: called from the engine thread once, if the loop stops for an error;
-        stats: a StatsLogger, fed a snapshot after every step (the periodic log line)."""
+        stats: a StatsLogger, fed a snapshot after every step (the periodic log line);
+        tracer: a tracing.RequestTracer, given each finished request."""
         self.engine = engine
         self.stats = stats
+        self.tracer = tracer
+        self._kv_view: dict | None = None  # the latest, built on the engine thread
+        self._kv_view_built = 0.0
+        self._kv_view_asked = -KV_VIEW_IDLE_S
         self.on_death = on_death
         engine.stream_text = True  # streamed outputs carry their text so far
         self.metrics = metrics
@@ -103,7 +118,8 @@ class EngineLoop:
     # ---- requests (event loop) -------------------------------------------------------------
 
     async def submit(self, prompts: list, params: SamplingParams, request_id: str,
-                     arrival: float | None = None) -> "GenerationHandle":
+                     arrival: float | None = None,
+                     trace_context=None) -> "GenerationHandle":
         """Adds one engine request per prompt; raises ValueError if any is refused."""
         if not self.healthy:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
@@ -115,7 +131,7 @@ class EngineLoop:
         handle.request_ids.extend(rids)
         handle._unfinished.update(rids)
         self._commands.put(_AddBatch(list(zip(rids, prompts)), params, arrival,
-                                     handle._deliver_from_thread(), accepted))
+                                     handle._deliver_from_thread(), accepted, trace_context))
         if not self.healthy:  # the thread stopped after the check above: nobody will answer
             self._fail_pending_commands()
         try:
@@ -129,6 +145,20 @@ class EngineLoop:
         if request_ids:
             self._commands.put(list(request_ids))
 
+    def kv_cache_view(self) -> dict | None:
+        """The block pool as kv_view.kv_view gives it, as of the engine thread's last build
+        (None before the first: the engine thread builds one within a second of being
+        asked, busy or idle)."""
+        self._kv_view_asked = time.monotonic()
+        return self._kv_view
+
+    def _refresh_kv_view(self) -> None:
+        now = time.monotonic()
+        if (now - self._kv_view_asked < KV_VIEW_IDLE_S
+                and now - self._kv_view_built >= KV_VIEW_PERIOD_S):
+            self._kv_view = kv_view(self.engine)
+            self._kv_view_built = now
+
     # ---- the engine thread -----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -137,6 +167,7 @@ class EngineLoop:
             steps = self.engine.snapshot().num_steps
             while not self._stopping:
                 self._apply_commands(block=not self.engine.has_unfinished_requests())
+                self._refresh_kv_view()
                 if self._stopping or not self.engine.has_unfinished_requests():
                     continue
                 started = time.monotonic()
@@ -178,7 +209,7 @@ class EngineLoop:
         cause = f"{type(err.cause).__name__}: {err.cause}"
         for rid in err.request_ids:
             deliver = self._deliver.pop(rid, None)
-            self._timing.pop(rid, None)
+            self._ended(rid, "error")
             if deliver is not None:
                 deliver(RequestFailedError(
                     f"the engine step that computed this request failed ({cause}); the "
@@ -206,7 +237,7 @@ class EngineLoop:
                 self.engine.abort_request(cmd)
                 for rid in cmd:
                     self._deliver.pop(rid, None)
-                    self._timing.pop(rid, None)
+                    self._ended(rid, "abort")
                 applied_abort = True
             try:
                 cmd = self._commands.get_nowait()
@@ -224,7 +255,7 @@ class EngineLoop:
             return
         for rid, _ in cmd.prompts:
             self._deliver[rid] = cmd.deliver
-            self._timing[rid] = _Timing(cmd.arrival)
+            self._timing[rid] = _Timing(cmd.arrival, cmd.params, cmd.trace_context)
         self._resolve(cmd.accepted, None)
 
     def _resolve(self, fut: asyncio.Future, err: BaseException | None) -> None:
@@ -247,11 +278,41 @@ class EngineLoop:
                 self._observe(timing, out.first_scheduled_time or started, now, out.finished)
             if timing is not None:
                 timing.last = now
+                if timing.first_token is None:
+                    timing.first_token = now
             if deliver is not None:
                 deliver((rid, out))
             if out.finished:
                 self._deliver.pop(rid, None)
+                if timing is not None:
+                    self._finished(rid, out, timing, out.first_scheduled_time or started, now)
                 self._timing.pop(rid, None)
+
+    def _finished(self, rid: str, out: RequestOutput, timing: _Timing, scheduled: float,
+                  now: float, reason: str | None = None) -> None:
+        """A request ended: its per-request metrics and its span."""
+        if self.metrics is None and self.tracer is None:
+            return
+        params = timing.params
+        done = FinishedRequest(
+            request_id=rid, prompt_tokens=len(out.prompt_token_ids) if out else 0,
+            completion_tokens=sum(len(c.token_ids) for c in out.outputs) if out else 0,
+            num_sequences=len(out.outputs) if out else 0, n=params.n,
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            arrival=timing.arrival, scheduled=scheduled,
+            first_token=timing.first_token or now, finished=now,
+            finish_reason=reason or (out.outputs[0].finish_reason or "stop"))
+        if self.metrics is not None:
+            self.metrics.request_finished(done)
+        if self.tracer is not None:
+            self.tracer.record(done, timing.trace_context)
+
+    def _ended(self, rid: str, reason: str) -> None:
+        """An unfinished request aborted or failed: counted once, by that reason."""
+        timing = self._timing.pop(rid, None)
+        if timing is not None:
+            now = time.monotonic()
+            self._finished(rid, None, timing, now, now, reason)
 
     def _observe(self, timing: _Timing, scheduled: float, now: float, finished: bool) -> None:
         """scheduled: when the request left the queue (with chunked prefill, steps before

@@ -316,7 +316,9 @@ class OpenAIServing:
         request_id = p.random_id(prefix)
         self._check_open()
         try:
-            handle = await self.loop.submit(prompts, params, request_id)
+            trace = (self.loop.tracer.context_from_headers(request.headers)
+                     if self.loop.tracer is not None else None)
+            handle = await self.loop.submit(prompts, params, request_id, trace_context=trace)
         except ValueError as err:
             raise from_value_error(err) from err
         except EngineDeadError as err:
