@@ -80,7 +80,8 @@ def assert_nothing_held(engine):
     # preemption by recompute, and prompts in chunks
     dict(num_kv_blocks=9, enable_chunked_prefill=True, max_num_batched_tokens=24),
     dict(num_kv_blocks=9, preemption_mode="swap", num_cpu_blocks=64),
-    dict(mixed_batches=False),
+    # (prefill-first steps: the paper's baseline, not the default; in the full tier)
+    pytest.param(dict(mixed_batches=False), marks=pytest.mark.full),
 ], ids=["default", "recompute-chunked", "swap", "prefill-first"])
 def test_async_steps_give_the_tokens_of_synchronous_ones(tiny_dir, opts):
     # Prompts sharing a stem, so that prefix-cache hits and a preempted request's blocks

@@ -522,22 +522,22 @@ def variant(name: str, **flags):
     return type(name, (SchedulerMachine,), flags)
 
 
-TestSchedulerMachine = machine_test(SchedulerMachine, 150)
-TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 150)
+TestSchedulerMachine = machine_test(SchedulerMachine, 100)
+TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 100)
 TestCachingSchedulerMachine = machine_test(
-    variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 200)
+    variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 130)
 TestCachingPrefillFirstMachine = machine_test(
-    variant("CachingPrefillFirstMachine", CACHING=True), 100)
-TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 200)
-TestSwapSchedulerMachine = machine_test(variant("SwapSchedulerMachine", SWAP=True), 100)
+    variant("CachingPrefillFirstMachine", CACHING=True), 70)
+TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 130)
+TestSwapSchedulerMachine = machine_test(variant("SwapSchedulerMachine", SWAP=True), 70)
 TestSwapMixedCachingMachine = machine_test(
-    variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 150)
+    variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 100)
 TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
-                                           dict(SWAP=True)), 150)
+                                           dict(SWAP=True)), 100)
 TestWindowedMachine = machine_test(type("WindowedMachine", (ChunkedSchedulerMachine,),
-                                        dict(SWAP=True, WINDOWED=True)), 80)
+                                        dict(SWAP=True, WINDOWED=True)), 60)
 TestWindowedPrefillFirstMachine = machine_test(
-    variant("WindowedPrefillFirstMachine", CACHING=True, SWAP=True, WINDOWED=True), 60)
+    variant("WindowedPrefillFirstMachine", CACHING=True, SWAP=True, WINDOWED=True), 40)
 
 
 def _token(req: Request, position: int) -> int:
