@@ -12,7 +12,7 @@ import functools
 import jax
 from jax.sharding import PartitionSpec as P
 
-from paged_jax import xla_attention
+from paged_jax import kv_quant, xla_attention
 from paged_jax.sharding import TP
 
 
@@ -34,10 +34,11 @@ class AttentionMetadata:
 
 
 def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """cache [Hkv, N, B, D]; new [T, Hkv, D]; returns the cache with new written at its slots."""
+    """cache [Hkv, N, B, D (+ 4 for int8's scale)]; new [T, Hkv, D]; returns the cache with
+    new written (quantized to the pages' dtype, kv_quant.py) at its slots."""
     hkv, n, b, d = cache.shape
     flat = cache.reshape(hkv, n * b, d)
-    flat = flat.at[:, slot_mapping].set(new.transpose(1, 0, 2).astype(cache.dtype))
+    flat = flat.at[:, slot_mapping].set(kv_quant.quantize(new, cache.dtype).transpose(1, 0, 2))
     return flat.reshape(hkv, n, b, d)
 
 

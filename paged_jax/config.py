@@ -11,6 +11,9 @@ ATTENTION_BACKENDS = ("auto", "xla", "pallas", "cpu")
 PREEMPTION_MODES = ("recompute", "swap")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
+# How KV pages are stored (vLLM's kv_cache_dtype; paged_jax/kv_quant.py)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2",
+                   "int8")
 SPECULATIVE_METHODS = (None, "ngram")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 DEFAULT_SWAP_SPACE_BYTES = 4 << 30  # vLLM's swap_space default, 4 GiB
@@ -37,6 +40,10 @@ class EngineConfig:
                         "bfloat16 matmuls are slower), bfloat16 on accelerators",
                         DTYPES)
     block_size: int = option(16, "tokens per KV block", BLOCK_SIZES)
+    kv_cache_dtype: str = option("auto", "how KV pages are stored: auto (the model's dtype), "
+                                 "float32, bfloat16, float16, fp8 / fp8_e4m3, fp8_e5m2 (scale "
+                                 "1.0), int8 (a scale per token and KV head); 8-bit pages run "
+                                 "on the XLA attention path", KV_CACHE_DTYPES)
     num_kv_blocks: int | None = option(None, "KV blocks in the pool; overrides "
                                        "kv_cache_memory_bytes")
     kv_cache_memory_bytes: int = option(DEFAULT_KV_CACHE_BYTES,
@@ -123,6 +130,9 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
                              f"{self.block_size}")

@@ -142,7 +142,8 @@ class LLMEngine:
                                                 num_speculative_tokens=(
                                                     plan.num_speculative_tokens))
         cache_sharding = sharding.kv_cache_sharding(self.mesh) if self.mesh is not None else None
-        caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding)
+        caches = kv_cache.allocate(mcfg, num_blocks, config.block_size, cache_sharding,
+                                   config.kv_cache_dtype)
         self.runner = ModelRunner(self.model.graphdef, self.model.params, caches,
                                   self.backend, self.max_model_len, self.buckets.max_rows,
                                   mcfg.vocab_size, self.mesh,
@@ -169,10 +170,12 @@ class LLMEngine:
         self._sync_groups: dict[str, str] = {}  # group id -> why
         self._overlapping = True
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
-        log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device), backend %s, "
-                 "max_model_len %d, tensor_parallel_size %d, preemption by %s%s%s",
-                 num_blocks, config.block_size,
-                 num_blocks * kv_cache.block_bytes(mcfg, config.block_size) / tp / 2**20,
+        log.info("engine: %d KV blocks of %d tokens (%.1f MiB per device, kv_cache_dtype "
+                 "%s), backend %s, max_model_len %d, tensor_parallel_size %d, preemption by "
+                 "%s%s%s", num_blocks, config.block_size,
+                 num_blocks * kv_cache.block_bytes(mcfg, config.block_size,
+                                                   config.kv_cache_dtype) / tp / 2**20,
+                 config.kv_cache_dtype,
                  self.backend, self.max_model_len, tp, config.preemption_mode,
                  f" ({num_cpu_blocks} host blocks)" if swapping else "",
                  ", asynchronous scheduling" if plan.async_scheduling else "")

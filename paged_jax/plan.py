@@ -89,7 +89,8 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
     handed in may differ from config.dtype)."""
     from paged_jax import kv_cache
 
-    backend = pick_backend(config.attention_backend, platform, model_dtype, multihost)
+    backend = pick_backend(config.attention_backend, platform, model_dtype, multihost,
+                           config.kv_cache_dtype)
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings,
                                                 DEFAULT_MAX_MODEL_LEN)
     if max_model_len > model_config.max_position_embeddings:
@@ -102,14 +103,15 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
     tp = config.tensor_parallel_size
     # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
     num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(
-        model_config, config.block_size, config.kv_cache_memory_bytes * tp)
+        model_config, config.block_size, config.kv_cache_memory_bytes * tp,
+        config.kv_cache_dtype)
     num_cpu_blocks = 0
     if config.preemption_mode == "swap":
         if multihost:
             raise ValueError("preemption_mode 'swap' runs on one host; multi-host runs "
                              "preempt by recompute")
         # The host keeps whole blocks (all KV heads), whatever the tensor parallelism.
-        block = kv_cache.block_bytes(model_config, config.block_size)
+        block = kv_cache.block_bytes(model_config, config.block_size, config.kv_cache_dtype)
         num_cpu_blocks = config.num_cpu_blocks or config.swap_space_bytes // block
         if num_cpu_blocks < 1:
             raise ValueError(f"swap_space_bytes {config.swap_space_bytes} holds no block of "
@@ -127,9 +129,17 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
         async_scheduling=config.async_scheduling and not spec)
 
 
-def pick_backend(requested: str, platform: str, dtype: str, multihost: bool) -> str:
+def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
+                 kv_cache_dtype: str = "auto") -> str:
     """The attention backend "auto" stands for, or the requested one if it can run. (Every
-    backend applies sliding windows and soft-capping.)"""
+    backend applies sliding windows and soft-capping.) 8-bit KV pages are read by the XLA
+    path only (kv_quant.py)."""
+    if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2", "int8"):
+        if requested in ("cpu", "pallas"):
+            raise ValueError(f"attention_backend {requested!r} cannot read kv_cache_dtype "
+                             f"{kv_cache_dtype!r} pages (its kernels take 16- and 32-bit "
+                             "pages); use xla (or auto)")
+        return "xla"
     if requested not in ("auto", "cpu"):
         return requested
     if platform != "cpu":

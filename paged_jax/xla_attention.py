@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from paged_jax.kv_quant import dequantize
+
 DECODE_PAGES_PER_STEP = 4  # blocks gathered per iteration of the XLA decode loop (CPU-tuned)
 # Decode rows are attended in groups of this many, each group's loop stopping at its own
 # longest sequence; the engine sorts decode rows by length, so little of a group is padding.
@@ -174,8 +176,9 @@ def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
 
     def column(j, carry):
         cols = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [S, P]
-        k = k_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
-        v = v_cache[:, cols].reshape(hkv, s, pages * b, d).astype(jnp.float32)
+        # (8-bit pages come back as float32 here: kv_quant.py)
+        k = dequantize(k_cache[:, cols], d).reshape(hkv, s, pages * b, d)
+        v = dequantize(v_cache[:, cols], d).reshape(hkv, s, pages * b, d)
         pos = j * pages * b + jnp.arange(pages * b)
         valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
         scores = jnp.where(valid[None, :, None],
@@ -226,8 +229,8 @@ def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TI
 
         def column(j, carry):
             cols = jax.lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [c, P]
-            k = k_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
-            v = v_cache[:, cols].reshape(hkv, c, span, d).astype(jnp.float32)
+            k = dequantize(k_cache[:, cols], d).reshape(hkv, c, span, d)
+            v = dequantize(v_cache[:, cols], d).reshape(hkv, c, span, d)
             kpos = j * span + jnp.arange(span)
             valid = (kpos[None, :] <= posi[:, None]) & (kpos[None, :] >= lo[:, None])
             scores = jnp.where(valid[None, :, None],

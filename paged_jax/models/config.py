@@ -97,6 +97,7 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers, in the model's dtype."""
         itemsize = 4 if self.dtype == "float32" else 2
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 

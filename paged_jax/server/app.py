@@ -63,7 +63,9 @@ def create_app(engine, served_model_name: str | None = None,
     metrics = ServerMetrics(model_name, metrics_prefix, engine.max_model_len, cache_config=dict(
         block_size=kv.block_size, num_gpu_blocks=kv.pool.num_usable,
         num_cpu_blocks=kv.cpu_pool.num_usable if kv.cpu_pool is not None else 0,
-        enable_prefix_caching=kv.enable_caching, cache_dtype=engine.model.config.dtype,
+        enable_prefix_caching=kv.enable_caching,
+        cache_dtype=(engine.config.kv_cache_dtype if engine.config.kv_cache_dtype != "auto"
+                     else engine.model.config.dtype),
         sliding_window=kv.sliding_window))
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a
     # dead engine loop stops the server, which exits non-zero for a supervisor to restart.

@@ -1,0 +1,92 @@
+"""What 8-bit KV pages cost in accuracy: perplexity and greedy top-1 agreement with float32
+pages, per kv_cache_dtype, on held-out English text.
+
+The text is a licence that ships with the OS (Debian's /usr/share/common-licenses/GPL-3 by
+default): its tokens are cut into windows, and each window is scored through the engine's
+prompt logprobs with chunked prefill in small chunks, so every chunk's queries read the
+earlier chunks' K/V from the (quantized) pages, as decode steps do. Each position gives the
+logprob of the text's next token (perplexity) and the model's top-1 token (agreement with the
+float32 pages' top-1). All runs use the XLA attention path (8-bit pages run only there), so
+the pages are the only difference.
+
+  python -m experiments.kv_cache_dtype_accuracy --out_dir=/tmp/kv_cache_dtype_accuracy
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+
+import numpy as np
+from absl import app, flags
+
+from experiments.results_file import publish
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "a model folder or GGUF (default: the embedded SmolLM2)")
+flags.DEFINE_string("text", "/usr/share/common-licenses/GPL-3", "held-out English text")
+flags.DEFINE_integer("tokens", 4096, "tokens of the text to score")
+flags.DEFINE_integer("window", 1024, "tokens per scored request")
+flags.DEFINE_integer("chunk", 64, "chunked-prefill chunk (max_num_batched_tokens)")
+flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"],
+                  "kv_cache_dtype values; the first is the reference")
+flags.DEFINE_string("out_dir", "results/kv_cache_dtype_accuracy", "where results.json goes")
+
+
+def score(model, windows, kv_cache_dtype: str, chunk: int):
+    """(the text tokens' logprobs, the top-1 tokens), position by position, and seconds."""
+    from paged_jax import LLMEngine, SamplingParams
+    from paged_jax.config import EngineConfig
+
+    engine = LLMEngine(EngineConfig(kv_cache_dtype=kv_cache_dtype, attention_backend="xla",
+                                    enable_chunked_prefill=True, max_num_batched_tokens=chunk,
+                                    max_model_len=max(len(w) for w in windows) + 8,
+                                    max_num_seqs=4, enable_prefix_caching=False), model=model)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+    start = time.perf_counter()
+    for i, w in enumerate(windows):
+        engine.add_request(str(i), {"prompt_token_ids": w}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    logprobs, top1 = [], []
+    for i, w in enumerate(windows):
+        for token, entry in zip(w[1:], done[str(i)].prompt_logprobs[1:]):
+            logprobs.append(entry[token].logprob)
+            top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
+    return np.array(logprobs), np.array(top1), time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    from paged_jax import kv_cache
+    from paged_jax.models.loader import load_model
+
+    model = load_model(FLAGS.model)
+    ids = model.tokenizer.encode(pathlib.Path(FLAGS.text).read_text())[:FLAGS.tokens]
+    windows = [ids[i:i + FLAGS.window] for i in range(0, len(ids), FLAGS.window)]
+    windows = [w for w in windows if len(w) > 1]
+    runs = {}
+    for name in FLAGS.dtypes:
+        logprobs, top1, seconds = score(model, windows, name, FLAGS.chunk)
+        runs[name] = dict(perplexity=math.exp(-logprobs.mean()), top1=top1, seconds=seconds,
+                          block_bytes=kv_cache.block_bytes(model.config, 16, name))
+    ref = runs[FLAGS.dtypes[0]]
+    rows, results = [], {"text": FLAGS.text, "tokens": int(sum(len(w) - 1 for w in windows)),
+                         "window": FLAGS.window, "chunk": FLAGS.chunk, "dtypes": {}}
+    for name, r in runs.items():
+        agree = float(np.mean(r["top1"] == ref["top1"]))
+        change = r["perplexity"] / ref["perplexity"] - 1
+        results["dtypes"][name] = dict(perplexity=r["perplexity"], perplexity_change=change,
+                                       top1_agreement=agree, block_bytes=r["block_bytes"],
+                                       seconds=r["seconds"])
+        rows.append(f"{name:>10}  ppl {r['perplexity']:8.4f} ({change:+.2%})  top-1 agreement "
+                    f"{agree:.2%}  {r['block_bytes']:>7} bytes per 16-token block  "
+                    f"{r['seconds']:.0f} s")
+    report = (f"{results['tokens']} tokens of {FLAGS.text} in windows of {FLAGS.window}, "
+              f"chunks of {FLAGS.chunk}; reference: {FLAGS.dtypes[0]}\n" + "\n".join(rows))
+    publish(FLAGS.out_dir, results, report)
+
+
+if __name__ == "__main__":
+    app.run(main)
