@@ -12,7 +12,9 @@ BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
     ("auto", False, False, False),
     # (the plain XLA engine: its shapes are a subset of the chunked and spec runs' below)
     pytest.param("xla", False, False, False, marks=pytest.mark.full),
-    ("xla", True, False, False), ("auto", False, True, False), ("xla", False, False, True)])
+    ("xla", True, False, False),
+    pytest.param("auto", False, True, False, marks=pytest.mark.full),  # (swap copies)
+    ("xla", False, False, True)])
 def test_precompiled_engine_compiles_nothing_while_generating(make_tiny_llama_dir, backend,
                                                               chunked, swap, spec, monkeypatch):
     folder = make_tiny_llama_dir(tokenizer=True, initializer_range=0.2)

@@ -522,18 +522,18 @@ def variant(name: str, **flags):
     return type(name, (SchedulerMachine,), flags)
 
 
-TestSchedulerMachine = machine_test(SchedulerMachine, 100)
-TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 100)
+TestSchedulerMachine = machine_test(SchedulerMachine, 70)
+TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 70)
 TestCachingSchedulerMachine = machine_test(
-    variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 130)
+    variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 100)
 TestCachingPrefillFirstMachine = machine_test(
     variant("CachingPrefillFirstMachine", CACHING=True), 70)
-TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 130)
+TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 100)
 TestSwapSchedulerMachine = machine_test(variant("SwapSchedulerMachine", SWAP=True), 70)
 TestSwapMixedCachingMachine = machine_test(
-    variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 100)
+    variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 70)
 TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
-                                           dict(SWAP=True)), 100)
+                                           dict(SWAP=True)), 70)
 TestWindowedMachine = machine_test(type("WindowedMachine", (ChunkedSchedulerMachine,),
                                         dict(SWAP=True, WINDOWED=True)), 60)
 TestWindowedPrefillFirstMachine = machine_test(

@@ -94,7 +94,7 @@ def mistral(tmp_path_factory):
     return load_model(str(folder), with_tokenizer=False)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("chunked", [pytest.param(False, marks=pytest.mark.full), True])
 def test_a_generation_ten_windows_long_holds_a_window_of_kv(mistral, chunked):
     """Two requests generate 10 windows each: each holds at most window + one block at every
     step, nothing is preempted, and the tokens equal the dense run's. With chunked prefill

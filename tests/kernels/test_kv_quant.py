@@ -125,7 +125,7 @@ def test_int8_blocks_keep_their_scales_through_swap_and_prefix_sharing(make_tiny
         engine = LLMEngine(EngineConfig(kv_cache_dtype=kv_cache_dtype, block_size=8,
                                         max_model_len=96, max_num_seqs=4,
                                         **{"num_kv_blocks": 64, **options}), model=m)
-        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
         done = {}

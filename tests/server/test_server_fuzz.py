@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from hypothesis import settings
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -98,6 +99,7 @@ schema = schemathesis.pytest.from_fixture("api_schema").include(path_regex=r"^/(
 
 
 @schema.parametrize()
+@settings(max_examples=50, deadline=None)  # (per operation; CI's time)
 def test_fuzz_api(case, greedy_before):
     bound_engine_work(case)
     case.call_and_validate(checks=[getattr(schemathesis.checks, name) for name in CHECKS])

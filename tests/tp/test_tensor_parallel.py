@@ -234,6 +234,10 @@ def test_multi_host_flags_reach_the_engine_config():
         check_options(EngineConfig(num_processes=2, process_id=2))
 
 
+# The engine end to end for two more families (the full tier: attention under shard_map is
+# family-independent and runs end to end above for Llama; the families' sharding is checked
+# by the logits test below, which all of them share).
+@pytest.mark.full
 @pytest.mark.parametrize("kind, extra", [
     ("Qwen2", {}),  # q/k/v biases, split with their heads
     ("Gemma3Text", dict(head_dim=16, num_hidden_layers=2, sliding_window=8,
@@ -256,13 +260,14 @@ def test_other_families_tp_2_equals_tp_1(kind, extra, tmp_path, smollm2_tokenize
 
 
 def test_the_other_families_logits_under_tp_2_equal_tp_1(tmp_path):
-    """The families without an engine run above (Qwen3's q/k norms, both Qwen MoEs and the
-    shared expert, Gemma 2's soft caps and windows, Phi-3's fused projections split at load):
-    parameters split over a 2-device mesh, logits equal to one device's. (The paged attention
-    under shard_map is family-independent and runs above for Llama, Qwen2 and Gemma 3.)"""
+    """Every family beside Llama and Mixtral (Qwen2's biases, Qwen3's q/k norms, both Qwen
+    MoEs and the shared expert, Gemma 2's soft caps and windows, Gemma 3's norms and local
+    rope, Phi-3's fused projections split at load): parameters split over a 2-device mesh,
+    logits equal to one device's. (The paged attention under shard_map is family-independent
+    and runs end to end above for Llama and Mixtral.)"""
     from test_model_families import EXTRA, make_hf_dir
 
-    kinds = ("Qwen3", "Qwen3Moe", "Qwen2Moe", "Gemma2", "Phi3")
+    kinds = ("Qwen2", "Qwen3", "Qwen3Moe", "Qwen2Moe", "Gemma2", "Gemma3Text", "Phi3")
     folders = {kind: str(make_hf_dir(tmp_path / kind, kind, **EXTRA[kind])) for kind in kinds}
     ids = np.random.default_rng(0).integers(0, 256, 40).tolist()
     out = run_worker("logits", dict(models=list(folders.values()), tp=2, ids=ids), tmp_path,
