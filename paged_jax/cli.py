@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.otlp_traces_endpoint is not None:
                 from paged_jax.server.tracing import tracing_unavailable
 
-                if tracing_unavailable():
-                    raise ValueError(f"--otlp-traces-endpoint needs OpenTelemetry: "
-                                     f"{tracing_unavailable()}")
+                reason = tracing_unavailable()
+                if reason:
+                    raise ValueError(f"--otlp-traces-endpoint needs OpenTelemetry: {reason}")
             from paged_jax.server.metrics import check_prefix
 
             check_prefix(args.metrics_prefix)

@@ -14,6 +14,7 @@ BLOCK_SIZES = (8, 16, 32, 64, 128)
 # How KV pages are stored (vLLM's kv_cache_dtype; paged_jax/kv_quant.py)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2",
                    "int8")
+EIGHT_BIT_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # read by the XLA path only
 SPECULATIVE_METHODS = (None, "ngram")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 DEFAULT_SWAP_SPACE_BYTES = 4 << 30  # vLLM's swap_space default, 4 GiB

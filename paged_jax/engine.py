@@ -117,9 +117,10 @@ class LLMEngine:
                                      jnp.dtype(mcfg.dtype).name)
         if on_cpu and mcfg.dtype != "float32":
             warn_half_on_cpu(mcfg.dtype)
-        if mcfg.for_max_model_len(plan.max_model_len) != mcfg:  # LongRoPE's factor set
-            self.model = model = model.with_config(mcfg.for_max_model_len(plan.max_model_len))
-            mcfg = model.config
+        run_cfg = mcfg.for_max_model_len(plan.max_model_len)  # LongRoPE's factor set
+        if run_cfg != mcfg:
+            self.model = model = model.with_config(run_cfg)
+            mcfg = run_cfg
         self.backend = plan.backend
         self.max_model_len = plan.max_model_len
         self.max_num_batched_tokens = plan.max_num_batched_tokens

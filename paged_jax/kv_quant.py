@@ -36,10 +36,6 @@ def storage(kv_cache_dtype: str, model_dtype: str) -> tuple[jnp.dtype, int]:
     return jnp.dtype(model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype), 0
 
 
-def is_8bit(kv_cache_dtype: str) -> bool:
-    return kv_cache_dtype == "int8" or kv_cache_dtype in _FP8
-
-
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str,
                     model_dtype: str) -> int:
     """K and V of one token over all layers, as stored (int8: with its scales)."""

@@ -18,25 +18,17 @@ FREE, SHARED = -1, -2
 def kv_view(engine) -> dict[str, Any]:
     snap = engine.snapshot(with_requests=True)
     pool, cpu = engine.kv.pool, engine.kv.cpu_pool
-    owner = [FREE] * pool.num_blocks
     requests = []
-    for i, r in enumerate(snap.requests):
-        table = list(r.block_table)
+    for r in snap.requests:
         host = list(engine.kv.host_blocks(r.request_id)) if r.status == "swapped" else []
         requests.append(dict(id=r.request_id, status=r.status, prompt_tokens=r.num_prompt_tokens,
                              tokens=r.num_tokens, computed=r.num_computed_tokens,
-                             blocks=table, host_blocks=host, preemptions=r.num_preemptions))
-        for b in table:
-            if b:  # (0: the padding block, or one a sliding window released)
-                owner[b] = i if owner[b] in (FREE, i) else SHARED
+                             blocks=list(r.block_table), host_blocks=host,
+                             preemptions=r.num_preemptions))
+    owner = _owners([r["blocks"] for r in requests], pool.num_blocks)
+    host_owner = (_owners([r["host_blocks"] for r in requests], cpu.num_blocks)
+                  if cpu is not None else [])
     refs = pool.ref_counts()
-    host_owner = []
-    if cpu is not None:
-        host_owner = [FREE] * cpu.num_blocks
-        for i, r in enumerate(requests):
-            for b in r["host_blocks"]:
-                if b:
-                    host_owner[b] = i if host_owner[b] in (FREE, i) else SHARED
     kv = snap.kv
     return dict(
         block_size=snap.block_size,
@@ -60,6 +52,17 @@ def kv_view(engine) -> dict[str, Any]:
                     prefix_cache_hits=snap.prefix_cache_hits,
                     prefix_cache_queries=snap.prefix_cache_queries),
     )
+
+
+def _owners(tables: list[list[int]], num_blocks: int) -> list[int]:
+    """Per block: the index of the one table holding it, FREE, or SHARED. Entry 0 is the
+    padding block (or one a sliding window released), held by nobody."""
+    owner = [FREE] * num_blocks
+    for i, table in enumerate(tables):
+        for b in table:
+            if b:
+                owner[b] = i if owner[b] in (FREE, i) else SHARED
+    return owner
 
 
 def plot_kv_pool(llm_or_engine, columns: int = 64, ax=None):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from paged_jax.config import EngineConfig
+from paged_jax.config import EIGHT_BIT_KV, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
     """The attention backend "auto" stands for, or the requested one if it can run. (Every
     backend applies sliding windows and soft-capping.) 8-bit KV pages are read by the XLA
     path only (kv_quant.py)."""
-    if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2", "int8"):
+    if kv_cache_dtype in EIGHT_BIT_KV:
         if requested in ("cpu", "pallas"):
             raise ValueError(f"attention_backend {requested!r} cannot read kv_cache_dtype "
                              f"{kv_cache_dtype!r} pages (its kernels take 16- and 32-bit "

@@ -9,7 +9,7 @@ import pytest
 from paged_jax.config import EngineConfig
 from paged_jax.plan import check_options, make_plan, pick_backend, resolve_dtype
 
-# kv_bytes_per_token: 2 (K, V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
+# 1,024 KV bytes per token: 2 (K, V) x 4 layers x 2 KV heads x 16 dims x 4 bytes
 MODEL = types.SimpleNamespace(max_position_embeddings=4096, num_layers=4, num_kv_heads=2,
                               head_dim=16, dtype="float32", sliding_window=None)
 

@@ -95,12 +95,6 @@ class ModelConfig:
             return None
         return self.sliding_window
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """K and V of one token over all layers, in the model's dtype."""
-        itemsize = 4 if self.dtype == "float32" else 2
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
     @classmethod
     def from_hf(cls, hf_config, dtype: str = "float32") -> "ModelConfig":
         model_type = getattr(hf_config, "model_type", None)

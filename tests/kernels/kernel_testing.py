@@ -140,6 +140,11 @@ def check_decode(attend, heads, head_size, block_size, dtype, *, num_seqs, max_l
                              **tolerance(dtype))
 
 
+def assert_differs(out, other, dtype):
+  """A feature must change the result by far more than the tolerance, or its test is blind."""
+  assert np.abs(as_f64(out) - np.asarray(other, np.float64)).max() > 20 * tolerance(dtype)["atol"]
+
+
 def drop_dead_blocks(case: PagedCase, first_positions, window: int, fill=None):
   """What the engine does to a windowed sequence: table entries of blocks wholly before its
   first query's window point at block 0. Block 0 then holds `fill` (default NaN, so a kernel
