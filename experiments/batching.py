@@ -225,7 +225,10 @@ def sustainable_rate(rates: list[float], latencies: list[float], slo: float) -> 
 def run(*, model: str | None, dataset: str, length_scale: float, num_requests: int,
         rates: list[float], policies: list[str], block_size: int, kv_tokens: int,
         max_model_len: int, max_num_seqs: int, seed: int, out_dir: str,
-        latency_slo: float = 0.0) -> dict:
+        latency_slo: float = 0.0, kv_cache_dtype: str = "auto",
+        kv_memory_dtype: str | None = None) -> dict:
+    """kv_memory_dtype: kv_tokens are slots of this kv_cache_dtype's pages, and the pool is
+    that much memory in kv_cache_dtype's pages (None: kv_cache_dtype itself)."""
     from paged_jax import LLM
 
     unknown = sorted(set(policies) - set(POLICIES))
@@ -235,7 +238,11 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
     max_model_len = max_model_len or round(PAPER_MAX_MODEL_LEN * length_scale)
     kv_tokens = kv_tokens or round(PAPER_KV_TOKENS * length_scale)
     num_kv_blocks = kv_tokens // block_size + 1  # + block 0, which no request gets
+    if kv_memory_dtype not in (None, kv_cache_dtype):
+        num_kv_blocks = same_memory_blocks(model, num_kv_blocks - 1, block_size,
+                                           kv_memory_dtype, kv_cache_dtype) + 1
     engine = LLM(model, block_size=block_size, num_kv_blocks=num_kv_blocks,
+                 kv_cache_dtype=kv_cache_dtype,
                  max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                  max_num_batched_tokens=max(max_model_len, 256),
                  # The paper's vLLM had no prefix cache, nor have the Orca baselines.
@@ -247,6 +254,8 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
         "model": engine.model.path and str(engine.model.path), "length_scale": length_scale,
         "num_requests": num_requests, "block_size": block_size, "kv_tokens": kv_tokens,
         "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len,
+        "kv_cache_dtype": kv_cache_dtype, "kv_memory_dtype": kv_memory_dtype or kv_cache_dtype,
+        "kv_pool_bytes": (num_kv_blocks - 1) * block_bytes(engine, block_size, kv_cache_dtype),
         "max_num_seqs": max_num_seqs, "seed": seed,
         "mean_prompt": float(np.mean([p for p, _ in trace])),
         "mean_output": float(np.mean([o for _, o in trace])),
@@ -282,6 +291,53 @@ def run(*, model: str | None, dataset: str, length_scale: float, num_requests: i
     plot(results, out / "batching.png")
     print(table(results))
     return results
+
+
+def block_bytes(engine, block_size: int, kv_cache_dtype: str) -> int:
+    from paged_jax import kv_cache
+
+    return kv_cache.block_bytes(engine.model.config, block_size, kv_cache_dtype)
+
+
+def same_memory_blocks(model, blocks: int, block_size: int, memory_dtype: str,
+                       kv_cache_dtype: str) -> int:
+    """How many kv_cache_dtype blocks fit the memory of `blocks` memory_dtype blocks."""
+    from paged_jax import kv_cache, weights
+    from paged_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf(weights.load_hf_config(weights.resolve_model(model)))
+    ref = kv_cache.block_bytes(cfg, block_size, memory_dtype)
+    return blocks * ref // kv_cache.block_bytes(cfg, block_size, kv_cache_dtype)
+
+
+def capacity(model, dtypes: list[str], out_dir: str, **kwargs) -> dict:
+    """One run per KV dtype at the memory of kv_tokens slots of the first dtype's pages: the
+    blocks each holds and the batch each serves (paged policy)."""
+    rows = {}
+    for dtype in dtypes:
+        results = run(model=model, kv_cache_dtype=dtype, kv_memory_dtype=dtypes[0],
+                      out_dir=str(pathlib.Path(out_dir) / dtype), **kwargs)
+        cfg = results["config"]
+        rows[dtype] = {"num_kv_blocks": cfg["num_kv_blocks"] - 1,
+                       "kv_pool_bytes": cfg["kv_pool_bytes"],
+                       "mean_batched_requests": {
+                           str(r["rate"]): r["mean_batched_requests"]
+                           for r in results["policies"]["paged"]},
+                       "normalized_latency": {
+                           str(r["rate"]): r["normalized_latency"]
+                           for r in results["policies"]["paged"]}}
+    base = rows[dtypes[0]]["num_kv_blocks"]
+    for row in rows.values():
+        row["blocks_vs_first"] = row["num_kv_blocks"] / base
+    summary = {"memory_of": dtypes[0], "dtypes": rows}
+    write_results(out_dir, summary)
+    lines = [f"KV memory of {dtypes[0]} pages; paged policy"]
+    for dtype, row in rows.items():
+        batches = ", ".join(f"rate {k}: {v:.1f}" for k, v in row["mean_batched_requests"].items())
+        lines.append(f"  {dtype:<10} {row['num_kv_blocks']:6d} blocks "
+                     f"({row['blocks_vs_first']:.2f}x)  mean batched requests {batches}")
+    print("\n".join(lines))
+    return summary
 
 
 def summarize(results: dict, latency_slo: float) -> dict:
@@ -399,15 +455,24 @@ def define_flags() -> None:
                        "comparison (0: 2x paged's normalized latency at the lowest rate)")
     flags.DEFINE_integer("seed", 0, "trace and arrival seed")
     flags.DEFINE_string("out_dir", "results/batching", "results.json and batching.png go here")
+    flags.DEFINE_list("kv_cache_dtypes", ["auto"], "KV page dtypes: with more than one, a "
+                      "capacity comparison, each dtype at the memory of kv_tokens slots of the "
+                      "first one's pages, a run (and a subfolder) each")
 
 
 def main(argv):
     del argv
-    run(model=FLAGS.model, dataset=FLAGS.dataset, length_scale=FLAGS.length_scale,
-        num_requests=FLAGS.num_requests, rates=[float(r) for r in FLAGS.rates],
-        policies=FLAGS.policies, block_size=FLAGS.block_size, kv_tokens=FLAGS.kv_tokens,
-        max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed,
-        out_dir=FLAGS.out_dir, latency_slo=FLAGS.latency_slo)
+    common = dict(dataset=FLAGS.dataset, length_scale=FLAGS.length_scale,
+                  num_requests=FLAGS.num_requests, rates=[float(r) for r in FLAGS.rates],
+                  policies=FLAGS.policies, block_size=FLAGS.block_size,
+                  kv_tokens=FLAGS.kv_tokens, max_model_len=FLAGS.max_model_len,
+                  max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed,
+                  latency_slo=FLAGS.latency_slo)
+    if len(FLAGS.kv_cache_dtypes) > 1:
+        capacity(FLAGS.model, FLAGS.kv_cache_dtypes, FLAGS.out_dir, **common)
+    else:
+        run(model=FLAGS.model, out_dir=FLAGS.out_dir, kv_cache_dtype=FLAGS.kv_cache_dtypes[0],
+            **common)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,20 @@ lengths (paper Fig. 18: 20-26% for vLLM's kernel over FasterTransformer's).
 
 On a CPU the XLA paths and, in float32, the engine's C++ CPU kernel (decode) are timed (the
 Pallas kernels would run interpreted).
+
+KV page dtypes (issue 17): --kv_cache_dtypes times the decode kernels over pages of each
+listed kv_cache_dtype instead (q stays in --dtype), on the same random data quantized with
+paged_jax.kv_quant (fp8 with vLLM's calibrated scales, max |K| / 200 and max |V| / 100), and
+reports per kernel seconds, decode tokens/s, KV bytes read per second (as stored: int8 rows
+D + 4 bytes, fp8 1 byte a value) and tokens/s over the first listed dtype's:
+
+  python experiments/kernel_bench.py --batch_sizes=64 --context_lens=2048 \
+      --block_sizes=16,32 --kv_cache_dtypes=bfloat16,fp8_e4m3,int8 --out=/tmp/kv8.json
+
+On a GPU: the Triton decode kernel (ours), the ragged kernel on the decode batch
+(ours_ragged), the Mosaic GPU kernel on an H100/H200 where it takes the pages (int8 only at
+block size >= 32; elsewhere dispatch.paged_decode runs ours, and the row says why) and the
+XLA gather path; on a CPU: the C++ CPU kernel (ours_cpu) and the XLA gather path.
 """
 from __future__ import annotations
 
@@ -27,9 +41,11 @@ from absl import app, flags
 
 from pallas_kernels import DecodeConfig, paged_attention, ragged_paged_attention
 from pallas_kernels.paged_attention_mgpu import (MosaicDecodeConfig, paged_attention_mgpu,
-                                                 ring_slots)
+                                                 ring_slots, supports)
 from pallas_kernels import backend
-from paged_jax import cpu_kernels
+from paged_jax import cpu_kernels, kv_quant
+from paged_jax.config import KV_CACHE_DTYPES
+from paged_jax.kv_scales import K_SCALE_CONSTANT, V_SCALE_CONSTANT
 from pallas_kernels.reference import gather_pages
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -51,6 +67,11 @@ flags.DEFINE_bool("tune_mosaic", False, "also sweep the Mosaic GPU kernel's Mosa
 flags.DEFINE_float("max_rel_err", 2e-2, "an implementation whose output is further than this "
                    "(relative L2) from a float32 dense reference is reported as wrong")
 flags.DEFINE_string("out", "", "write results as JSON here")
+flags.DEFINE_list("kv_cache_dtypes", [], "time the decode kernels over KV pages of each of "
+                  f"these kv_cache_dtypes ({', '.join(KV_CACHE_DTYPES)}; auto: --dtype), q "
+                  "in --dtype, instead of comparing implementations; ratios are to the first "
+                  "listed. Empty: the implementation comparison")
+flags.DEFINE_integer("copy_mib", 1024, "MiB per launch of the copy-bandwidth measurement")
 
 PAPER_OVERHEAD = "20-26%"
 
@@ -88,7 +109,7 @@ def time_fn(fn, q, *rest) -> float:
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
   """Bytes moved (read + write) per second by an elementwise device copy (best of reps;
-  ten back-to-back launches of 1 GiB each, so dispatch is hidden)."""
+  ten back-to-back launches of 1 GiB each (--copy_mib), so dispatch is hidden)."""
   x = jnp.ones((nbytes // 4,), jnp.float32)
   seconds = _seconds(jax.jit(lambda a: a + 1.0), x, calls=1, launches=10, best=True)
   return 2 * nbytes / seconds
@@ -141,7 +162,7 @@ def implementations(on_gpu: bool, scale: float, context: int, max_blocks: int, d
   impls["ours_contiguous"] = (functools.partial(paged_attention, scale=scale), "contiguous")
   impls["ours_ragged"] = (lambda q, k, v, t, l: ragged_paged_attention(
       q, k, v, t, l, jnp.arange(q.shape[0] + 1, dtype=jnp.int32), scale=scale), "paged")
-  if any(card in jax.devices()[0].device_kind for card in ("H100", "H200")):
+  if _on_hopper():
     # The Mosaic GPU (TMA + wgmma) variant; failures to lower are reported per point.
     impls["ours_mosaic"] = (functools.partial(paged_attention_mgpu, scale=scale), "paged")
   try:  # JAX's shipped Pallas (Triton) kernels; deprecated on JAX main.
@@ -163,6 +184,106 @@ def rel_err(out, ref) -> float:
   """||out - ref|| / ||ref||, in float32."""
   out = jnp.asarray(out, jnp.float32)
   return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+
+def _on_hopper() -> bool:
+  return any(card in jax.devices()[0].device_kind for card in ("H100", "H200"))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "k_scale", "v_scale"))
+def xla_gather_dequant(q, k_cache, v_cache, tables, lens, *, scale, k_scale, v_scale):
+  """The XLA path over pages of any kv_cache_dtype: gather the stored pages, dequantize them
+  (kv_quant) to q's dtype, attend."""
+  d = q.shape[-1]
+  k = kv_quant.dequantize(gather_pages(k_cache, tables), d, k_scale).astype(q.dtype)
+  v = kv_quant.dequantize(gather_pages(v_cache, tables), d, v_scale).astype(q.dtype)
+  return _attend_xla(q, k, v, lens, scale)
+
+
+def kv_dtype_implementations(on_gpu, q, k_cache, scale, k_scale, v_scale):
+  """name -> fn(q, k, v, tables, lens), or a str: why that kernel does not run these pages."""
+  scales = dict(scale=scale, k_scale=k_scale, v_scale=v_scale)
+  impls = {}
+  if on_gpu:
+    impls["ours"] = functools.partial(paged_attention, **scales)
+    impls["ours_ragged"] = lambda q, k, v, t, l: ragged_paged_attention(
+        q, k, v, t, l, jnp.arange(q.shape[0] + 1, dtype=jnp.int32), **scales)
+    if _on_hopper():
+      reason = supports(q, k_cache)
+      impls["ours_mosaic"] = (functools.partial(paged_attention_mgpu, **scales)
+                              if reason is None else
+                              f"not taken ({reason}); dispatch.paged_decode runs ours")
+  elif cpu_kernels.unavailable_reason() is None:
+    impls["ours_cpu"] = lambda q, k, v, t, l: cpu_kernels.paged_decode(q, k, v, l, t, **scales)
+  else:
+    impls["ours_cpu"] = f"unavailable: {cpu_kernels.unavailable_reason()}"
+  impls["xla_gather"] = functools.partial(xla_gather_dequant, **scales)
+  return impls
+
+
+def bench_kv_dtypes_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
+  """Every listed kv_cache_dtype at one point, on the same data: float32 normals quantized
+  (kv_quant.quantize) into pages of each dtype. Each output is checked against float32
+  dense attention over the dequantized pages (what the kernel must compute); quant_rel_err
+  is that reference against attention over the unquantized values (what the pages lose).
+  Returns flat rows, one per (dtype, implementation)."""
+  q, k_exact, v_exact, tables, lens = make_inputs(rng, batch, context, block_size,
+                                                  jnp.float32)
+  q = q.astype(dtype)
+  hq, hkv, d = FLAGS.num_q_heads, FLAGS.num_kv_heads, FLAGS.head_size
+  scale = d ** -0.5
+  attend = jax.jit(functools.partial(_attend_xla, scale=scale))
+  dense = lambda cache: gather_pages(cache, tables)[:, :, :context]
+  q32 = q.astype(jnp.float32)
+  ref_exact = attend(q32, dense(k_exact), dense(v_exact), lens)
+  # vLLM's calibrated fp8 scales (kv_scales.calculate_kv_scales) from this data's maxima.
+  fp8_scales = (float(jnp.max(jnp.abs(k_exact))) / K_SCALE_CONSTANT,
+                float(jnp.max(jnp.abs(v_exact))) / V_SCALE_CONSTANT)
+  rows, first = [], {}
+  for name in FLAGS.kv_cache_dtypes:
+    page_dtype, extra = kv_quant.storage(name, dtype.name)
+    k_scale, v_scale = fp8_scales if kv_quant.is_fp8(page_dtype) else (1.0, 1.0)
+    k_cache = kv_quant.quantize(k_exact, page_dtype, k_scale)
+    v_cache = kv_quant.quantize(v_exact, page_dtype, v_scale)
+    ref = attend(q32, dense(kv_quant.dequantize(k_cache, d, k_scale)),
+                 dense(kv_quant.dequantize(v_cache, d, v_scale)), lens)
+    kv_bytes = 2 * batch * context * hkv * (d + extra) * page_dtype.itemsize
+    nbytes = kv_bytes + 2 * batch * hq * d * dtype.itemsize  # and q in, out
+    base = dict(batch=batch, context=context, block_size=block_size, kv_cache_dtype=name,
+                page_dtype=page_dtype.name, k_scale=k_scale, v_scale=v_scale,
+                kv_bytes=kv_bytes, quant_rel_err=rel_err(ref, ref_exact))
+    args = (q, k_cache, v_cache, tables, lens)
+    line = []
+    for impl, fn in kv_dtype_implementations(on_gpu, q, k_cache, scale, k_scale,
+                                             v_scale).items():
+      row = dict(base, impl=impl)
+      rows.append(row)
+      if isinstance(fn, str):
+        row["skipped"] = fn
+        line.append(f"{impl} {fn}")
+        continue
+      try:
+        err = rel_err(jax.jit(fn)(*args), ref)
+        seconds = time_fn(fn, *args)
+      except Exception as e:  # noqa: BLE001 - report and carry on with the rest
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        line.append(f"{impl} failed: {row['error']}")
+        continue
+      wrong = not err <= FLAGS.max_rel_err  # NaN too
+      row.update(us=seconds * 1e6, tokens_per_s=batch / seconds, kv_gbps=kv_bytes / seconds / 1e9,
+                 pct_copy=100 * nbytes / seconds / copy_bw, rel_err=err, wrong=wrong)
+      if not wrong and name == FLAGS.kv_cache_dtypes[0]:
+        first[impl] = row["tokens_per_s"]
+      if not wrong and impl in first:
+        row["speedup_vs_first"] = row["tokens_per_s"] / first[impl]
+      line.append(f"{impl} {row['us']:.0f}us {row['tokens_per_s'] / 1e3:.0f}k tok/s "
+                  f"{row['kv_gbps']:.1f} GB/s KV ({row['pct_copy']:.0f}% copy)"
+                  + (f" WRONG: relative error {err:.3g} > {FLAGS.max_rel_err}" if wrong else
+                     f" {row['speedup_vs_first']:.2f}x" if "speedup_vs_first" in row else ""))
+    say(f"B={block_size:3d} batch={batch:3d} ctx={context:5d} {name:>9} "
+        f"(quant err {base['quant_rel_err']:.3g}): " + "  ".join(line))
+    del k_cache, v_cache, ref
+  return rows
 
 
 def bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu):
@@ -279,41 +400,91 @@ def main(argv):
   dtype = jnp.dtype(FLAGS.dtype)
   print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"Hq={FLAGS.num_q_heads} Hkv={FLAGS.num_kv_heads} D={FLAGS.head_size} {dtype.name}")
-  if not on_gpu:
+  if not on_gpu and not FLAGS.kv_cache_dtypes:
     print("CPU: timing the XLA paths and the CPU kernel (float32); the Pallas kernels' "
           "numbers need a GPU.")
-  copy_bw = copy_bandwidth()
+  copy_bw = copy_bandwidth(FLAGS.copy_mib << 20)
   print(f"measured copy bandwidth: {copy_bw / 1e9:.0f} GB/s (read + write)")
   rng = np.random.default_rng(0)
+  if FLAGS.kv_cache_dtypes:
+    return main_kv_dtypes(rng, dtype, copy_bw, on_gpu, device)
   rows = []
-  # One step per (block size, batch, context) point, after its timings.
-  bar = progress(len(FLAGS.block_sizes) * len(FLAGS.batch_sizes) * len(FLAGS.context_lens),
-                 "kernel bench", unit="point")
-  for block_size in map(int, FLAGS.block_sizes):
-    for batch in map(int, FLAGS.batch_sizes):
-      for context in map(int, FLAGS.context_lens):
-        bar.set_postfix_str(f"B={block_size} batch={batch} ctx={context}")
-        row = bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
-        rows.append(row)
-        timings = "  ".join(f"{n} {v['us']:.0f}us {v['pct_copy']:.0f}%"
-                            + (" (WRONG)" if v["wrong"] else "")
-                            for n, v in row.items() if isinstance(v, dict))
-        extra = ""
-        if "paged_overhead_pct" in row:
-          extra += f"  paged overhead {row['paged_overhead_pct']:.0f}% (paper {PAPER_OVERHEAD})"
-        if "speedup_vs_jax_paged" in row:
-          extra += f"  vs jax_paged {row['speedup_vs_jax_paged']:.2f}x"
-        if "mosaic_speedup_vs_ours" in row:
-          extra += f"  mosaic vs ours {row['mosaic_speedup_vs_ours']:.2f}x"
-        say(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
-        bar.update()
-  bar.close()
+  for block_size, batch, context in sweep("kernel bench"):
+    row = bench_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
+    rows.append(row)
+    timings = "  ".join(f"{n} {v['us']:.0f}us {v['pct_copy']:.0f}%"
+                        + (" (WRONG)" if v["wrong"] else "")
+                        for n, v in row.items() if isinstance(v, dict))
+    extra = ""
+    if "paged_overhead_pct" in row:
+      extra += f"  paged overhead {row['paged_overhead_pct']:.0f}% (paper {PAPER_OVERHEAD})"
+    if "speedup_vs_jax_paged" in row:
+      extra += f"  vs jax_paged {row['speedup_vs_jax_paged']:.2f}x"
+    if "mosaic_speedup_vs_ours" in row:
+      extra += f"  mosaic vs ours {row['mosaic_speedup_vs_ours']:.2f}x"
+    say(f"B={block_size:3d} batch={batch:3d} ctx={context:5d}: {timings}{extra}")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(dict(device=device.device_kind, jax=jax.__version__, dtype=dtype.name,
                      copy_gbps=copy_bw / 1e9, num_q_heads=FLAGS.num_q_heads,
                      num_kv_heads=FLAGS.num_kv_heads, head_size=FLAGS.head_size,
                      rows=rows), f, indent=1)
+
+
+def sweep(desc: str):
+  """The flags' (block size, batch, context) points, with a progress bar that steps after
+  each point's timings."""
+  bar = progress(len(FLAGS.block_sizes) * len(FLAGS.batch_sizes) * len(FLAGS.context_lens),
+                 desc, unit="point")
+  for block_size in map(int, FLAGS.block_sizes):
+    for batch in map(int, FLAGS.batch_sizes):
+      for context in map(int, FLAGS.context_lens):
+        bar.set_postfix_str(f"B={block_size} batch={batch} ctx={context}")
+        yield block_size, batch, context
+        bar.update()
+  bar.close()
+
+
+# What each implementation of the KV-dtype rows is (the JSON carries this legend).
+KV_DTYPE_IMPLS = dict(
+    ours="the Triton-lowered Pallas decode kernel (paged_attention; dispatch.paged_decode's "
+         "kernel under COMPILED_BACKEND triton, and wherever the Mosaic kernel is not taken)",
+    ours_ragged="the Triton-lowered ragged kernel (ragged_paged_attention) on the decode batch",
+    ours_mosaic="the Mosaic GPU decode kernel (paged_attention_mgpu), H100/H200 only; "
+                "skipped, with supports()'s reason, where it does not take the pages",
+    ours_cpu="the C++ CPU kernel (paged_jax.cpu_kernels.paged_decode)",
+    xla_gather="XLA: gather the stored pages, dequantize (kv_quant) to q's dtype, attend")
+
+
+def write_kv_dtypes(rows, dtype, copy_bw, device) -> None:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(device=device.device_kind, jax=jax.__version__, dtype=dtype.name,
+                     kv_cache_dtypes=FLAGS.kv_cache_dtypes, copy_gbps=copy_bw / 1e9,
+                     compiled_backend=backend.COMPILED_BACKEND,
+                     num_q_heads=FLAGS.num_q_heads, num_kv_heads=FLAGS.num_kv_heads,
+                     head_size=FLAGS.head_size, iters=FLAGS.iters, reps=FLAGS.reps,
+                     impls=KV_DTYPE_IMPLS, rows=rows), f, indent=1)
+
+
+def main_kv_dtypes(rng, dtype, copy_bw, on_gpu, device):
+  for name in FLAGS.kv_cache_dtypes:
+    kv_quant.storage(name, dtype.name)  # raises on an unknown name, before any timing
+  print(f"KV page dtypes {', '.join(FLAGS.kv_cache_dtypes)} (q in {dtype.name}); tokens/s "
+        f"ratios are to {FLAGS.kv_cache_dtypes[0]}'s, kernel by kernel"
+        + ("" if on_gpu else "; CPU: the C++ CPU kernel and the XLA gather path"))
+  rows = []
+  for block_size, batch, context in sweep("kernel bench (KV dtypes)"):
+    rows += bench_kv_dtypes_point(rng, batch, context, block_size, dtype, copy_bw, on_gpu)
+    write_kv_dtypes(rows, dtype, copy_bw, device)  # after each point: a timeout keeps them
+  print("block batch context kv_cache_dtype impl: us, tokens/s, KV GB/s, x first dtype")
+  for r in rows:
+    figures = (f"{r['us']:.0f} us, {r['tokens_per_s']:.0f} tok/s, {r['kv_gbps']:.1f} GB/s, "
+               + (f"{r['speedup_vs_first']:.2f}x" if "speedup_vs_first" in r else
+                  "WRONG" if r["wrong"] else "no first-dtype figure")
+               if "us" in r else r.get("skipped") or f"failed: {r['error']}")
+    print(f"{r['block_size']} {r['batch']} {r['context']} {r['kv_cache_dtype']} {r['impl']}: "
+          f"{figures}")
 
 
 if __name__ == "__main__":

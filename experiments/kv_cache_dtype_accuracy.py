@@ -1,13 +1,14 @@
-"""What 8-bit KV pages cost in accuracy: perplexity and greedy top-1 agreement with float32
-pages, per kv_cache_dtype, on held-out English text.
+"""What 8-bit KV pages and 8-bit weights cost in accuracy: perplexity and greedy top-1
+agreement with float32 pages and weights, per kv_cache_dtype (fp8 with scale 1.0 or
+calibrated by calculate_kv_scales) and per weight quantization, on held-out English text.
 
 The text is a licence that ships with the OS (Debian's /usr/share/common-licenses/GPL-3 by
 default): its tokens are cut into windows, and each window is scored through the engine's
 prompt logprobs with chunked prefill in small chunks, so every chunk's queries read the
 earlier chunks' K/V from the (quantized) pages, as decode steps do. Each position gives the
 logprob of the text's next token (perplexity) and the model's top-1 token (agreement with the
-float32 pages' top-1). All runs use the XLA attention path (8-bit pages run only there), so
-the pages are the only difference.
+float32 pages' top-1). All runs use the XLA attention path, so the pages (or the weights)
+are the only difference.
 
   python -m experiments.kv_cache_dtype_accuracy --out_dir=/tmp/kv_cache_dtype_accuracy
 """
@@ -28,17 +29,22 @@ flags.DEFINE_string("text", "/usr/share/common-licenses/GPL-3", "held-out Englis
 flags.DEFINE_integer("tokens", 4096, "tokens of the text to score")
 flags.DEFINE_integer("window", 1024, "tokens per scored request")
 flags.DEFINE_integer("chunk", 64, "chunked-prefill chunk (max_num_batched_tokens)")
-flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8"],
-                  "kv_cache_dtype values; the first is the reference")
+flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e4m3:calibrated", "fp8_e5m2",
+                            "fp8_e5m2:calibrated", "int8"],
+                  "kv_cache_dtype values (fp8 ones with :calibrated for calculate_kv_scales); "
+                  "the first is the reference")
+flags.DEFINE_list("weight_quantizations", ["int8"], "weight quantizations, each run with "
+                  "the reference's KV pages")
 flags.DEFINE_string("out_dir", "results/kv_cache_dtype_accuracy", "where results.json goes")
 
 
-def score(model, windows, kv_cache_dtype: str, chunk: int):
+def score(model, windows, kv_cache_dtype: str, chunk: int, calibrated: bool = False):
     """(the text tokens' logprobs, the top-1 tokens), position by position, and seconds."""
     from paged_jax import LLMEngine, SamplingParams
     from paged_jax.config import EngineConfig
 
     engine = LLMEngine(EngineConfig(kv_cache_dtype=kv_cache_dtype, attention_backend="xla",
+                                    calculate_kv_scales=calibrated,
                                     enable_chunked_prefill=True, max_num_batched_tokens=chunk,
                                     max_model_len=max(len(w) for w in windows) + 8,
                                     max_num_seqs=4, enable_prefix_caching=False), model=model)
@@ -57,6 +63,12 @@ def score(model, windows, kv_cache_dtype: str, chunk: int):
     return np.array(logprobs), np.array(top1), time.perf_counter() - start
 
 
+def param_bytes(params) -> int:
+    import jax
+
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+
+
 def main(argv):
     del argv
     from paged_jax import kv_cache
@@ -68,9 +80,18 @@ def main(argv):
     windows = [w for w in windows if len(w) > 1]
     runs = {}
     for name in FLAGS.dtypes:
-        logprobs, top1, seconds = score(model, windows, name, FLAGS.chunk)
+        dtype, _, how = name.partition(":")
+        logprobs, top1, seconds = score(model, windows, dtype, FLAGS.chunk,
+                                        calibrated=how == "calibrated")
         runs[name] = dict(perplexity=math.exp(-logprobs.mean()), top1=top1, seconds=seconds,
-                          block_bytes=kv_cache.block_bytes(model.config, 16, name))
+                          block_bytes=kv_cache.block_bytes(model.config, 16, dtype))
+    for quant in FLAGS.weight_quantizations:
+        quantized = load_model(FLAGS.model, quantization=quant)
+        logprobs, top1, seconds = score(quantized, windows, FLAGS.dtypes[0], FLAGS.chunk)
+        runs[f"weights {quant}"] = dict(
+            perplexity=math.exp(-logprobs.mean()), top1=top1, seconds=seconds,
+            block_bytes=kv_cache.block_bytes(model.config, 16, FLAGS.dtypes[0]),
+            weight_bytes=param_bytes(quantized.params))
     ref = runs[FLAGS.dtypes[0]]
     rows, results = [], {"text": FLAGS.text, "tokens": int(sum(len(w) - 1 for w in windows)),
                          "window": FLAGS.window, "chunk": FLAGS.chunk, "dtypes": {}}
@@ -79,8 +100,10 @@ def main(argv):
         change = r["perplexity"] / ref["perplexity"] - 1
         results["dtypes"][name] = dict(perplexity=r["perplexity"], perplexity_change=change,
                                        top1_agreement=agree, block_bytes=r["block_bytes"],
-                                       seconds=r["seconds"])
-        rows.append(f"{name:>10}  ppl {r['perplexity']:8.4f} ({change:+.2%})  top-1 agreement "
+                                       seconds=r["seconds"],
+                                       weight_bytes=r.get("weight_bytes",
+                                                          param_bytes(model.params)))
+        rows.append(f"{name:>20}  ppl {r['perplexity']:8.4f} ({change:+.2%})  top-1 agreement "
                     f"{agree:.2%}  {r['block_bytes']:>7} bytes per 16-token block  "
                     f"{r['seconds']:.0f} s")
     report = (f"{results['tokens']} tokens of {FLAGS.text} in windows of {FLAGS.window}, "

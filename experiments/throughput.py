@@ -39,6 +39,11 @@ flags.DEFINE_bool("async_scheduling", False, "paged-jax: schedule and dispatch e
                   "while the one before runs")
 flags.DEFINE_enum("attention_backend", "auto", ["auto", "xla", "cpu", "pallas"],
                   "paged-jax: attention backend (auto: the C++ kernel on the CPU)")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "float32", "bfloat16", "float16", "fp8",
+                                             "fp8_e4m3", "fp8_e5m2", "int8"],
+                  "paged-jax: how KV pages are stored")
+flags.DEFINE_enum("quantization", None, ["int8", "fp8"], "paged-jax: the linear layers' "
+                  "weights (default: as the checkpoint stores them)")
 flags.DEFINE_integer("passes", 1, "paged-jax: run the workload this many times in one process; "
                      "the first pass is the one compared")
 flags.DEFINE_integer("hf_batch_size", 16, "transformers: static batch size")
@@ -335,7 +340,8 @@ def main(argv):
     llm = LLM(FLAGS.model, max_num_seqs=FLAGS.max_num_seqs, max_model_len=FLAGS.max_model_len,
               num_kv_blocks=FLAGS.num_kv_blocks, precompile=FLAGS.precompile,
               mixed_batches=FLAGS.mixed_batches, attention_backend=FLAGS.attention_backend,
-              async_scheduling=FLAGS.async_scheduling)
+              async_scheduling=FLAGS.async_scheduling, kv_cache_dtype=FLAGS.kv_cache_dtype,
+              quantization=FLAGS.quantization)
     startup = time.perf_counter() - start
     if FLAGS.chat:
         run_chat(llm)
@@ -346,6 +352,9 @@ def main(argv):
           f"tokens, {sum(w.output_len for w in work)} output tokens (seed {FLAGS.seed})")
     results = dict(workload=dict(num_requests=len(work), mean_input_len=FLAGS.mean_input_len,
                                  mean_output_len=FLAGS.mean_output_len, seed=FLAGS.seed),
+                   paged_jax_options=dict(kv_cache_dtype=FLAGS.kv_cache_dtype,
+                                          quantization=FLAGS.quantization,
+                                          attention_backend=FLAGS.attention_backend),
                    machine=dict(cpus=os.cpu_count()))
     results["paged_jax"] = paged = run_paged(llm, work)
     paged["startup_seconds"] = startup  # loading, and compiling every shape if --precompile

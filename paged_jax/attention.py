@@ -33,20 +33,37 @@ class AttentionMetadata:
     backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
 
-def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array,
+             kv_scale: float = 1.0, in_place_kernel: bool = False) -> jax.Array:
     """cache [Hkv, N, B, D (+ 4 for int8's scale)]; new [T, Hkv, D]; returns the cache with
-    new written (quantized to the pages' dtype, kv_quant.py) at its slots."""
+    new written (quantized to the pages' dtype, kv_quant.py; fp8 over kv_scale) at its
+    slots. in_place_kernel: 8- and 16-bit float pages are written by the CPU kernel library
+    (cpu_kernels.write_rows), whose cost is the rows, not the pool."""
     hkv, n, b, d = cache.shape
+    rows = kv_quant.quantize(new, cache.dtype, kv_scale).transpose(1, 0, 2)
+    if in_place_kernel and kv_quant.widened_by_cpu_scatter(cache.dtype):
+        from paged_jax import cpu_kernels
+
+        return cpu_kernels.write_rows(cache, rows, slot_mapping)
     flat = cache.reshape(hkv, n * b, d)
-    flat = flat.at[:, slot_mapping].set(kv_quant.quantize(new, cache.dtype).transpose(1, 0, 2))
+    flat = kv_quant.set_rows(flat, (slice(None), slot_mapping), rows)
     return flat.reshape(hkv, n, b, d)
 
 
+def as_stored(x: jax.Array, page_dtype, kv_scale: float) -> jax.Array:
+    """x [T, Hkv, D] as pages of page_dtype give it back (itself when they hold its dtype)."""
+    if page_dtype == x.dtype:
+        return x
+    stored = kv_quant.quantize(x, page_dtype, kv_scale)
+    return kv_quant.dequantize(stored, x.shape[-1], kv_scale).astype(x.dtype)
+
+
 def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding_window=None,
-              softcap=None):
+              softcap=None, kv_scales=(1.0, 1.0)):
     """q [T, Hq, D], k/v [T, Hkv, D]; kv_cache (k_cache, v_cache) or None for a dense run.
     sliding_window: keys within this many positions of the query (None: all before it);
-    softcap: Gemma 2's attention logits capped at +-softcap by tanh (None: not capped).
+    softcap: Gemma 2's attention logits capped at +-softcap by tanh (None: not capped);
+    kv_scales: this layer's (k_scale, v_scale) for fp8 pages (kv_quant.py, kv_scales.py).
 
     Returns (out [T, Hq, D], new kv_cache).
     """
@@ -55,10 +72,13 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
             raise ValueError(f"a run without a KV cache must be a prefill, got mode {md.mode!r}")
         return xla_attention.prefill_dense(q, k, v, md, scale, sliding_window,
                                            softcap=softcap), None
-    k_cache = write_kv(kv_cache[0], k, md.slot_mapping)
-    v_cache = write_kv(kv_cache[1], v, md.slot_mapping)
+    if not kv_quant.is_fp8(kv_cache[0].dtype):
+        kv_scales = (1.0, 1.0)  # per-tensor scales are fp8's; other pages store values as-is
+    in_place = md.backend == "cpu"
+    k_cache = write_kv(kv_cache[0], k, md.slot_mapping, kv_scales[0], in_place)
+    v_cache = write_kv(kv_cache[1], v, md.slot_mapping, kv_scales[1], in_place)
     if md.backend == "pallas":
-        out = _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap)
+        out = _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap, kv_scales)
     elif md.backend == "cpu":
         from paged_jax import cpu_kernels  # lazily: builds the kernel on first use
 
@@ -66,31 +86,37 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
         # one new token, so no separate pass (or lax.cond) is needed.
         out = cpu_kernels.paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
                                           md.block_tables, scale=scale,
-                                          sliding_window=sliding_window, softcap=softcap)
+                                          sliding_window=sliding_window, softcap=softcap,
+                                          k_scale=kv_scales[0], v_scale=kv_scales[1])
     elif md.mode == "prefill":
+        # A prefill attends its new K/V as the pages hold them, as every other reader does,
+        # so a prefix-cache hit, a recompute and a chunked prompt see the same keys.
+        k, v = as_stored(k, k_cache.dtype, kv_scales[0]), as_stored(v, v_cache.dtype,
+                                                                    kv_scales[1])
         out = xla_attention.prefill_tiled(q, k, v, md, scale, sliding_window, softcap=softcap)
         if md.num_decodes is not None:
             # Skipped at run time when no row decodes: even loops of zero trips cost here.
             out = jax.lax.cond(md.num_decodes > 0,
                                functools.partial(xla_attention.with_decode_rows,
-                                                 softcap=softcap),
+                                                 softcap=softcap, kv_scales=kv_scales),
                                lambda out, *_: out, out, q, k_cache, v_cache, md, scale,
                                sliding_window)
     elif md.mode == "decode":
         out = xla_attention.decode(q, k_cache, v_cache, md, scale, sliding_window,
-                                   softcap=softcap)
+                                   softcap=softcap, kv_scales=kv_scales)
     else:
         out = xla_attention.mixed(q, k_cache, v_cache, md, scale, sliding_window,
-                                  softcap=softcap)
+                                  softcap=softcap, kv_scales=kv_scales)
     return out, (k_cache, v_cache)
 
 
-def _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap):
+def _pallas(q, k_cache, v_cache, md, scale, sliding_window, softcap, kv_scales):
     # Imported lazily: the kernels pull in Pallas/Triton lowering that the XLA path never needs.
     from pallas_kernels import ragged_paged_attention
     from pallas_kernels.dispatch import paged_decode
 
-    features = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    features = dict(scale=scale, sliding_window=sliding_window, softcap=softcap,
+                    k_scale=kv_scales[0], v_scale=kv_scales[1])
     if md.mode == "decode":
         return paged_decode(q, k_cache, v_cache, md.block_tables, md.seq_lens, **features)
     return ragged_paged_attention(q, k_cache, v_cache, md.block_tables, md.seq_lens,

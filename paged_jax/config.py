@@ -14,8 +14,10 @@ BLOCK_SIZES = (8, 16, 32, 64, 128)
 # How KV pages are stored (vLLM's kv_cache_dtype; paged_jax/kv_quant.py)
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2",
                    "int8")
-EIGHT_BIT_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # read by the XLA path only
+FP8_KV = ("fp8", "fp8_e4m3", "fp8_e5m2")
 SPECULATIVE_METHODS = (None, "ngram")
+# Weight-only quantization of the linear layers (vLLM's `quantization`; models/quant.py)
+QUANTIZATIONS = (None, "int8", "fp8")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 DEFAULT_SWAP_SPACE_BYTES = 4 << 30  # vLLM's swap_space default, 4 GiB
 
@@ -42,9 +44,17 @@ class EngineConfig:
                         DTYPES)
     block_size: int = option(16, "tokens per KV block", BLOCK_SIZES)
     kv_cache_dtype: str = option("auto", "how KV pages are stored: auto (the model's dtype), "
-                                 "float32, bfloat16, float16, fp8 / fp8_e4m3, fp8_e5m2 (scale "
-                                 "1.0), int8 (a scale per token and KV head); 8-bit pages run "
-                                 "on the XLA attention path", KV_CACHE_DTYPES)
+                                 "float32, bfloat16, float16, fp8 / fp8_e4m3, fp8_e5m2 (a "
+                                 "scale per layer: 1.0, or see calculate_kv_scales), int8 (a "
+                                 "scale per token and KV head)", KV_CACHE_DTYPES)
+    calculate_kv_scales: bool = option(False, "fp8 KV pages: per-layer k_scale / v_scale "
+                                       "from a calibration pass over a few prompts (vLLM's "
+                                       "max / 200 and max / 100) instead of 1.0")
+    quantization: str | None = option(None, "the linear layers' weights: int8 (quantized at "
+                                      "load, a scale per output channel) or fp8 (e4m3; GPUs "
+                                      "with fp8 matmuls); default: as the checkpoint stores "
+                                      "them (a GGUF file's Q8_0 weights stay int8)",
+                                      QUANTIZATIONS)
     num_kv_blocks: int | None = option(None, "KV blocks in the pool; overrides "
                                        "kv_cache_memory_bytes")
     kv_cache_memory_bytes: int = option(DEFAULT_KV_CACHE_BYTES,
@@ -134,6 +144,9 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of int8, fp8 (or None), got "
+                             f"{self.quantization!r}")
         if self.block_size not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
                              f"{self.block_size}")

@@ -13,7 +13,6 @@ import time
 from typing import Iterable
 
 import jax
-import jax.numpy as jnp
 
 from paged_jax import kv_cache, multihost, sampler, sharding, spec_decode, step_inputs, swap
 from paged_jax.config import EngineConfig
@@ -23,7 +22,8 @@ from paged_jax.kv_cache_manager import KVCacheManager, KVUsage
 from paged_jax.model_runner import ModelRunner
 from paged_jax.models.loader import LoadedModel, load_model, shard_model
 from paged_jax.outputs import OutputBuilder
-from paged_jax.plan import check_options, make_plan, resolve_dtype, warn_half_on_cpu
+from paged_jax.plan import (check_options, check_quantization, make_plan, resolve_dtype,
+                            warn_half_on_cpu)
 from paged_jax.request import Request, RequestOutput
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import ScheduledBatch, Scheduler
@@ -93,17 +93,26 @@ class LLMEngine:
         self.multihost, self.mesh, dtype = setup_devices(config)
         on_cpu = jax.default_backend() == "cpu"
         tp = config.tensor_parallel_size
+        check_quantization(config.quantization, jax.default_backend(),
+                           getattr(jax.devices()[0], "compute_capability", None))
         if model is None:
             model = load_model(config.model, dtype=dtype, cache_dir=config.cache_dir,
                                mesh=self.mesh, revision=config.revision,
                                tokenizer=config.tokenizer,
-                               tokenizer_revision=config.tokenizer_revision)
+                               tokenizer_revision=config.tokenizer_revision,
+                               quantization=config.quantization)
         else:
-            if config.tokenizer is not None or config.tokenizer_revision is not None:
-                raise ValueError("tokenizer / tokenizer_revision apply when the engine loads "
-                                 "the model; with a model handed in, pass them to load_model")
+            if (config.tokenizer is not None or config.tokenizer_revision is not None
+                    or config.quantization is not None):
+                raise ValueError("tokenizer / tokenizer_revision / quantization apply when the "
+                                 "engine loads the model; with a model handed in, pass them to "
+                                 "load_model")
             if self.mesh is not None:
                 model = shard_model(model, self.mesh)
+        if config.calculate_kv_scales:
+            from paged_jax.kv_scales import with_kv_scales
+
+            model = with_kv_scales(model)
         self.model = model
         # What the server calls the model (unless --served-model-name) and where it lies.
         self.model_name = config.model or DEFAULT_MODEL_NAME
@@ -112,9 +121,7 @@ class LLMEngine:
         # {SamplingParams field: value} a request without its own params gets (the server
         # fills each unset field from it)
         self.sampling_defaults = load_sampling_defaults(model.path, config.generation_config)
-        # The loaded model's dtype decides (a model handed in may differ from config.dtype).
-        self.plan = plan = make_plan(config, mcfg, jax.default_backend(), bool(self.multihost),
-                                     jnp.dtype(mcfg.dtype).name)
+        self.plan = plan = make_plan(config, mcfg, jax.default_backend(), bool(self.multihost))
         if on_cpu and mcfg.dtype != "float32":
             warn_half_on_cpu(mcfg.dtype)
         run_cfg = mcfg.for_max_model_len(plan.max_model_len)  # LongRoPE's factor set

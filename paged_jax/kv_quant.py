@@ -1,7 +1,11 @@
 """8-bit KV cache pages (vLLM's kv_cache_dtype): how each dtype is stored, written and read.
 
-  fp8, fp8_e4m3, fp8_e5m2  float8 pages [Hkv, N, B, D], per-tensor scale 1.0 (vLLM's
-                           default k_scale / v_scale): a value is stored as itself in fp8
+  fp8, fp8_e4m3, fp8_e5m2  float8 pages [Hkv, N, B, D] with a per-tensor scale per layer for
+                           K and one for V (vLLM's k_scale / v_scale): x is stored as
+                           x / scale in fp8, saturated at the format's largest finite
+                           value, and read as fp8 * scale. The scales are 1.0 unless
+                           calculate_kv_scales calibrates them (kv_scales.py); they are
+                           static numbers of the compiled step
   int8                     int8 pages [Hkv, N, B, D + 4]: each (token, KV head) row holds its
                            D values quantized symmetrically to [-127, 127] and, in its last
                            4 bytes, its float32 scale (max |x| / 127), so a block stays
@@ -10,9 +14,8 @@
                            and one for V
   auto (and float32, bfloat16, float16)  the model's dtype (or the one named), unscaled
 
-Writers quantize in the step (attention.write_kv); readers dequantize the pages they gather
-to float32 (xla_attention). The CPU and Pallas kernels read 16/32-bit pages only, so an
-8-bit cache runs on the XLA path (plan.pick_backend refuses the others by name).
+Writers quantize in the step (attention.write_kv); every reader dequantizes the pages it
+reads to float32: the XLA paths (xla_attention), the CPU kernel and the Pallas kernels.
 """
 from __future__ import annotations
 
@@ -43,9 +46,15 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_
     return 2 * num_layers * num_kv_heads * (head_dim + extra) * dtype.itemsize
 
 
-def quantize(x: jax.Array, dtype) -> jax.Array:
-    """x [..., D] in any float dtype -> rows as pages of `dtype` store them."""
+def quantize(x: jax.Array, dtype, scale: float = 1.0) -> jax.Array:
+    """x [..., D] in any float dtype -> rows as pages of `dtype` store them. scale: fp8's
+    per-tensor scale (int8 rows carry their own; 16/32-bit pages take none)."""
     dtype = jnp.dtype(dtype)
+    if is_fp8(dtype):
+        # Saturate: a value past the format's range would otherwise become NaN (e4m3fn has
+        # no infinity), and one NaN in a page poisons every query that reads it.
+        top = float(jnp.finfo(dtype).max)
+        return jnp.clip(x.astype(jnp.float32) / scale, -top, top).astype(dtype)
     if dtype != jnp.int8:
         return x.astype(dtype)
     xf = x.astype(jnp.float32)
@@ -57,8 +66,38 @@ def quantize(x: jax.Array, dtype) -> jax.Array:
     return jnp.concatenate([values, scale_bytes], axis=-1)
 
 
-def dequantize(pages: jax.Array, head_dim: int) -> jax.Array:
-    """Pages [..., D (+ 4)] -> float32 [..., D]."""
+_SAME_WIDTH_UINT = {1: jnp.uint8, 2: jnp.uint16}
+
+
+def widened_by_cpu_scatter(dtype) -> bool:
+    """XLA's CPU scatter on 8- and 16-bit floats widens the whole operand to float32 and
+    back: a copy of the pool per write."""
+    dtype = jnp.dtype(dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+
+
+def set_rows(pages: jax.Array, index, values: jax.Array) -> jax.Array:
+    """pages.at[index].set(values) (values in pages' dtype). 8- and 16-bit float pages are
+    scattered as same-width integers: XLA's CPU still copies the pool through the bitcasts
+    (~10x less than its widening; the CPU backend's cache writes avoid both, write_kv)."""
+    dtype = pages.dtype
+    if not widened_by_cpu_scatter(dtype):
+        return pages.at[index].set(values)
+    uint = _SAME_WIDTH_UINT[dtype.itemsize]
+    out = jax.lax.bitcast_convert_type(pages, uint).at[index].set(
+        jax.lax.bitcast_convert_type(values.astype(dtype), uint))
+    return jax.lax.bitcast_convert_type(out, dtype)
+
+
+def is_fp8(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+
+
+def dequantize(pages: jax.Array, head_dim: int, scale: float = 1.0) -> jax.Array:
+    """Pages [..., D (+ 4)] -> float32 [..., D]; scale: fp8's per-tensor scale."""
+    if is_fp8(pages.dtype):
+        values = pages.astype(jnp.float32)
+        return values if scale == 1.0 else values * scale
     if pages.dtype != jnp.int8:
         return pages.astype(jnp.float32)
     scale = jax.lax.bitcast_convert_type(pages[..., head_dim:], jnp.float32)  # [...]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from paged_jax.config import EIGHT_BIT_KV, EngineConfig
+from paged_jax.config import FP8_KV, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ def check_options(config: EngineConfig) -> None:
         if not config.mixed_batches:
             raise ValueError("speculative decoding needs mixed_batches (a request's drafts "
                              "ride as a row of several tokens beside the decodes)")
+    if config.calculate_kv_scales and config.kv_cache_dtype not in FP8_KV:
+        raise ValueError(f"calculate_kv_scales sets fp8 pages' scales; kv_cache_dtype is "
+                         f"{config.kv_cache_dtype!r} (use one of {', '.join(FP8_KV)})")
     if config.process_id is not None and config.num_processes is not None and not (
             config.process_id < config.num_processes):
         raise ValueError(f"process_id {config.process_id} is outside [0, num_processes "
@@ -73,6 +76,23 @@ def _check_budget(max_num_batched_tokens: int, max_model_len: int, chunked: bool
                          "unless enable_chunked_prefill is on")
 
 
+FP8_MATMUL_CAPABILITY = 8.9  # Ada and Hopper: the first NVIDIA GPUs with fp8 tensor cores
+
+
+def check_quantization(quantization: str | None, platform: str,
+                       compute_capability: str | None = None) -> None:
+    """fp8 weights need fp8 matmuls; raises ValueError naming the platform otherwise."""
+    if quantization != "fp8":
+        return
+    if platform != "gpu" or compute_capability is None or \
+            float(compute_capability) < FP8_MATMUL_CAPABILITY:
+        where = platform if compute_capability is None else \
+            f"{platform} of compute capability {compute_capability}"
+        raise ValueError(f"quantization 'fp8' needs a GPU with fp8 matmuls (compute "
+                         f"capability {FP8_MATMUL_CAPABILITY} or newer); this is {where}. "
+                         "On the CPU use quantization 'int8'")
+
+
 def resolve_dtype(config: EngineConfig, platform: str) -> str:
     """The model dtype "auto" stands for: float32 on the CPU (XLA's CPU bfloat16 matmuls are
     slower), bfloat16 on accelerators."""
@@ -81,16 +101,14 @@ def resolve_dtype(config: EngineConfig, platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool,
-              model_dtype: str) -> EnginePlan:
+def make_plan(config: EngineConfig, model_config, platform: str,
+              multihost: bool) -> EnginePlan:
     """For a config that passed check_options (the engine checks it before anything else).
     model_config: the loaded model's ModelConfig (after tensor-parallel head changes);
-    platform: jax.default_backend(); model_dtype: the loaded parameters' dtype name (a model
-    handed in may differ from config.dtype)."""
+    platform: jax.default_backend()."""
     from paged_jax import kv_cache
 
-    backend = pick_backend(config.attention_backend, platform, model_dtype, multihost,
-                           config.kv_cache_dtype)
+    backend = pick_backend(config.attention_backend, platform, multihost)
     max_model_len = config.max_model_len or min(model_config.max_position_embeddings,
                                                 DEFAULT_MAX_MODEL_LEN)
     if max_model_len > model_config.max_position_embeddings:
@@ -129,17 +147,9 @@ def make_plan(config: EngineConfig, model_config, platform: str, multihost: bool
         async_scheduling=config.async_scheduling and not spec)
 
 
-def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
-                 kv_cache_dtype: str = "auto") -> str:
+def pick_backend(requested: str, platform: str, multihost: bool) -> str:
     """The attention backend "auto" stands for, or the requested one if it can run. (Every
-    backend applies sliding windows and soft-capping.) 8-bit KV pages are read by the XLA
-    path only (kv_quant.py)."""
-    if kv_cache_dtype in EIGHT_BIT_KV:
-        if requested in ("cpu", "pallas"):
-            raise ValueError(f"attention_backend {requested!r} cannot read kv_cache_dtype "
-                             f"{kv_cache_dtype!r} pages (its kernels take 16- and 32-bit "
-                             "pages); use xla (or auto)")
-        return "xla"
+    backend applies sliding windows and soft-capping, and reads every kv_cache_dtype's pages.)"""
     if requested not in ("auto", "cpu"):
         return requested
     if platform != "cpu":
@@ -149,10 +159,9 @@ def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
         return "pallas"
     from paged_jax import cpu_kernels
 
-    # The kernel is float32. Under a one-process tensor-parallel mesh attention runs under
-    # shard_map, so each call sees one device's KV heads; across processes it is untested.
-    reason = (f"it takes float32, not {dtype}" if dtype != "float32"
-              else "it is not tested across processes (multi-host)" if multihost
+    # Under a one-process tensor-parallel mesh attention runs under shard_map, so each call
+    # sees one device's KV heads; across processes it is untested.
+    reason = ("it is not tested across processes (multi-host)" if multihost
               else cpu_kernels.unavailable_reason())
     if reason is None:
         return "cpu"
@@ -163,18 +172,13 @@ def pick_backend(requested: str, platform: str, dtype: str, multihost: bool,
 
 
 def warn_half_on_cpu(dtype: str) -> None:
-    if dtype == "float16":
-        log.warning("dtype float16 on the CPU: the C++ attention kernel takes float32 only, so "
-                    "attention runs on the XLA path (float16 speed on the CPU is not measured "
-                    "here). float32 is the CPU's default (--dtype auto).")
-        return
     try:
         flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
         flags = set()
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
-    log.warning("dtype bfloat16 on the CPU: decoding SmolLM2 was measured about 3x slower than "
-                "float32 on a 2-core AVX2 EPYC. The C++ attention kernel takes float32 only, so "
-                "attention runs on the XLA path%s. float32 is the CPU's default (--dtype auto).",
-                "" if native else ", and this CPU has no native bfloat16 matmul (avx512_bf16 "
-                "or amx_bf16)")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"}) if dtype == "bfloat16" else False
+    log.warning("dtype %s on the CPU: decoding SmolLM2 in bfloat16 was measured about 3x slower "
+                "than float32 on a 2-core AVX2 EPYC (attention then on the XLA path; the C++ "
+                "kernel now reads 16-bit pages)%s. float32 is the CPU's default (--dtype auto).",
+                dtype, "" if native else ", and this CPU has no native "
+                f"{dtype} matmul" + (" (avx512_bf16 or amx_bf16)" if dtype == "bfloat16" else ""))

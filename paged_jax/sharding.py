@@ -11,6 +11,8 @@ Parameters carry logical axis names (models/llama.py); LOGICAL_RULES maps them t
     embed, norm         -> None    replicated
     experts             -> None    Mixtral: every device holds every expert's slice of mlp
                                    (expert weights [E, H, I] split on I, as dense MLPs are)
+    quant_groups        -> None    a quantized weight's scales [G, out] are split on out only
+                                   (models/quant.py); GSPMD slices them for row-parallel layers
 
 The KV cache [Hkv, N, B, D] is sharded on axis 0. When tp exceeds the KV head count (tp a
 multiple of it), every KV head is repeated tp // Hkv times in the k/v projections at load time
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DP, TP = "dp", "tp"
 LOGICAL_RULES = {"embed": None, "norm": None, "experts": None, "q_heads": TP, "kv_heads": TP,
-                 "mlp": TP, "vocab": TP}
+                 "mlp": TP, "vocab": TP, "quant_groups": None}
 
 
 # ---- mesh and specs ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from paged_jax.intmath import next_pow2
+from paged_jax.kv_quant import set_rows
 
 
 def _bucket(n: int, limit: int) -> int:
@@ -34,8 +35,8 @@ def _gather(caches, ids):
 
 def _scatter(caches, ids, pages):
     """caches with pages [L, 2, Hkv, n, B, D] written into blocks `ids`."""
-    return [(k.at[:, ids].set(pages[i, 0].astype(k.dtype)),
-             v.at[:, ids].set(pages[i, 1].astype(v.dtype)))
+    return [(set_rows(k, (slice(None), ids), pages[i, 0].astype(k.dtype)),
+             set_rows(v, (slice(None), ids), pages[i, 1].astype(v.dtype)))
             for i, (k, v) in enumerate(caches)]
 
 

@@ -128,7 +128,8 @@ def prefill_tiled(q, k, v, md, scale, sliding_window, tile: int = PREFILL_TILE, 
     return out.astype(q.dtype)
 
 
-def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None):
+def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None,
+                     kv_scales=(1.0, 1.0)):
     """A prefill step whose first num_decodes rows are decodes: those rows' tokens (the first
     num_decodes tokens) attend over their pages instead. Rows past num_decodes get length 0,
     so their groups of the decode loop run no iteration."""
@@ -137,25 +138,27 @@ def with_decode_rows(out, q, k_cache, v_cache, md, scale, sliding_window, *, sof
     dec_lens = jnp.where(rows < md.num_decodes, md.seq_lens, 0)
     dec = decode(q[:s], k_cache, v_cache,
                       dataclasses.replace(md, seq_lens=dec_lens, mode="decode"),
-                      scale, sliding_window, softcap=softcap)
+                      scale, sliding_window, softcap=softcap, kv_scales=kv_scales)
     dec = jnp.pad(dec, ((0, t - s), (0, 0), (0, 0)))
     return jnp.where((jnp.arange(t) < md.num_decodes)[:, None, None], dec, out)
 
 
-def decode(q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None):
-    """One query per sequence: q [S, Hq, D] (T == S in decode steps), in row groups."""
+def decode(q, k_cache, v_cache, md, scale, sliding_window, *, softcap=None,
+           kv_scales=(1.0, 1.0)):
+    """One query per sequence: q [S, Hq, D] (T == S in decode steps), in row groups.
+    kv_scales: fp8 pages' (k_scale, v_scale) (kv_quant.py)."""
     s = q.shape[0]
     parts = []
     for lo in range(0, s, DECODE_ROW_GROUP):
         rows = slice(lo, lo + DECODE_ROW_GROUP)
         parts.append(decode_rows(q[rows], k_cache, v_cache, md.seq_lens[rows],
                                   md.block_tables[rows], scale, sliding_window,
-                                  softcap=softcap))
+                                  softcap=softcap, kv_scales=kv_scales))
     return jnp.concatenate(parts)
 
 
 def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_window, *,
-                softcap=None):
+                softcap=None, kv_scales=(1.0, 1.0)):
     """Decode attention of some rows: q [S, Hq, D], seq_lens [S], block_tables [S, MB].
 
     Walks the block table a few columns at a time with an online softmax, so only
@@ -177,8 +180,8 @@ def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
     def column(j, carry):
         cols = jax.lax.dynamic_index_in_dim(tables, j, axis=1, keepdims=False)  # [S, P]
         # (8-bit pages come back as float32 here: kv_quant.py)
-        k = dequantize(k_cache[:, cols], d).reshape(hkv, s, pages * b, d)
-        v = dequantize(v_cache[:, cols], d).reshape(hkv, s, pages * b, d)
+        k = dequantize(k_cache[:, cols], d, kv_scales[0]).reshape(hkv, s, pages * b, d)
+        v = dequantize(v_cache[:, cols], d, kv_scales[1]).reshape(hkv, s, pages * b, d)
         pos = j * pages * b + jnp.arange(pages * b)
         valid = (pos[None, :] < seq_lens[:, None]) & (pos[None, :] >= lo[:, None])  # [S, B]
         scores = jnp.where(valid[None, :, None],
@@ -196,7 +199,7 @@ def decode_rows(q, k_cache, v_cache, seq_lens, block_tables, scale, sliding_wind
 
 
 def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TILE, *,
-          softcap=None):
+          softcap=None, kv_scales=(1.0, 1.0)):
     """General ragged case (prompts over a cached prefix, with decode rows): each token
     attends to its sequence's pages up to its own position.
 
@@ -229,8 +232,8 @@ def mixed(q, k_cache, v_cache, md, scale, sliding_window, tile: int = PREFILL_TI
 
         def column(j, carry):
             cols = jax.lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [c, P]
-            k = dequantize(k_cache[:, cols], d).reshape(hkv, c, span, d)
-            v = dequantize(v_cache[:, cols], d).reshape(hkv, c, span, d)
+            k = dequantize(k_cache[:, cols], d, kv_scales[0]).reshape(hkv, c, span, d)
+            v = dequantize(v_cache[:, cols], d, kv_scales[1]).reshape(hkv, c, span, d)
             kpos = j * span + jnp.arange(span)
             valid = (kpos[None, :] <= posi[:, None]) & (kpos[None, :] >= lo[:, None])
             scores = jnp.where(valid[None, :, None],

@@ -1,5 +1,11 @@
 """Paged decode attention: one query token per sequence, keys read through the block table.
 
+Pages: q's dtype (float32, bfloat16, float16), float8_e4m3fn / float8_e5m2 with per-tensor
+k_scale / v_scale, or int8 rows with their float32 scales (kv_pages.py). 8-bit pages are
+loaded as 8-bit and converted to q's dtype in registers (exact), their scales applied to
+the scores and probabilities (online_softmax_step); an int8 row's scale is read as 4 bytes
+and assembled into a float32 (load_row_scales).
+
 Grid (sequence, KV head, split): a program loads its KV group's query heads once, then
 streams the pages of one slice of the context, so each page of a KV head is read once and
 shared by all the query heads of its group. With k_splits > 1 the splits' partial softmax
@@ -17,12 +23,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import backend, tuning
+from pallas_kernels import backend, kv_pages, tuning
 
 LOG2E = math.log2(math.e)
 # Finite, so a row with nothing visible yields garbage-but-finite values, never NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 # ---------------------------------------------------------------- kernel pieces (on refs)
@@ -38,17 +43,51 @@ def load_rows(ref, rows, cols, row_ok, num_cols):
 
 
 def load_kv(cache_ref, page, token, cols, token_ok, head_size):
-  """Gathers K or V of `token` (positions in pages `page`) from [N, B, D] -> [len, Dp]."""
+  """Gathers K or V of `token` (positions in pages `page`) from [N, B, W] -> [len, Dp], in
+  the pages' dtype (8-bit pages are read as 8-bit)."""
   block_size = cache_ref.shape[1]
   mask = token_ok[:, None] & (cols < head_size)[None, :]
   index = (page[:, None], (token % block_size)[:, None], cols[None, :])
-  return plgpu.load(cache_ref.at[index], mask=mask, other=0)
+  # A zero of the pages' dtype: Triton's lowering casts no integer to fp8.
+  return plgpu.load(cache_ref.at[index], mask=mask, other=jnp.zeros((), cache_ref.dtype))
 
 
-def online_softmax_step(q, k, v, visible, carry, *, scale, softcap=None):
-  """One flash-attention step in float32, in base 2 (scores are pre-multiplied by log2 e)."""
+def load_row_scales(cache_ref, page, token, token_ok, head_size):
+  """int8 pages [N, B, D + 4]: the float32 scales of `token`'s rows -> [len] (0 where not
+  token_ok).
+
+  Triton bitcasts only between types of one width, so the 4 little-endian scale bytes are
+  loaded as 4 byte columns, assembled into an int32 with shifts and ors, and that int32 is
+  bitcast to float32."""
+  block_size = cache_ref.shape[1]
+  row = (page, token % block_size)
+  word = jnp.zeros(token.shape, jnp.int32)
+  for i in range(kv_pages.SCALE_BYTES):
+    byte = plgpu.load(cache_ref.at[(*row, head_size + i)], mask=token_ok, other=0)
+    word = word | ((byte.astype(jnp.int32) & 0xFF) << (8 * i))
+  return lax.bitcast_convert_type(word, jnp.float32)
+
+
+def load_page_rows(cache_ref, page, token, cols, token_ok, head_size, dtype):
+  """K or V rows of `token` as `dtype` [len, Dp] (exact for 8-bit pages), and their int8
+  row scales [len] float32, or None for pages without them."""
+  rows = load_kv(cache_ref, page, token, cols, token_ok, head_size).astype(dtype)
+  if not kv_pages.is_int8(cache_ref.dtype):
+    return rows, None
+  return rows, load_row_scales(cache_ref, page, token, token_ok, head_size)
+
+
+def online_softmax_step(q, k, v, visible, carry, *, scale, softcap=None, k_rows=None,
+                        v_rows=None):
+  """One flash-attention step in float32, in base 2 (scores are pre-multiplied by log2 e).
+
+  k_rows, v_rows: int8 pages' row scales [len] (None: 1). A key's scale multiplies its
+  score column and a value's scale its probability column, which is the same as scaling
+  the rows themselves, at a [rows, len] multiply instead of a [len, D] one."""
   acc, m_prev, l_prev = carry
   s = plgpu.dot(q, k, trans_b=True, precision=lax.Precision.HIGHEST)
+  if k_rows is not None:
+    s = s * k_rows[None, :]
   if softcap is None:
     s = s * (scale * LOG2E)
   else:
@@ -59,6 +98,8 @@ def online_softmax_step(q, k, v, visible, carry, *, scale, softcap=None):
   alpha = jnp.exp2(m_prev - m_next)
   p = jnp.exp2(s - m_next[:, None])
   l_next = alpha * l_prev + p.sum(axis=1)
+  if v_rows is not None:
+    p = p * v_rows[None, :]
   pv = plgpu.dot(p.astype(v.dtype), v, precision=lax.Precision.HIGHEST)
   return acc * alpha[:, None] + pv, m_next, l_next
 
@@ -67,13 +108,14 @@ def _decode_kernel(
     block_tables_ref,  # [MB]       int32, this sequence's row
     seq_lens_ref,      # [S]        int32, all of them (read at program_id(0))
     q_ref,             # [G, D]     this sequence's query heads of this KV group
-    k_ref,             # [N, B, D]  every page of this KV head
-    v_ref,             # [N, B, D]
+    k_ref,             # [N, B, W]  every page of this KV head (W: D, int8 D + 4)
+    v_ref,             # [N, B, W]
     o_ref,             # [G, D]     k_splits == 1: normalised output; else unnormalised f32
     *stat_refs,        # k_splits > 1: m [G], l [G] float32 (base-2 running max, sum)
-    scale: float, softcap: float | None, window: int | None, rows: int, head_pad: int,
-    tokens_per_step: int, tokens_per_split: int,
+    scale: float, v_scale: float, softcap: float | None, window: int | None, rows: int,
+    head_pad: int, tokens_per_step: int, tokens_per_split: int,
 ):
+  # scale includes fp8's k_scale; v_scale (fp8's, else 1) multiplies the output.
   seq = pl.program_id(0)
   split = pl.program_id(2)
   group, head_size = q_ref.shape
@@ -101,15 +143,17 @@ def _decode_kernel(
       # Never read out-of-window keys: their table entries may point at block 0.
       token_ok &= token >= lo
     page = plgpu.load(block_tables_ref.at[token // block_size], mask=token_ok, other=0)
-    k = load_kv(k_ref, page, token, cols, token_ok, head_size)
-    v = load_kv(v_ref, page, token, cols, token_ok, head_size)
+    k, k_rows = load_page_rows(k_ref, page, token, cols, token_ok, head_size, q.dtype)
+    v, v_rows = load_page_rows(v_ref, page, token, cols, token_ok, head_size, q.dtype)
     return online_softmax_step(q, k, v, token_ok[None, :], carry, scale=scale,
-                               softcap=softcap)
+                               softcap=softcap, k_rows=k_rows, v_rows=v_rows)
 
   init = (jnp.zeros((rows, head_pad), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(first_step, num_steps, body, init)
+  if v_scale != 1.0:
+    acc = acc * v_scale
 
   out_mask = (row < group)[:, None] & (cols < head_size)[None, :]
   out_index = (row[:, None], cols[None, :])
@@ -125,22 +169,22 @@ def _decode_kernel(
 
 # ---------------------------------------------------------------- pallas_call wrapper
 
-def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, softcap, window,
-                 config, interpret):
+def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, v_scale, softcap,
+                 window, config, interpret):
   """q4 [S, Hkv, G, D] -> out [S, Hkv, G, D] (k_splits == 1) or partial (o, m, l)."""
   num_seqs, num_kv_heads, group, head_size = q4.shape
-  _, num_blocks, block_size, _ = k_cache.shape
+  _, num_blocks, block_size, width = k_cache.shape
   max_blocks = block_tables.shape[1]
   splits = config.k_splits
   tokens_per_step = config.pages_per_compute_block * block_size
   steps_per_split = pl.cdiv(pl.cdiv(max_blocks * block_size, tokens_per_step), splits)
   kernel = functools.partial(
-      _decode_kernel, scale=scale, softcap=softcap, window=window,
+      _decode_kernel, scale=scale, v_scale=v_scale, softcap=softcap, window=window,
       rows=max(16, tuning.next_pow2(group)),  # Triton's dot needs >= 16 rows
       head_pad=max(16, tuning.next_pow2(head_size)),
       tokens_per_step=tokens_per_step,
       tokens_per_split=steps_per_split * tokens_per_step)
-  cache_spec = pl.BlockSpec((None, num_blocks, block_size, head_size),
+  cache_spec = pl.BlockSpec((None, num_blocks, block_size, width),
                             lambda s, h, k: (h, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((None, max_blocks), lambda s, h, k: (s, 0)),  # block_tables: one row
@@ -185,8 +229,10 @@ def merge_splits(o, m, l):
 
 # ---------------------------------------------------------------- validation
 
-def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens):
-  """Checks what both kernels share; raises ValueError naming the mismatch."""
+def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale=1.0,
+                        v_scale=1.0):
+  """Checks what the decode and ragged kernels share; raises ValueError naming the
+  mismatch."""
   if q.ndim != 3:
     raise ValueError(f"q must be 3-D [tokens, q heads, head size], got shape {q.shape}")
   if k_cache.ndim != 4:
@@ -194,17 +240,18 @@ def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens):
                      f"got shape {k_cache.shape}")
   if v_cache.shape != k_cache.shape:
     raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
-  if q.shape[2] != k_cache.shape[3]:
-    raise ValueError(f"q head size {q.shape[2]} != k_cache head size {k_cache.shape[3]}")
+  kv_pages.validate(q, k_cache, v_cache, k_scale, v_scale)
+  head_size = q.shape[2]
+  width = kv_pages.row_width(head_size, k_cache.dtype)
+  if k_cache.shape[3] != width:
+    if kv_pages.is_int8(k_cache.dtype):
+      raise ValueError(f"int8 k_cache rows of {k_cache.shape[3]} bytes != q head size "
+                       f"{head_size} + {kv_pages.SCALE_BYTES} (the values, then a float32 "
+                       f"scale)")
+    raise ValueError(f"q head size {head_size} != k_cache head size {k_cache.shape[3]}")
   if q.shape[1] % k_cache.shape[0]:
     raise ValueError(f"q heads {q.shape[1]} not a multiple of kv heads {k_cache.shape[0]}")
-  for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-    if x.dtype not in _DTYPES:
-      raise ValueError(f"{name} dtype {x.dtype} not one of float32, bfloat16, float16")
-  if not q.dtype == k_cache.dtype == v_cache.dtype:
-    raise ValueError(f"q dtype {q.dtype} != k_cache dtype {k_cache.dtype} "
-                     f"(v_cache dtype {v_cache.dtype})")
-  block_size, head_size = k_cache.shape[2], k_cache.shape[3]
+  block_size = k_cache.shape[2]
   if block_size & (block_size - 1) or not 1 <= block_size <= 256:
     raise ValueError(f"block size {block_size} must be a power of two <= 256")
   if not 16 <= head_size <= 256:
@@ -228,24 +275,28 @@ def validate_features(softcap, sliding_window):
 
 # ---------------------------------------------------------------- public function
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "config",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "k_scale",
+                                             "v_scale", "config", "interpret"))
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                     block_tables: jax.Array, seq_lens: jax.Array, *, scale: float,
                     softcap: float | None = None, sliding_window: int | None = None,
+                    k_scale: float = 1.0, v_scale: float = 1.0,
                     config: tuning.DecodeConfig | None = None,
                     interpret: bool | None = None) -> jax.Array:
   """Decode attention over the paged KV cache.
 
-  q [S, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB] int32;
-  seq_lens [S] int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D] in
-  q's dtype: softmax(scale * q k^T) v over key positions 0..seq_lens[s]-1.
+  q [S, Hq, D] float32, bfloat16 or float16; k_cache, v_cache [Hkv, N, B, D] in q's dtype,
+  float8_e4m3fn or float8_e5m2 (value = fp8 * k_scale, or v_scale), or int8 [Hkv, N, B,
+  D + 4] (each row's D values and its float32 scale; kv_pages.py); block_tables [S, MB]
+  int32; seq_lens [S] int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D]
+  in q's dtype: softmax(scale * q k^T) v over key positions 0..seq_lens[s]-1.
 
   softcap: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
   sliding_window: only the last sliding_window positions are attended to; table entries
   before them are never read (they may be 0).
+  k_scale, v_scale: fp8 pages' per-tensor scales (static); 1.0 for other pages.
   """
-  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
   validate_features(softcap, sliding_window)
   if q.shape[0] != block_tables.shape[0]:
     raise ValueError(f"q sequences {q.shape[0]} != block_tables rows {block_tables.shape[0]}")
@@ -255,8 +306,8 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       config, num_seqs=num_seqs, num_kv_heads=num_kv_heads,
       max_blocks=block_tables.shape[1], block_size=block_size, head_size=head_size)
   q4 = q.reshape(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_size)
-  out = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                     softcap=softcap, window=sliding_window, config=config,
+  out = _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, scale=scale * k_scale,
+                     v_scale=v_scale, softcap=softcap, window=sliding_window, config=config,
                      interpret=backend.use_interpret(interpret))
   if config.k_splits > 1:
     out = merge_splits(*out)

@@ -6,6 +6,9 @@ block_q tokens x the padded query heads of one KV group as the rows of one matri
 streams that sequence's pages up to its last query's position, reading each page once for
 the whole group. Queries are the sequence's last q_len positions; masking is causal, and
 with a sliding window a tile's loop starts at its first query's window.
+
+Pages as paged_attention.py reads them: q's dtype, fp8 (per-tensor k_scale / v_scale) or
+int8 rows with their scales, 8-bit pages loaded as 8-bit and converted in the kernel.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import backend, tuning
-from pallas_kernels.paged_attention import (MASK_VALUE, load_kv, online_softmax_step,
+from pallas_kernels.paged_attention import (MASK_VALUE, load_page_rows, online_softmax_step,
                                             validate_cache_args, validate_features)
 
 
@@ -30,13 +33,14 @@ def _ragged_kernel(
     seq_lens_ref,         # [S]          int32
     block_tables_ref,     # [S, MB]      int32
     q_ref,                # [T, G, D]    this KV group's query heads of every token
-    k_ref,                # [N, B, D]    every page of this KV head
-    v_ref,                # [N, B, D]
+    k_ref,                # [N, B, W]    every page of this KV head (W: D, int8 D + 4)
+    v_ref,                # [N, B, W]
     o_init_ref,           # [T, G, D]    zeros, aliased to o_ref (padding tokens stay 0)
     o_ref,                # [T, G, D]
-    *, scale: float, softcap: float | None, window: int | None, group_pad: int, rows: int,
-    head_pad: int, tokens_per_step: int,
+    *, scale: float, v_scale: float, softcap: float | None, window: int | None,
+    group_pad: int, rows: int, head_pad: int, tokens_per_step: int,
 ):
+  # scale includes fp8's k_scale; v_scale (fp8's, else 1) multiplies the output.
   del o_init_ref
   tile = pl.program_id(0)
   _, group, head_size = q_ref.shape
@@ -73,20 +77,23 @@ def _ragged_kernel(
     if window is not None:
       key_ok &= key >= kv_start
     page = plgpu.load(block_tables_ref.at[seq, key // block_size], mask=key_ok, other=0)
-    k = load_kv(k_ref, page, key, cols, key_ok, head_size)
-    v = load_kv(v_ref, page, key, cols, key_ok, head_size)
+    k, k_rows = load_page_rows(k_ref, page, key, cols, key_ok, head_size, q.dtype)
+    v, v_rows = load_page_rows(v_ref, page, key, cols, key_ok, head_size, q.dtype)
     visible = key[None, :] <= position[:, None]
     if window is not None:
       # A later query of the tile may see nothing in the first steps, summing keys at
       # exp2(MASK_VALUE - MASK_VALUE) = 1: finite (keys >= kv_start are live pages, the rest
       # load as 0), and wiped by alpha = 0 at its first visible key.
       visible &= position[:, None] - key[None, :] < window
-    return online_softmax_step(q, k, v, visible, carry, scale=scale, softcap=softcap)
+    return online_softmax_step(q, k, v, visible, carry, scale=scale, softcap=softcap,
+                               k_rows=k_rows, v_rows=v_rows)
 
   init = (jnp.zeros((rows, head_pad), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
   acc, _, l = lax.fori_loop(first_step, pl.cdiv(kv_end, tokens_per_step), body, init)
+  if v_scale != 1.0:
+    acc = acc * v_scale
   out = acc / jnp.where(l == 0, 1, l)[:, None]
   plgpu.store(o_ref.at[io_index], out.astype(o_ref.dtype), mask=io_mask)
 
@@ -111,10 +118,10 @@ def num_tiles_bound(num_tokens: int, num_seqs: int, block_q: int) -> int:
 
 
 def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *,
-                 scale, softcap, window, config, interpret):
+                 scale, v_scale, softcap, window, config, interpret):
   """q3 [T, Hkv, G, D] -> [T, Hkv, G, D]."""
   num_tokens, num_kv_heads, group, head_size = q3.shape
-  _, num_blocks, block_size, _ = k_cache.shape
+  _, num_blocks, block_size, width = k_cache.shape
   num_seqs, max_blocks = block_tables.shape
   group_pad = tuning.next_pow2(group)
   rows = max(config.block_rows, 16, group_pad)  # Triton's dot needs >= 16 rows
@@ -122,13 +129,13 @@ def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
   num_tiles = num_tiles_bound(num_tokens, num_seqs, block_q)
   schedule = tile_schedule(query_start_loc, num_tiles, block_q)
   kernel = functools.partial(
-      _ragged_kernel, scale=scale, softcap=softcap, window=window,
+      _ragged_kernel, scale=scale, v_scale=v_scale, softcap=softcap, window=window,
       group_pad=group_pad, rows=rows,
       head_pad=max(16, tuning.next_pow2(head_size)),
       tokens_per_step=config.pages_per_compute_block * block_size)
   whole = lambda shape: pl.BlockSpec(shape, lambda t, h: (0,) * len(shape))
   head_slice = pl.BlockSpec((num_tokens, None, group, head_size), lambda t, h: (0, h, 0, 0))
-  cache_spec = pl.BlockSpec((None, num_blocks, block_size, head_size),
+  cache_spec = pl.BlockSpec((None, num_blocks, block_size, width),
                             lambda t, h: (h, 0, 0, 0))
   return pl.pallas_call(
       kernel,
@@ -155,17 +162,19 @@ def _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc, 
     jnp.zeros_like(q3))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "config",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "k_scale",
+                                             "v_scale", "config", "interpret"))
 def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                            block_tables: jax.Array, seq_lens: jax.Array,
                            query_start_loc: jax.Array, *, scale: float,
                            softcap: float | None = None, sliding_window: int | None = None,
+                           k_scale: float = 1.0, v_scale: float = 1.0,
                            config: tuning.RaggedConfig | None = None,
                            interpret: bool | None = None) -> jax.Array:
   """Causal attention for a flat batch of new tokens over the paged KV cache.
 
-  q [T, Hq, D]; k_cache, v_cache [Hkv, N, B, D]; block_tables [S, MB]; seq_lens [S];
+  q [T, Hq, D]; k_cache, v_cache [Hkv, N, B, D] (or 8-bit pages, as paged_attention takes
+  them); block_tables [S, MB]; seq_lens [S];
   query_start_loc [S + 1] int32. Sequence s owns tokens query_start_loc[s]..[s+1]-1, its
   last q_len context positions (their K/V already in the cache). Returns [T, Hq, D] in q's
   dtype; tokens past query_start_loc[S] get zeros.
@@ -173,8 +182,9 @@ def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   softcap: the scaled scores s become softcap * tanh(s / softcap) (Gemma 2).
   sliding_window: a query at position p sees keys k with p - sliding_window < k <= p; table
   entries wholly before a sequence's first query's window are never read (they may be 0).
+  k_scale, v_scale: fp8 pages' per-tensor scales (static); 1.0 for other pages.
   """
-  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens)
+  validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
   validate_features(softcap, sliding_window)
   num_seqs = block_tables.shape[0]
   if query_start_loc.shape != (num_seqs + 1,) or query_start_loc.dtype != jnp.int32:
@@ -185,6 +195,7 @@ def ragged_paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   config = tuning.resolve_ragged(config, block_size=block_size, head_size=head_size)
   q3 = q.reshape(num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_size)
   out = _ragged_call(q3, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                     scale=scale, softcap=softcap, window=sliding_window, config=config,
+                     scale=scale * k_scale, v_scale=v_scale, softcap=softcap,
+                     window=sliding_window, config=config,
                      interpret=backend.use_interpret(interpret))
   return out.reshape(q.shape)

@@ -1,10 +1,15 @@
-"""Plain jnp float32 references for the paged-attention kernels (gather pages, then attend)."""
+"""Plain jnp float32 references for the paged-attention kernels (gather pages, then attend).
+
+They take the pages the kernels take (kv_pages.py): 16/32-bit, fp8 with per-tensor k_scale /
+v_scale, int8 rows with their scales, dequantized to float32 before attending."""
 from __future__ import annotations
 
 import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import kv_pages
 
 
 def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -29,18 +34,26 @@ def _attend(q, k, v, mask, scale, softcap):
   return jnp.einsum("rhgl,rhld->rhgd", weights, v, precision="highest")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window"))
+def _pages(cache, head_size, scale, block_tables):
+  """Dequantized float32 pages gathered through the tables: [S, Hkv, MB * B, D]."""
+  return gather_pages(kv_pages.dequantize(cache, head_size, scale), block_tables)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "k_scale",
+                                             "v_scale"))
 def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
                               softcap: float | None = None,
-                              sliding_window: int | None = None):
+                              sliding_window: int | None = None, k_scale: float = 1.0,
+                              v_scale: float = 1.0):
   """Decode attention: q [S, Hq, D] -> [S, Hq, D] float32.
 
   softcap: scaled scores s -> softcap * tanh(s / softcap), before masking. sliding_window:
-  the query, at p = seq_len - 1, sees keys k with p - sliding_window < k <= p."""
+  the query, at p = seq_len - 1, sees keys k with p - sliding_window < k <= p. k_scale,
+  v_scale: fp8 pages' per-tensor scales (value = fp8 * scale)."""
   num_seqs, num_q_heads, head_size = q.shape
   num_kv_heads = k_cache.shape[0]
-  k = gather_pages(k_cache.astype(jnp.float32), block_tables)
-  v = gather_pages(v_cache.astype(jnp.float32), block_tables)
+  k = _pages(k_cache, head_size, k_scale, block_tables)
+  v = _pages(v_cache, head_size, v_scale, block_tables)
   key = jnp.arange(k.shape[2])[None, :]
   mask = key < seq_lens[:, None]
   if sliding_window is not None:
@@ -49,15 +62,17 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, *, sc
   return _attend(q, k, v, mask, scale, softcap).reshape(num_seqs, num_q_heads, head_size)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window"))
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "sliding_window", "k_scale",
+                                             "v_scale"))
 def ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, *, scale: float,
                                      softcap: float | None = None,
-                                     sliding_window: int | None = None):
+                                     sliding_window: int | None = None,
+                                     k_scale: float = 1.0, v_scale: float = 1.0):
   """Ragged causal attention: q [T, Hq, D] -> [T, Hq, D] float32; padding tokens get zeros.
 
   softcap as in paged_attention_reference; sliding_window: the query at position p sees
-  keys k with p - sliding_window < k <= p."""
+  keys k with p - sliding_window < k <= p. k_scale, v_scale: fp8 pages' scales."""
   num_tokens, num_q_heads, head_size = q.shape
   num_kv_heads = k_cache.shape[0]
   num_seqs = block_tables.shape[0]
@@ -68,8 +83,8 @@ def ragged_paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
   seq = jnp.clip(seq, 0, num_seqs - 1)
   q_len = query_start_loc[seq + 1] - query_start_loc[seq]
   position = seq_lens[seq] - q_len + (token - query_start_loc[seq])
-  k = gather_pages(k_cache.astype(jnp.float32), block_tables)[seq]  # [T, Hkv, L, D]
-  v = gather_pages(v_cache.astype(jnp.float32), block_tables)[seq]
+  k = _pages(k_cache, head_size, k_scale, block_tables)[seq]  # [T, Hkv, L, D]
+  v = _pages(v_cache, head_size, v_scale, block_tables)[seq]
   key = jnp.arange(k.shape[2])[None, :]
   mask = (key <= position[:, None]) & valid[:, None]
   if sliding_window is not None:

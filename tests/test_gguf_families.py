@@ -23,7 +23,7 @@ from paged_jax.models.forward import dense_logits
 from paged_jax.models.loader import load_model
 from paged_jax.tokenizer import load_tokenizer
 from test_model_families import make_hf_dir
-from test_weights import REPO_ROOT, assert_same_tensors
+from test_weights import REPO_ROOT, assert_same_tensors, dequantized
 
 pytestmark = pytest.mark.slow  # torch, transformers and a compiled model per family
 
@@ -234,11 +234,35 @@ def test_config_tokenizer_and_logits_match_the_original(family):
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids).strip() == "Hi there"
 
 
-def test_quantized_gguf_matches_transformers_gguf_loader(tmp_path):
+def test_q8_0_gguf_loads_as_int8_and_matches_transformers(tmp_path):
+    """A Q8_0 file's projections stay int8 with their block scales (models/quant.py), exact:
+    the same tensors and logits as transformers' GGUF loader, which widens them to float32."""
+    import torch
+    import transformers
+    from flax import nnx
+
     hf_dir = make_hf_dir(tmp_path / "hf", "Phi3", num_hidden_layers=1, vocab_size=320)
     gguf_path = write_family_gguf(hf_dir, tmp_path / "phi3-q8_0.gguf", "phi3", quantize=True)
     folder = weights.resolve_model(gguf_path, cache_dir=tmp_path / "cache")
-    assert_same_tensors(weights.read_safetensors(folder), transformers_state_dict(gguf_path, hf_dir), tied=False)
+    stored = weights.read_safetensors(folder)
+    assert stored["model.layers.0.self_attn.qkv_proj.weight"].dtype == np.int8
+    assert stored["model.layers.0.self_attn.qkv_proj.weight_scale"].shape == (64 + 2 * 32, 2)
+    assert stored["model.embed_tokens.weight"].dtype == np.float32  # (not a projection)
+    assert_same_tensors(dequantized(stored), transformers_state_dict(gguf_path, hf_dir), tied=False)
+
+    m = load_model(str(folder), with_tokenizer=False)
+    assert m.config.weight_quant == ("int8", 32)
+    params = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(m.params)}
+    assert params["layers.0.self_attn.k_proj.kernel"].dtype == np.int8
+    assert params["layers.0.self_attn.k_proj.kernel_scale"].shape == (2, 32)
+    ids = np.random.default_rng(0).integers(3, 320, 40).tolist()
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=gguf_path.name, config=config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    ours = dense_logits(m.graphdef, m.params, ids)
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,7 +368,8 @@ def test_gemma2_conversion_needs_no_torch(tmp_path):
         folder = weights.resolve_model({str(gguf_path)!r}, cache_dir={str(tmp_path / "cache")!r})
         config = weights.load_hf_config(folder)
         assert config.model_type == "gemma2" and config.attn_logit_softcapping == 0.5, config
-        assert sorted(weights.read_safetensors(folder)) == {names!r}  # (Gemma 2: no lm_head)
+        names = sorted(n for n in weights.read_safetensors(folder) if not n.endswith("_scale"))
+        assert names == {names!r}  # (Gemma 2: no lm_head; Q8_0 projections' scales beside)
         tokenizer = load_tokenizer(folder)
         assert tokenizer.decode(tokenizer.encode("Hi there", add_special_tokens=False)) == "Hi there"
         print("OK", folder)

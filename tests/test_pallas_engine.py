@@ -1,6 +1,9 @@
 """The engine with the Pallas kernels (interpret mode on the CPU, compiled on a GPU) produces
 the same greedy tokens as with the XLA attention path."""
+import dataclasses
+
 import numpy as np
+import pytest
 
 from paged_jax import LLMEngine, SamplingParams
 from paged_jax.block_pool import BlockPool
@@ -59,17 +62,25 @@ def test_pallas_backend_gives_the_xla_backends_tokens(make_tiny_llama_dir):
     assert outs["pallas"] == outs["xla"]
 
 
-def test_pallas_backend_with_chunked_prefill_gives_the_xla_backends_tokens(make_tiny_llama_dir):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8_e4m3"])
+def test_pallas_backend_with_chunked_prefill_gives_the_xla_backends_tokens(make_tiny_llama_dir,
+                                                                           kv_cache_dtype):
+    """8-bit pages too: int8 rows with their scales, fp8 with per-layer scales other than 1
+    (as calculate_kv_scales sets them), read by the ragged and decode kernels."""
     folder = make_tiny_llama_dir(hidden_size=64, head_dim=64, num_attention_heads=4,
                                  num_key_value_heads=2, initializer_range=0.2)
     model = load_model(str(folder), "float32", with_tokenizer=False)
+    if kv_cache_dtype.startswith("fp8"):
+        model = model.with_config(dataclasses.replace(
+            model.config, kv_scales=((0.05, 0.02), (0.03, 0.04))))
     rng = np.random.default_rng(1)
     prompts = [rng.integers(3, 256, n).tolist() for n in (3, 40)]  # 40 > the 16-token budget
     outs = {}
     for backend in ("xla", "pallas"):
         config = EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=64,
                               max_num_seqs=4, max_num_batched_tokens=16,
-                              enable_chunked_prefill=True, attention_backend=backend)
+                              enable_chunked_prefill=True, attention_backend=backend,
+                              kv_cache_dtype=kv_cache_dtype)
         outs[backend] = run(LLMEngine(config, model=model), prompts, 6)
     assert outs["pallas"] == outs["xla"]
 

@@ -112,6 +112,20 @@ def transformers_gguf_state_dict(gguf_path: pathlib.Path) -> dict[str, np.ndarra
     return {name: tensor.detach().numpy() for name, tensor in model.state_dict().items()}
 
 
+def dequantized(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A converted folder's tensors with each projection the GGUF stored as Q8_0 (int8 values,
+    their 32-value blocks' scales beside them as `<name>_scale`) multiplied out."""
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith("_scale"):
+            continue
+        if name + "_scale" in tensors:
+            scale = np.repeat(tensors[name + "_scale"], 32, axis=1)
+            value = (value.astype(np.float32) * scale).astype(np.float32)
+        out[name] = np.asarray(value)
+    return out
+
+
 def assert_same_tensors(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray], tied: bool):
     expected_names = set(reference) - ({"lm_head.weight"} if tied else set())
     assert set(ours) == expected_names
@@ -242,7 +256,9 @@ def test_tiny_gguf_round_trip(shape, make_tiny_llama_dir, tmp_path):
 def test_tiny_quantized_gguf_matches_transformers_gguf_loader(shape, make_tiny_llama_dir, tmp_path):
     gguf_path = write_tiny_gguf(make_tiny_llama_dir(**TINY_SHAPES[shape]), tmp_path / f"{shape}.gguf", quantize=True)
     folder = weights.resolve_model(gguf_path, cache_dir=tmp_path / "cache")
-    assert_same_tensors(weights.read_safetensors(folder), transformers_gguf_state_dict(gguf_path), tied=False)
+    stored = weights.read_safetensors(folder)
+    assert stored["model.layers.0.self_attn.q_proj.weight"].dtype == np.int8  # Q8_0 kept
+    assert_same_tensors(dequantized(stored), transformers_gguf_state_dict(gguf_path), tied=False)
 
 
 def test_gguf_conversion_needs_no_torch(make_tiny_llama_dir, tmp_path):
@@ -257,7 +273,8 @@ def test_gguf_conversion_needs_no_torch(make_tiny_llama_dir, tmp_path):
         from paged_jax.tokenizer import load_tokenizer
         folder = weights.resolve_model({str(gguf_path)!r}, cache_dir={str(tmp_path / "cache")!r})
         weights.load_hf_config(folder)
-        assert len(weights.read_safetensors(folder)) == {len(weights.read_safetensors(hf_dir))}
+        names = [n for n in weights.read_safetensors(folder) if not n.endswith("_scale")]
+        assert len(names) == {len(weights.read_safetensors(hf_dir))}
         tokenizer = load_tokenizer(folder)
         assert tokenizer.decode(tokenizer.encode("Hi there")) == "Hi there"
         print("OK", folder)

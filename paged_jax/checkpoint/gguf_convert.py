@@ -1,8 +1,10 @@
 """GGUF (llama.cpp) files -> Hugging Face checkpoint folders, without torch.
 
 A converted folder holds config.json (built from the GGUF metadata with transformers' own key
-mapping), generation_config.json (special tokens and llama.cpp's `general.sampling.*` defaults), model.safetensors (every tensor dequantized to float32, under its Hugging Face name and in
-the Hugging Face layout) and the tokenizer with its chat template (saved with save_pretrained).
+mapping), generation_config.json (special tokens and llama.cpp's `general.sampling.*` defaults), model.safetensors (under the Hugging Face names and in the Hugging Face layout:
+the projections stored as Q8_0 kept as int8 `<name>` [out, in] beside their block scales
+`<name>_scale` [out, in / 32] float32, which models/params.py reads as int8 weights; every other
+tensor dequantized to float32) and the tokenizer with its chat template (saved with save_pretrained).
 
 transformers can read GGUF itself, but its config and tensor paths import torch, so the metadata
 is read here with the `gguf` package and only transformers' torch-free tables and tokenizer
@@ -35,7 +37,8 @@ from paged_jax.checkpoint.hf import check_architecture, write_safetensors_header
 logger = logging.getLogger(__name__)
 
 # Bump when the files a conversion writes change, so older cache folders are not reused.
-CONVERTER_VERSION = 3  # 2: generation_config.json; 3: qwen2, qwen3, gemma2, phi3; Mistral's window
+CONVERTER_VERSION = 4  # 2: generation_config.json; 3: qwen2, qwen3, gemma2, phi3; Mistral's window;
+# 4: Q8_0 projections kept as int8 with their scales
 
 # GGUF `general.architecture` -> the Hugging Face architecture it is converted to.
 GGUF_ARCHITECTURES = {
@@ -133,6 +136,27 @@ def undo_llama_cpp_transform(weight: np.ndarray, gguf_name: str, architecture: s
     elif architecture == "gemma2" and gguf_name.endswith("norm.weight"):
         return weight - np.float32(1)
     return weight
+
+
+Q8_0_BLOCK = 32  # a Q8_0 block: a float16 scale, then 32 int8 values (34 bytes)
+
+
+def _kept_q8_0(hf_name: str, tensor) -> bool:
+    """A projection (attention or MLP, fused or not) stored as Q8_0: its blocks are kept."""
+    import gguf
+
+    return (tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            and hf_name.endswith("_proj.weight"))
+
+
+def q8_0_blocks(data: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A Q8_0 tensor's raw bytes -> (int8 values [out, in], float32 scales [out, in / 32]):
+    value * its block's scale is the weight, as gguf.quants.dequantize computes it."""
+    rows, cols = shape
+    blocks = np.asarray(data, np.uint8).reshape(rows, cols // Q8_0_BLOCK, 2 + Q8_0_BLOCK)
+    scales = blocks[..., :2].copy().view("<f2")[..., 0].astype(np.float32)
+    values = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    return values, scales
 
 
 def read_gguf(path: str | os.PathLike):
@@ -332,15 +356,27 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> pa
     gguf_tokenizer(metadata).save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(gguf_generation_config(metadata), indent=2) + "\n")
 
-    header = write_safetensors_header({name: ("F32", shape) for name, (_, shape) in plan.items()}, {"format": "pt"})
+    entries = {}  # safetensors name -> (dtype, shape)
+    for name, (tensor, shape) in plan.items():
+        if _kept_q8_0(name, tensor):
+            entries[name] = ("I8", shape)
+            entries[name + "_scale"] = ("F32", (shape[0], shape[1] // Q8_0_BLOCK))
+        else:
+            entries[name] = ("F32", shape)
     with open(out / "model.safetensors", "wb") as f:
-        f.write(header)
+        f.write(write_safetensors_header(entries, {"format": "pt"}))
         # A bar in a terminal or a notebook (tqdm leaves it out elsewhere): SmolLM2 takes ~20 s.
         for name, (tensor, shape) in tqdm(plan.items(), desc=f"Converting {gguf_path.name}",
                                           unit="tensor", disable=None, leave=False):
-            weight = undo_llama_cpp_transform(
-                gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape),
-                tensor.name, architecture, n_head, n_kv_head)
+            def as_hf(x):
+                return undo_llama_cpp_transform(x, tensor.name, architecture, n_head, n_kv_head)
+
+            if _kept_q8_0(name, tensor):  # (written in the header's order: values, scales)
+                values, scales = q8_0_blocks(tensor.data, shape)
+                f.write(np.ascontiguousarray(as_hf(values)).tobytes())
+                f.write(np.ascontiguousarray(as_hf(scales), dtype="<f4").tobytes())
+                continue
+            weight = as_hf(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape))
             f.write(np.ascontiguousarray(weight, dtype="<f4").tobytes())
     stat = gguf_path.stat()
     source = {"gguf": str(gguf_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,

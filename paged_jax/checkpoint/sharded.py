@@ -49,6 +49,10 @@ def save_checkpoint(model, directory) -> pathlib.Path:
 
     from paged_jax import sharding
 
+    if model.config.weight_quant is not None:
+        raise ValueError(f"a model with {model.config.weight_quant.kind} weights cannot be "
+                         "saved as an Orbax checkpoint; save the full-precision model and pass "
+                         "quantization when serving it")
     directory = pathlib.Path(directory).absolute()
     base = _checkpoint_config(model)
     repeat = model.config.num_kv_heads // base.num_kv_heads

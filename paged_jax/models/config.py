@@ -3,12 +3,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from paged_jax.models.registry import family
 
 ROPE_TYPES = ("linear", "llama3", "longrope")  # rope scalings built (models/rope.py), besides none
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_QUANTIZATIONS = ("int8", "fp8")  # vLLM's `quantization` values built (models/quant.py)
+Q8_0_GROUP = 32  # llama.cpp's Q8_0 block: 32 int8 values and one float16 scale
+
+
+class WeightQuant(NamedTuple):
+    """How a model's linear layers are stored (models/quant.py): kind in
+    WEIGHT_QUANTIZATIONS; group: inputs per scale (0: all of them, one per output channel)."""
+    kind: str
+    group: int = 0
+
+    def num_groups(self, n_in: int) -> int:
+        if not self.group:
+            return 1
+        if n_in % self.group:
+            raise ValueError(f"{self.kind} weights with {self.group} inputs per scale need an "
+                             f"input size divisible by {self.group}, got {n_in}")
+        return n_in // self.group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +71,20 @@ class ModelConfig:
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     dtype: str = "float32"
+    # The linear layers' storage (models/quant.py); None: in dtype
+    weight_quant: WeightQuant | None = None
+    # fp8 KV pages' (k_scale, v_scale) per layer (kv_scales.py); None: 1.0 everywhere
+    kv_scales: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; choose one of {DTYPES}")
+        if self.kv_scales is not None and len(self.kv_scales) != self.num_layers:
+            raise ValueError(f"kv_scales has {len(self.kv_scales)} entries for "
+                             f"{self.num_layers} layers")
+        if self.weight_quant is not None and self.weight_quant.kind not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(f"weight quantization {self.weight_quant.kind!r} is not supported; "
+                             f"choose one of {WEIGHT_QUANTIZATIONS}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
@@ -67,6 +94,9 @@ class ModelConfig:
         if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in "
                              f"[1, num_experts {self.num_experts}]")
+
+    def layer_kv_scales(self, layer: int) -> tuple[float, float]:
+        return (1.0, 1.0) if self.kv_scales is None else self.kv_scales[layer]
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

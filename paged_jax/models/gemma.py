@@ -22,7 +22,7 @@ from flax import nnx
 
 from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_head
 from paged_jax.models.config import ModelConfig
-from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param
+from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param, sow_kv_amax
 from paged_jax.models.rope import apply_rope, inv_freq
 
 
@@ -36,16 +36,18 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype):
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
+        self.kv_scales = cfg.layer_kv_scales(layer)
         sliding = cfg.layer_types is not None and cfg.layer_types[layer] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
         # Gemma 3's sliding layers: their own theta, no scaling; full ones (and every Gemma 2
         # layer): the global theta and scaling
         self.rope = (dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
                      if sliding and cfg.rope_local_theta is not None else cfg)
-        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype)
-        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype)
+        quant = cfg.weight_quant
+        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype, quant=quant)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype, quant=quant)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype, quant=quant)
+        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype, quant=quant)
         if cfg.qk_norm:  # Gemma 3
             self.q_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
             self.k_norm = GemmaRMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -59,10 +61,12 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, freq), apply_rope(k, positions, freq)
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        sow_kv_amax(self, k, v, kv_cache)
         out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,
                                               scale=cfg.query_pre_attn_scalar ** -0.5,
                                               sliding_window=self.window,
-                                              softcap=cfg.attn_logit_softcapping)
+                                              softcap=cfg.attn_logit_softcapping,
+                                              kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
@@ -77,7 +81,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, layer, dtype)
         self.post_attention_layernorm = GemmaRMSNorm(h, eps, dtype)
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps, dtype)
-        self.mlp = GatedMLP(h, cfg.intermediate_size, dtype, _gelu_tanh)
+        self.mlp = GatedMLP(h, cfg.intermediate_size, dtype, _gelu_tanh, cfg.weight_quant)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps, dtype)
 
     def __call__(self, x, positions, kv_cache, md):

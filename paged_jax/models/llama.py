@@ -15,21 +15,23 @@ from flax import nnx
 
 from paged_jax.attention import AttentionMetadata, attention, attention_per_kv_head
 from paged_jax.models.config import ModelConfig
-from paged_jax.models.layers import GatedMLP, Linear, RMSNorm, _param
+from paged_jax.models import quant as wq
+from paged_jax.models.layers import (GatedMLP, Linear, RMSNorm, _param, quantized_param,
+                                     sow_kv_amax)
 from paged_jax.models.registry import family
 from paged_jax.models.rope import apply_rope, attention_scale, inv_freq
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype):
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
-        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype, cfg.attention_bias)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype,
-                             cfg.attention_bias)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype,
-                             cfg.attention_bias)
-        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype)
+        self.kv_scales = cfg.layer_kv_scales(layer)
+        quant, bias = cfg.weight_quant, cfg.attention_bias
+        self.q_proj = Linear(h, cfg.num_heads * d, ("embed", "q_heads"), dtype, bias, quant)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype, bias, quant)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, ("embed", "kv_heads"), dtype, bias, quant)
+        self.o_proj = Linear(cfg.num_heads * d, h, ("q_heads", "embed"), dtype, quant=quant)
         if cfg.qk_norm:  # (named as the checkpoints name them)
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
@@ -44,10 +46,12 @@ class Attention(nnx.Module):
         q, k = (apply_rope(q, positions, freq, rope_scale),
                 apply_rope(k, positions, freq, rope_scale))
         v = self.v_proj(x).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        sow_kv_amax(self, k, v, kv_cache)
         # Under a tensor-parallel mesh each device attends its own KV heads (shard_map).
         out, kv_cache = attention_per_kv_head(attention, q, k, v, kv_cache, md,
                                               scale=cfg.head_dim ** -0.5,
-                                              sliding_window=cfg.sliding_window)
+                                              sliding_window=cfg.sliding_window,
+                                              kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim)), kv_cache
 
 
@@ -64,13 +68,18 @@ class SparseMoE(nnx.Module):
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk = cfg.norm_topk_prob
-        self.gate = Linear(h, e, ("embed", "experts"), dtype)
-        self.w1 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # gate projection
-        self.w3 = _param((e, h, i), ("experts", "embed", "mlp"), dtype)  # up projection
-        self.w2 = _param((e, i, h), ("experts", "mlp", "embed"), dtype)  # down projection
+        quant = cfg.weight_quant
+        self.gate = Linear(h, e, ("embed", "experts"), dtype)  # the router: full precision
+        # gate, up and down projections (+ their scales when quantized: models/quant.py)
+        self.w1, self.w1_scale = quantized_param((e, h, i), ("experts", "embed", "mlp"), dtype,
+                                                 quant)
+        self.w3, self.w3_scale = quantized_param((e, h, i), ("experts", "embed", "mlp"), dtype,
+                                                 quant)
+        self.w2, self.w2_scale = quantized_param((e, i, h), ("experts", "mlp", "embed"), dtype,
+                                                 quant)
         if cfg.shared_expert_intermediate_size:  # Qwen2-MoE's, beside the routed experts
             self.shared_expert = GatedMLP(h, cfg.shared_expert_intermediate_size, dtype,
-                                          jax.nn.silu)
+                                          jax.nn.silu, quant)
             self.shared_expert_gate = Linear(h, 1, ("embed", "experts"), dtype)
 
     def __call__(self, x):
@@ -83,20 +92,26 @@ class SparseMoE(nnx.Module):
         order = jnp.argsort(flat, stable=True)  # grouped by expert
         rows = x[order // k]  # [T * k, H]
         sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-        act = (jax.nn.silu(jax.lax.ragged_dot(rows, self.w1[...], sizes))
-               * jax.lax.ragged_dot(rows, self.w3[...], sizes))
-        out = jax.lax.ragged_dot(act, self.w2[...], sizes)  # [T * k, H]
+        w1, w3, w2 = (self._expert_weights(name, x.dtype) for name in ("w1", "w3", "w2"))
+        act = (jax.nn.silu(jax.lax.ragged_dot(rows, w1, sizes))
+               * jax.lax.ragged_dot(rows, w3, sizes))
+        out = jax.lax.ragged_dot(act, w2, sizes)  # [T * k, H]
         out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
         routed = jnp.einsum("tkh,tk->th", out.astype(jnp.float32), weights).astype(x.dtype)
         if not hasattr(self, "shared_expert"):
             return routed
         return routed + jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
+    def _expert_weights(self, name: str, dtype):
+        values, scale = getattr(self, name), getattr(self, f"{name}_scale")
+        # ragged_dot takes one dtype: quantized experts are widened in the step
+        return values[...] if scale is None else wq.dequantize(values[...], scale[...], dtype)
+
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, layer, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # Named as the checkpoints name them (models/params.py maps paths to tensor names):
         # Mixtral's experts are block_sparse_moe, Qwen3-MoE's mlp.
@@ -104,7 +119,7 @@ class DecoderLayer(nnx.Module):
             self.block_sparse_moe = SparseMoE(cfg, dtype)
         else:
             self.mlp = SparseMoE(cfg, dtype) if cfg.num_experts else GatedMLP(
-                cfg.hidden_size, cfg.intermediate_size, dtype, jax.nn.silu)
+                cfg.hidden_size, cfg.intermediate_size, dtype, jax.nn.silu, cfg.weight_quant)
 
     def __call__(self, x, positions, kv_cache, md):
         attn, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
@@ -118,7 +133,7 @@ class LlamaForCausalLM(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
         self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, dtype) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         _param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype))

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from paged_jax import sharding, weights
-from paged_jax.models.config import ModelConfig
+from paged_jax.models.config import Q8_0_GROUP, ModelConfig, WeightQuant
 from paged_jax.models.llama import abstract_model
 from paged_jax.models.params import load_params
 from paged_jax.tokenizer import load_tokenizer
@@ -46,12 +46,15 @@ class LoadedModel:
 def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str | None = None,
                with_tokenizer: bool = True, mesh=None, revision: str | None = None,
                tokenizer: str | None = None,
-               tokenizer_revision: str | None = None) -> LoadedModel:
+               tokenizer_revision: str | None = None,
+               quantization: str | None = None) -> LoadedModel:
     """mesh: a tensor-parallel mesh (paged_jax/sharding.py): every parameter goes straight to
     its shards. A folder written by checkpoint.sharded.save_checkpoint is restored with Orbax,
     shard by shard; any other folder is read from its safetensors. tokenizer: a folder, GGUF
     file or hub name to take the tokenizer (and its chat template) from instead of the
-    model's, at tokenizer_revision if a hub name."""
+    model's, at tokenizer_revision if a hub name. quantization: the linear layers stored as
+    int8 or fp8 (models/quant.py); None: as the checkpoint has them (a GGUF file's Q8_0
+    weights stay int8 with their block scales, the rest in dtype)."""
     from paged_jax.checkpoint import sharded
 
     start = time.perf_counter()
@@ -62,9 +65,15 @@ def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str 
     if mesh is not None:
         cfg, kv_repeat = sharding.tp_model_config(cfg, sharding.tp_size(mesh))
     if sharded.is_checkpoint(folder):
+        if quantization is not None:
+            raise ValueError(f"quantization {quantization!r} is applied to safetensors and GGUF "
+                             f"checkpoints; {folder} is an Orbax checkpoint (convert it from "
+                             "its source instead)")
         graphdef, params = sharded.restore_params(folder, cfg, mesh, kv_repeat)
     else:
-        graphdef, params = load_params(cfg, weights.read_safetensors(folder), mesh, kv_repeat)
+        tensors = weights.read_safetensors(folder)
+        cfg = dataclasses.replace(cfg, weight_quant=weight_quant(quantization, tensors))
+        graphdef, params = load_params(cfg, tensors, mesh, kv_repeat)
     if tokenizer is None and tokenizer_revision is not None:
         raise ValueError(f"tokenizer_revision {tokenizer_revision!r} needs a tokenizer (a hub "
                          "name); the model's own tokenizer comes with its revision")
@@ -77,9 +86,22 @@ def load_model(model: str | None = None, dtype: str = "float32", cache_dir: str 
                              f"model's vocab_size is {cfg.vocab_size}")
     else:
         tokenizer = None
-    log.info("loaded %s from %s in %.1fs (%s)", model or "SmolLM2-135M-Instruct", folder,
-             time.perf_counter() - start, dtype)
+    log.info("loaded %s from %s in %.1fs (%s%s)", model or "SmolLM2-135M-Instruct", folder,
+             time.perf_counter() - start, dtype,
+             "" if cfg.weight_quant is None else f", {cfg.weight_quant.kind} weights")
     return LoadedModel(cfg, graphdef, params, tokenizer, hf_config, str(folder))
+
+
+def weight_quant(quantization: str | None, tensors) -> WeightQuant | None:
+    """How the linear layers are stored, from the option and the checkpoint: a checkpoint of
+    Q8_0 weights (scales stored beside them) keeps its blocks as int8 unless fp8 is asked
+    for; full-precision weights are quantized per output channel when asked."""
+    stored = any(name.endswith(".weight_scale") for name in tensors)
+    if quantization == "fp8":
+        return WeightQuant("fp8")
+    if stored:
+        return WeightQuant("int8", Q8_0_GROUP)
+    return None if quantization is None else WeightQuant(quantization)
 
 
 def shard_model(model: LoadedModel, mesh) -> LoadedModel:
@@ -108,7 +130,7 @@ def shard_model(model: LoadedModel, mesh) -> LoadedModel:
             if sharding.is_kv_projection(path):
                 value = sharding.repeat_kv_heads(value, repeat, cfg.head_dim)
             where = jax.sharding.NamedSharding(mesh, sharding.spec(names[path], rules))
-            tree[key] = sharding.put(value, where, cfg.dtype)
+            tree[key] = sharding.put(value, where, value.dtype)  # (quantized weights stay so)
 
     fill(pure, ())
     nnx.replace_by_pure_dict(state, pure)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from paged_jax.models import quant as wq
 from paged_jax.models.config import ModelConfig
 from paged_jax.models.llama import abstract_model
 from paged_jax import sharding
@@ -49,15 +50,20 @@ def load_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], mesh=None,
 
 
 def _placer(cfg: ModelConfig, state, mesh):
-    """(path, host value) -> the parameter on its shards of `mesh`."""
+    """(path, host value, dtype) -> the parameter on its shards of `mesh`."""
     rules = sharding.rules_for(cfg, sharding.tp_size(mesh))
     names = sharding.logical_names(state)
 
-    def place(path, value):
+    def place(path, value, dtype):
         spec = sharding.spec(names[path], rules)
-        return sharding.put(value, sharding.NamedSharding(mesh, spec), cfg.dtype)
+        return sharding.put(value, sharding.NamedSharding(mesh, spec), dtype)
 
     return place
+
+
+def scale_key(key: str) -> str:
+    """The leaf holding a quantized weight's scales (models/layers.quantized_param)."""
+    return "kernel_scale" if key == "kernel" else f"{key}_scale"
 
 
 def _fill(tree: dict, prefix: tuple, tensors, dtype, cfg: ModelConfig, kv_repeat, place):
@@ -67,24 +73,48 @@ def _fill(tree: dict, prefix: tuple, tensors, dtype, cfg: ModelConfig, kv_repeat
         if isinstance(node, dict):
             _fill(node, path, tensors, dtype, cfg, kv_repeat, place)
             continue
+        if str(key).endswith("_scale"):  # filled with its weight, below
+            continue
         name, transposed = hf_name(path)
+        scale = None
         if "{}" in name:  # experts: stacked on a leading axis
             name, value = _experts(name, path, tensors, tuple(node.shape))
         else:
             name = _fused_router_name(name, tensors)
             if name not in tensors and _unfused(name, tensors, cfg) is not None:
-                name, value = _unfused(name, tensors, cfg)
+                name, value, scale = _unfused(name, tensors, cfg)
             elif name not in tensors:
                 raise ValueError(f"checkpoint is missing tensor {name!r} (needed for {path})")
             else:
                 value = np.asarray(tensors[name])
-            value = value.T if transposed else value
+                scale = _stored_scale(name, tensors)
+            if transposed:
+                value, scale = value.T, None if scale is None else scale.T
         if kv_repeat > 1 and sharding.is_kv_projection(path):
             value = sharding.repeat_kv_heads(value, kv_repeat, head_dim)
+            if scale is not None:
+                scale = sharding.repeat_kv_heads(scale, kv_repeat, head_dim)
         if value.shape != tuple(node.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(np.asarray(tensors[name]).shape)}, "
                              f"expected {tuple(reversed(node.shape)) if transposed else node.shape}")
-        tree[key] = jnp.asarray(value, dtype=dtype) if place is None else place(path, value)
+        quantized = scale_key(key) in tree
+        if scale is not None and not (quantized and scale.shape == tree[scale_key(key)].shape):
+            value, scale = np.asarray(wq.dequantize(value, scale)), None  # stored otherwise
+        if quantized and scale is None:
+            value, scale = wq.quantize(value, cfg.weight_quant)
+        leaf_dtype = value.dtype if quantized else dtype
+        tree[key] = (jnp.asarray(value, dtype=leaf_dtype) if place is None
+                     else place(path, value, leaf_dtype))
+        if quantized:
+            skey = scale_key(key)
+            tree[skey] = (jnp.asarray(scale, jnp.float32) if place is None
+                          else place(prefix + (skey,), scale, jnp.float32))
+
+
+def _stored_scale(name: str, tensors) -> np.ndarray | None:
+    """A weight the checkpoint stores quantized (a GGUF file's Q8_0 blocks, kept int8 by
+    checkpoint/gguf_convert.py) has its scales [out, G] beside it as `<name>_scale`."""
+    return np.asarray(tensors[name + "_scale"]) if name + "_scale" in tensors else None
 
 
 # Phi-3 fuses projections: self_attn.qkv_proj [(Hq + 2 Hkv) D, H] (q rows, then k, then v)
@@ -93,9 +123,9 @@ _FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 
 
-def _unfused(name: str, tensors, cfg: ModelConfig) -> tuple[str, np.ndarray] | None:
-    """(the fused tensor's name, this projection's rows [out, in]) for a projection the
-    checkpoint stores fused, else None."""
+def _unfused(name: str, tensors, cfg: ModelConfig) -> tuple | None:
+    """(the fused tensor's name, this projection's rows [out, in], their stored scales or
+    None) for a projection the checkpoint stores fused, else None."""
     parts = name.split(".")
     if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in _FUSED:
         return None
@@ -110,7 +140,9 @@ def _unfused(name: str, tensors, cfg: ModelConfig) -> tuple[str, np.ndarray] | N
     want = q + 2 * kv if _FUSED[parts[-2]] == "qkv_proj" else 2 * i
     if value.shape[0] != want:
         raise ValueError(f"tensor {fused!r} has {value.shape[0]} rows, expected {want}")
-    return fused, value[start:start + size]
+    scale = _stored_scale(fused, tensors)
+    return (fused, value[start:start + size],
+            None if scale is None else scale[start:start + size])
 
 
 # transformers 5 can also save Mixtral's experts fused (save_original_format=False):

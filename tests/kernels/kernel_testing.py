@@ -1,4 +1,5 @@
-"""Shared helpers of the kernel tests: random paged caches and a float64 NumPy reference.
+"""Shared helpers of the kernel tests: random paged caches (8-bit pages too) and a float64
+NumPy reference.
 
 The NumPy reference walks each sequence's block table token by token, independently of the
 jnp references in pallas_kernels/reference.py (which gather whole pages).
@@ -10,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from paged_jax import kv_quant
 
 HEADS = [(40, 40), (64, 8), (32, 8), (9, 3), (16, 1)]
 HEAD_SIZES = [64, 80, 96, 128, 256]
@@ -66,6 +69,56 @@ def make_case(rng, *, num_kv_heads: int, head_size: int, block_size: int, dtype,
   k = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
   v = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype)
   return PagedCase(k, v, tables, np.asarray(seq_lens, np.int32))
+
+
+# 8-bit KV pages (kv_quant.py). name: (page dtype, k_scale, v_scale); fp8 scales away from 1
+# (and unlike for K and V) so a scale that goes missing, or lands on the wrong one of K and
+# V, shows. (int8 rows carry their own scales: 1.0, the only ones its readers take.)
+PAGES_8BIT = {
+    "fp8_e4m3": (jnp.float8_e4m3fn, 0.05, 3.0),
+    "fp8_e5m2": (jnp.float8_e5m2, 3.0, 0.05),
+    "int8": (jnp.int8, 1.0, 1.0),
+}
+
+
+@dataclasses.dataclass
+class QuantCase:
+  k: jax.Array          # pages as stored
+  v: jax.Array
+  exact: PagedCase      # the float32 values they were quantized from
+  read: PagedCase       # the stored pages dequantized: what a kernel must see
+  k_scale: float
+  v_scale: float
+  qsl: np.ndarray | None = None  # query_start_loc, for cases of ragged batches
+
+  def args(self):
+    """(k, v, block_tables, seq_lens): the decode kernels' page arguments, after q."""
+    return self.k, self.v, jnp.asarray(self.read.block_tables), jnp.asarray(self.read.seq_lens)
+
+
+def quantize_case(exact: PagedCase, dtype, k_scale: float = 1.0, v_scale: float = 1.0,
+                  qsl=None) -> QuantCase:
+  """A float32 case's caches stored as `dtype` pages, and the case as those pages read back."""
+  head_size = exact.k_cache.shape[-1]
+  k = kv_quant.quantize(exact.k_cache, dtype, k_scale)
+  v = kv_quant.quantize(exact.v_cache, dtype, v_scale)
+  read = dataclasses.replace(exact, k_cache=kv_quant.dequantize(k, head_size, k_scale),
+                             v_cache=kv_quant.dequantize(v, head_size, v_scale))
+  return QuantCase(k, v, exact, read, k_scale, v_scale, qsl)
+
+
+def quant_case(rng, page, heads, head_size: int, block_size: int, seq_lens, *, qsl=None,
+               outlier: bool = False) -> QuantCase:
+  """Random float32 pages (randomly placed, make_case) quantized as `page`, a (page dtype,
+  k_scale, v_scale) entry of PAGES_8BIT or the like. outlier: one channel of every row 16x
+  the others, as real keys have: int8's row scale then rounds the rest coarsely enough for
+  the quantization to show through a 16-bit kernel's own rounding."""
+  exact = make_case(rng, num_kv_heads=heads[1], head_size=head_size, block_size=block_size,
+                    dtype=jnp.float32, seq_lens=seq_lens)
+  if outlier:
+    exact = dataclasses.replace(exact, k_cache=exact.k_cache.at[..., 3].multiply(16),
+                                v_cache=exact.v_cache.at[..., 3].multiply(16))
+  return quantize_case(exact, *page, qsl=qsl)
 
 
 def random_q(rng, num_tokens: int, num_q_heads: int, head_size: int, dtype) -> jax.Array:

@@ -138,12 +138,7 @@ def test_refusals_name_the_mismatch():
                         seq_lens=lens)
     tables, jlens = jnp.asarray(case.block_tables), jnp.asarray(lens)
     q = kt.random_q(rng, 2, 4, 64, jnp.float32)
-    with pytest.raises(ValueError, match="bfloat16"):
-        cpu_kernels.paged_decode(q.astype(jnp.bfloat16), case.k_cache, case.v_cache, jlens,
-                                 tables, scale=0.1)
-    bf16 = [x.astype(jnp.bfloat16) for x in (q, case.k_cache, case.v_cache)]
-    with pytest.raises(ValueError, match="the CPU kernel takes float32, got bfloat16"):
-        cpu_kernels.paged_decode(*bf16, jlens, tables, scale=0.1)
+    # (dtypes and scales: test_cpu_kv_dtypes.py)
     with pytest.raises(ValueError, match="q heads 3 not a multiple of kv heads 2"):
         cpu_kernels.paged_decode(q[:, :3], case.k_cache, case.v_cache, jlens, tables, scale=0.1)
     with pytest.raises(ValueError, match=r"seq_lens must be int32 \[2\] .* got int32 \(1,\)"):

@@ -1,9 +1,11 @@
 """8-bit KV pages (kv_quant.py): quantization error bounds; the XLA attention paths over int8
 and fp8 pages against the float64 reference computed from the dequantized pages; the cache
-write; block counts at a fixed memory; backends refused by name; an engine whose int8 blocks
-are swapped out and back and shared by prefix hits gives the tokens and logprobs of one that
-never moves them, close to float32 pages'."""
+write; block counts at a fixed memory; an engine with int8 or fp8 pages gives the same tokens
+on the CPU kernel and the XLA path, with prefix caching, with preemption by swap, and in beam
+search with and without shared blocks. (The CPU and Pallas kernels' own tests over 8-bit
+pages: test_cpu_kv_dtypes.py, test_pallas_kv_dtypes.py.)"""
 import dataclasses
+import itertools
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +15,10 @@ import kernel_testing as kt
 from paged_jax import kv_cache, kv_quant
 from paged_jax.attention import AttentionMetadata, write_kv
 from paged_jax.models.config import ModelConfig
-from paged_jax.plan import pick_backend
 from paged_jax.xla_attention import decode, mixed
 
-PAGE_DTYPES = {"int8": jnp.int8, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+# kernel_testing's 8-bit page dtypes, read here at scale 1.0 (the XLA paths take no scales)
+PAGE_DTYPES = {name: page[0] for name, page in kt.PAGES_8BIT.items()}
 
 
 def test_quantization_error_bounds():
@@ -37,15 +39,6 @@ def test_quantization_error_bounds():
         assert rel[big].max() <= 2.0 ** -(mantissa_bits + 1) * 1.0001
 
 
-def quantized_case(case, dtype):
-    """The case's caches stored as `dtype` pages, and the case as those pages read back."""
-    d = case.k_cache.shape[-1]
-    k, v = (kv_quant.quantize(c, dtype) for c in (case.k_cache, case.v_cache))
-    back = dataclasses.replace(case, k_cache=kv_quant.dequantize(k, d),
-                               v_cache=kv_quant.dequantize(v, d))
-    return k, v, back
-
-
 @pytest.mark.parametrize("name", sorted(PAGE_DTYPES))
 def test_xla_paths_read_8bit_pages(name):
     rng = np.random.default_rng(1)
@@ -54,7 +47,8 @@ def test_xla_paths_read_8bit_pages(name):
     qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
     case = kt.make_case(rng, num_kv_heads=2, head_size=64, block_size=8, dtype=jnp.float32,
                         seq_lens=lens)
-    k, v, back = quantized_case(case, PAGE_DTYPES[name])
+    c = kt.quantize_case(case, PAGE_DTYPES[name])
+    k, v, back = c.k, c.v, c.read
     q = kt.random_q(rng, int(qsl[-1]) + 5, 6, 64, jnp.float32)
     md = AttentionMetadata(jnp.zeros((1,), jnp.int32), jnp.asarray(qsl), jnp.asarray(lens),
                            jnp.asarray(case.block_tables), jnp.zeros((1,), jnp.int32),
@@ -97,12 +91,7 @@ def test_block_counts_follow_the_bytes_per_block():
     assert caches[0][0].shape == (2, 3, 16, 68) and caches[0][0].dtype == jnp.int8
 
 
-def test_8bit_pages_run_on_the_xla_path_and_the_kernels_are_refused_by_name():
-    assert pick_backend("auto", "gpu", "bfloat16", False, "fp8") == "xla"
-    assert pick_backend("auto", "cpu", "float32", False, "int8") == "xla"
-    for backend in ("cpu", "pallas"):
-        with pytest.raises(ValueError, match=f"'{backend}' cannot read kv_cache_dtype 'int8'"):
-            pick_backend(backend, "cpu", "float32", False, "int8")
+def test_an_unknown_kv_cache_dtype_is_refused_by_name():
     from paged_jax.config import EngineConfig
 
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, .*int8, got "
@@ -110,9 +99,16 @@ def test_8bit_pages_run_on_the_xla_path_and_the_kernels_are_refused_by_name():
         EngineConfig(kv_cache_dtype="int4")
 
 
-@pytest.mark.slow  # three engines
-def test_int8_blocks_keep_their_scales_through_swap_and_prefix_sharing(make_tiny_llama_dir):
+@pytest.mark.slow  # six engines per dtype
+@pytest.mark.parametrize("dtype", ["int8", "fp8_e4m3"])
+def test_8bit_blocks_give_the_same_tokens_shared_swapped_and_in_beams(make_tiny_llama_dir,
+                                                                      dtype):
+    """With an 8-bit cache, prefix caching, preemption by swap and beam search (whose beams
+    share blocks through the prefix cache) give the tokens of the same cache without them:
+    blocks carry their scales, and every reader, a prefill's own tokens included, attends
+    the keys as the pages hold them."""
     from paged_jax import LLMEngine, SamplingParams
+    from paged_jax.beam_search import BeamSearchParams, beam_search
     from paged_jax.config import EngineConfig
     from paged_jax.models.loader import load_model
 
@@ -120,29 +116,53 @@ def test_int8_blocks_keep_their_scales_through_swap_and_prefix_sharing(make_tiny
     rng = np.random.default_rng(3)
     stem = rng.integers(3, 256, 24).tolist()  # a shared prefix: cache hits
     prompts = [stem + rng.integers(3, 256, n).tolist() for n in (3, 9, 14, 20)]
+    base = dict(kv_cache_dtype=dtype, block_size=8, max_model_len=96, max_num_seqs=4,
+                num_kv_blocks=64, enable_prefix_caching=False)
 
-    def run(kv_cache_dtype, **options):
-        engine = LLMEngine(EngineConfig(kv_cache_dtype=kv_cache_dtype, block_size=8,
-                                        max_model_len=96, max_num_seqs=4,
-                                        **{"num_kv_blocks": 64, **options}), model=m)
+    def run(**options):
+        engine = LLMEngine(EngineConfig(**{**base, **options}), model=m)
         params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
         for i, p in enumerate(prompts):
             engine.add_request(str(i), p, params)
         done = {}
         while engine.has_unfinished_requests():
             done.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
-        snap = engine.snapshot()
         outs = [done[str(i)] for i in range(len(prompts))]
         return ([o.token_ids for o in outs],
                 np.array([[e[t].logprob for t, e in zip(o.token_ids, o.logprobs)]
-                          for o in outs]), snap)
+                          for o in outs]), engine.snapshot())
 
-    roomy = run("int8")
-    # 15 usable blocks for 4 requests of up to 9: preemption by swap, int8 pages to the host
-    tight = run("int8", num_kv_blocks=16, preemption_mode="swap", num_cpu_blocks=64)
-    assert roomy[2].prefix_cache_hits > 0 and tight[2].num_swapped_out > 0
-    assert tight[0] == roomy[0]
-    np.testing.assert_array_equal(tight[1], roomy[1])  # the same pages, moved: bit for bit
-    # (How close 8-bit pages come to float32 ones is measured on SmolLM2, where it means
-    # something: experiments/kv_cache_dtype_accuracy.py; this random model's near-ties part
-    # greedy paths on any rounding.)
+    plain = run()  # (the CPU kernel: attention_backend auto)
+    assert run(attention_backend="xla")[0] == plain[0]  # the XLA readers: the same pages
+    shared = run(enable_prefix_caching=True)
+    # 15 usable blocks for 4 requests of up to 9: preemption by swap, 8-bit pages to the host
+    swapped = run(num_kv_blocks=16, preemption_mode="swap", num_cpu_blocks=64)
+    assert shared[2].prefix_cache_hits > 0 and swapped[2].num_swapped_out > 0
+    assert shared[0] == plain[0] and swapped[0] == plain[0]
+    # (the same pages, read in other batches: float sums in another order)
+    np.testing.assert_allclose(shared[1], plain[1], atol=1e-5)
+    np.testing.assert_allclose(swapped[1], plain[1], atol=1e-5)
+
+    def beams(caching: bool):
+        engine = LLMEngine(EngineConfig(**{**base, "enable_prefix_caching": caching,
+                                           "max_num_seqs": 16}), model=m)
+        step = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, logprobs=6)
+        passes = itertools.count()
+
+        def top_logprobs(seqs):  # one engine pass over every live beam, as LLM.beam_search
+            ids = [f"{next(passes)}" for _ in seqs]
+            for rid, seq in zip(ids, seqs):
+                engine.add_request(rid, seq, step)
+            done = {}
+            while engine.has_unfinished_requests():
+                done.update({o.request_id: o for o in engine.step() if o.finished})
+            return [{t: lp.logprob for t, lp in done[r].outputs[0].logprobs[0].items()}
+                    for r in ids]
+
+        outs = beam_search(prompts[:2], BeamSearchParams(3, 8, ignore_eos=True), top_logprobs,
+                           ())
+        return ([[s.tokens for s in o.sequences] for o in outs],
+                engine.snapshot().prefix_cache_hits)
+
+    with_sharing, hits = beams(True)
+    assert hits > 0 and with_sharing == beams(False)[0]

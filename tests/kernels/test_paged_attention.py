@@ -114,9 +114,10 @@ def test_dispatch_features_never_reach_mosaic(monkeypatch):
   dispatch.paged_decode(*args, scale=0.1, softcap=50.0)
   dispatch.paged_decode(*args, scale=0.1, sliding_window=4)
   assert calls == [
-      ("mgpu", dict(scale=0.1)),
-      ("triton", dict(scale=0.1, softcap=50.0, sliding_window=None)),
-      ("triton", dict(scale=0.1, softcap=None, sliding_window=4))]
+      ("mgpu", dict(scale=0.1, k_scale=1.0, v_scale=1.0)),
+      ("triton", dict(scale=0.1, softcap=50.0, sliding_window=None, k_scale=1.0,
+                      v_scale=1.0)),
+      ("triton", dict(scale=0.1, softcap=None, sliding_window=4, k_scale=1.0, v_scale=1.0))]
 
 
 @pytest.mark.parametrize("features", [dict(softcap=50.0), dict(sliding_window=4)], ids=str)

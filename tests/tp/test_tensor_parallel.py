@@ -276,3 +276,31 @@ def test_the_other_families_logits_under_tp_2_equal_tp_1(tmp_path):
         got = out[folder]
         assert got["max_rel_diff"] < 1e-5, kind
         assert got["split"] >= got["num"] // 2, (kind, got)  # most weights are split
+
+
+def test_int8_weights_under_tp_2_equal_tp_1(tmp_path):
+    """int8 weights (models/quant.py) split with their scales: column-parallel scales on
+    their output channels, row-parallel ones whole; Mixtral-style experts too."""
+    from test_model_families import EXTRA, make_hf_dir
+
+    folders = {kind: str(make_hf_dir(tmp_path / kind, kind, **EXTRA.get(kind, {})))
+               for kind in ("Llama", "Qwen2Moe")}
+    ids = np.random.default_rng(0).integers(0, 256, 40).tolist()
+    out = run_worker("logits", dict(models=list(folders.values()), tp=2, ids=ids,
+                                    quantization="int8"), tmp_path, devices=2)
+    for kind, folder in folders.items():
+        assert out[folder]["max_rel_diff"] < 1e-5, kind
+        assert out[folder]["split"] >= out[folder]["num"] // 2, (kind, out[folder])
+
+
+def test_8bit_kv_pages_under_tp_2_equal_tp_1(tiny_dir, tmp_path):
+    """int8 pages (scales inside each row) and fp8 pages split on their KV heads like 16-bit
+    ones: the same greedy tokens at tp 2 as on one device."""
+    runs = [[tp, "xla", dict(kv_cache_dtype=dtype)] for dtype in ("int8", "fp8_e4m3")
+            for tp in (1, 2)]
+    out = run_worker("single", dict(model=str(tiny_dir), prompts=random_prompts(3),
+                                    max_tokens=12, runs=runs), tmp_path, devices=2)
+    for dtype in ("int8", "fp8_e4m3"):
+        assert all(len(t) == 12 for t in out["tokens"][f"1-xla-{dtype}"])
+        assert out["tokens"][f"2-xla-{dtype}"] == out["tokens"][f"1-xla-{dtype}"], dtype
+        assert out["shards"][f"2-xla-{dtype}"]["k_cache.0"]["shards"][0][0] == 2  # of 4 heads

@@ -57,11 +57,13 @@ def single(a):
     from paged_jax.models.loader import load_model
 
     out = {"tokens": {}, "shards": {}, "seconds": {}, "swapped": {}}
-    for tp, backend, *more in a["runs"]:  # more: engine options, named by preemption_mode
+    for tp, backend, *more in a["runs"]:  # more: engine options, named by
+        # their preemption_mode and kv_cache_dtype
         start = time.perf_counter()
         opts = dict(ENGINE, **(more[0] if more else {}))
         llm = LLM(a["model"], tensor_parallel_size=tp, attention_backend=backend, **opts)
-        key = f"{tp}-{backend}" + (f"-{more[0]['preemption_mode']}" if more else "")
+        named = [opts[k] for k in ("preemption_mode", "kv_cache_dtype") if more and k in more[0]]
+        key = "-".join([str(tp), backend, *named])
         out["tokens"][key] = tokens(llm, a)
         engine = llm.llm_engine
         out["swapped"][key] = engine.scheduler.num_swapped_out
@@ -171,8 +173,9 @@ def logits(a):
     mesh = sharding.make_mesh(a["tp"])
     out = {}
     for folder in a["models"]:
-        one = load_model(folder, with_tokenizer=False)
-        split = load_model(folder, with_tokenizer=False, mesh=mesh)
+        quant = a.get("quantization")
+        one = load_model(folder, with_tokenizer=False, quantization=quant)
+        split = load_model(folder, with_tokenizer=False, mesh=mesh, quantization=quant)
         want = dense_logits(one.graphdef, one.params, a["ids"])
         with jax.set_mesh(mesh):
             got = dense_logits(split.graphdef, split.params, a["ids"])
