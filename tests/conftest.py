@@ -43,7 +43,7 @@ SLOW_MODULES = {
     "test_spec_decode.py", "test_beam_search.py", "test_step_failure.py", "test_mixtral.py",
     "test_precompile.py", "test_pallas_engine.py", "test_sharing.py", "test_model_families.py",
     "test_async_scheduling.py", "test_structured_outputs.py", "test_prompt_logprobs.py",
-    "test_sliding_window_blocks.py",
+    "test_sliding_window_blocks.py", "test_weight_quant.py", "test_kv_scales.py",
     # several processes, or a live server process
     "test_tensor_parallel.py", "test_cli.py", "test_server_api.py", "test_server_errors.py",
     "test_server_fuzz.py", "test_server_hostile.py", "test_server_lifecycle.py",

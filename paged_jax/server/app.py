@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, Response
 from pydantic.json_schema import models_json_schema
 
-from paged_jax import kv_cache
+from paged_jax.kv_cache import block_bytes
 from paged_jax.config import ServerLimits
 from paged_jax.server import protocol
 from paged_jax.server.body import StrictJSONRoute
@@ -68,8 +68,8 @@ def create_app(engine, served_model_name: str | None = None,
         cache_dtype=(engine.config.kv_cache_dtype if engine.config.kv_cache_dtype != "auto"
                      else engine.model.config.dtype),
         # the bytes one block holds on each device, as stored (int8: with its scales)
-        block_bytes=kv_cache.block_bytes(engine.model.config, kv.block_size,
-                                         engine.config.kv_cache_dtype)
+        block_bytes=block_bytes(engine.model.config, kv.block_size,
+                                engine.config.kv_cache_dtype)
         // engine.config.tensor_parallel_size,
         sliding_window=kv.sliding_window))
     # The process that runs the app sets app.state.on_engine_death (uvicorn_server.py): a

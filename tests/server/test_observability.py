@@ -49,8 +49,8 @@ def test_per_request_series_after_known_requests(server, client):
     text = httpx.get(server.base_url + "/metrics", timeout=30).text
     info = [line for line in text.splitlines() if line.startswith(p + "cache_config_info{")]
     assert len(info) == 1 and 'block_size="16"' in info[0] and 'num_gpu_blocks="127"' in info[0]
-    # SmolLM2's 30 layers x 3 KV heads x 64 dims x K, V x 16 tokens in float32
-    assert 'block_bytes="737280"' in info[0]
+    # the tiny model's K and V x 2 layers x 2 KV heads x 16 dims x 16 tokens x 4 bytes
+    assert 'block_bytes="8192"' in info[0]
 
 
 def test_the_grafana_dashboard_reads_series_the_server_exports(server):

@@ -278,6 +278,7 @@ def test_the_other_families_logits_under_tp_2_equal_tp_1(tmp_path):
         assert got["split"] >= got["num"] // 2, (kind, got)  # most weights are split
 
 
+@pytest.mark.full  # (CI time: the 8-bit KV pages' tp test below runs in CI)
 def test_int8_weights_under_tp_2_equal_tp_1(tmp_path):
     """int8 weights (models/quant.py) split with their scales: column-parallel scales on
     their output channels, row-parallel ones whole; Mixtral-style experts too."""
