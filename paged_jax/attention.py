@@ -37,8 +37,9 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array,
              kv_scale: float = 1.0, in_place_kernel: bool = False) -> jax.Array:
     """cache [Hkv, N, B, D (+ 4 for int8's scale)]; new [T, Hkv, D]; returns the cache with
     new written (quantized to the pages' dtype, kv_quant.py; fp8 over kv_scale) at its
-    slots. in_place_kernel: 8- and 16-bit float pages are written by the CPU kernel library
-    (cpu_kernels.write_rows), whose cost is the rows, not the pool."""
+    slots. in_place_kernel (on the CPU, either backend): 8- and 16-bit float pages are written
+    by the CPU kernel library (cpu_kernels.write_rows), whose cost is the rows, not the
+    pool."""
     hkv, n, b, d = cache.shape
     rows = kv_quant.quantize(new, cache.dtype, kv_scale).transpose(1, 0, 2)
     if in_place_kernel and kv_quant.widened_by_cpu_scatter(cache.dtype):
@@ -48,6 +49,17 @@ def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array,
     flat = cache.reshape(hkv, n * b, d)
     flat = kv_quant.set_rows(flat, (slice(None), slot_mapping), rows)
     return flat.reshape(hkv, n, b, d)
+
+
+@functools.cache
+def _cpu_library_writes() -> bool:
+    """On the CPU the XLA path's 8- and 16-bit cache writes go through the CPU kernel
+    library too (write_kv), where it builds: XLA's own scatter there copies the pool."""
+    if jax.default_backend() != "cpu":
+        return False
+    from paged_jax import cpu_kernels
+
+    return cpu_kernels.unavailable_reason() is None
 
 
 def as_stored(x: jax.Array, page_dtype, kv_scale: float) -> jax.Array:
@@ -74,7 +86,7 @@ def attention(q, k, v, kv_cache, md: AttentionMetadata, *, scale: float, sliding
                                            softcap=softcap), None
     if not kv_quant.is_fp8(kv_cache[0].dtype):
         kv_scales = (1.0, 1.0)  # per-tensor scales are fp8's; other pages store values as-is
-    in_place = md.backend == "cpu"
+    in_place = md.backend == "cpu" or (md.backend == "xla" and _cpu_library_writes())
     k_cache = write_kv(kv_cache[0], k, md.slot_mapping, kv_scales[0], in_place)
     v_cache = write_kv(kv_cache[1], v, md.slot_mapping, kv_scales[1], in_place)
     if md.backend == "pallas":

@@ -79,7 +79,8 @@ def widened_by_cpu_scatter(dtype) -> bool:
 def set_rows(pages: jax.Array, index, values: jax.Array) -> jax.Array:
     """pages.at[index].set(values) (values in pages' dtype). 8- and 16-bit float pages are
     scattered as same-width integers: XLA's CPU still copies the pool through the bitcasts
-    (~10x less than its widening; the CPU backend's cache writes avoid both, write_kv)."""
+    (~10x less than its widening). The cache writes of a step on the CPU avoid both
+    (attention.write_kv: an in-place write by the CPU kernel library); swap-in uses this."""
     dtype = pages.dtype
     if not widened_by_cpu_scatter(dtype):
         return pages.at[index].set(values)

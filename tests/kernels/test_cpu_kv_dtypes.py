@@ -4,6 +4,7 @@ cached prefixes, decodes, padding) with random block tables; every code of each 
 exactly; q of 16 bits; a window and softcap over fp8 pages; and the refusals."""
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -210,3 +211,27 @@ def test_the_cache_write_is_in_place_and_costs_its_rows(name):
     np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
     with pytest.raises(ValueError, match="write_rows: rows float32"):
         cpu_kernels.write_rows(want, new.transpose(1, 0, 2), slots)
+
+
+def test_the_xla_paths_cache_writes_are_in_place_on_the_cpu_too():
+    """attention() on the XLA path (not the default on the CPU) writes fp8 pages through the
+    kernel library as well: no copy of the pool in the compiled step."""
+    from paged_jax.attention import AttentionMetadata, attention
+
+    rng = np.random.default_rng(8)
+    caches = tuple(jnp.asarray(rng.standard_normal((2, 40, 8, 32)), jnp.float32).astype(
+        jnp.float8_e4m3fn) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((1, 4, 32)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 2, 32)), jnp.float32) for _ in range(2))
+    md = AttentionMetadata(jnp.asarray([9], jnp.int32), jnp.asarray([0, 1], jnp.int32),
+                           jnp.asarray([10], jnp.int32), jnp.asarray([[3, 1]], jnp.int32),
+                           jnp.asarray([0], jnp.int32), mode="decode", backend="xla")
+    step = jax.jit(functools.partial(attention, scale=0.2), donate_argnums=3)
+    hlo = step.lower(q, k, v, caches, md).compile().as_text()
+    big = [line for line in hlo.splitlines() if "[2,40,8,32]" in line or "[2,320,32]" in line]
+    assert sum("custom-call" in line for line in big) == 2  # K and V
+    # Nothing of the pool's size is made: no copy, scatter or fusion writes one (the readers'
+    # converts are fused into their gathers, which make only the pages they read).
+    made = [line for line in big if re.search(r"= \w+\[2,(40,8|320),32\]\S* (copy|scatter|"
+                                               r"fusion)\(", line)]
+    assert not made, made
