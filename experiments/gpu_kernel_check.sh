@@ -22,15 +22,16 @@
 #   OUT=/tmp/kv8_dry PARTS=bench_kv8 KV8_FLAGS="--batch_sizes=2 --context_lens=64 \
 #       --num_q_heads=8 --num_kv_heads=2 --head_size=64 --iters=2 --reps=2 --copy_mib=16" \
 #       bash experiments/gpu_kernel_check.sh
-# Budget: parts 1-5 at most about 8 minutes, part 6 at most 5 (run it alone in a call of its
-# own); each part has its own timeout so the rest still runs.
+# Budget: parts 1-5 at most about 8 minutes; kv8_tests (the 8-bit kernels' tests, compiled)
+# at most 2.5 and bench_kv8 at most 5: run those two in a call of their own
+# (PARTS="kv8_tests bench_kv8"); each part has its own timeout so the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 SUMMARY="$OUT/summary.txt"
-PARTS="${PARTS:-mgpu_tests bench engine mgpu_full ragged_q16kv1 bench_kv8}"
+PARTS="${PARTS:-mgpu_tests bench engine mgpu_full ragged_q16kv1 kv8_tests bench_kv8}"
 KV8_FLAGS="${KV8_FLAGS:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
     --format=csv > "$SUMMARY" 2>&1
@@ -55,6 +56,10 @@ part mgpu_full 80 python3 -m pytest tests/kernels/test_paged_attention_mgpu.py -
     -k decode_full -p no:cacheprovider
 part ragged_q16kv1 70 python3 -m pytest tests/kernels/test_ragged_paged_attention.py -q \
     -m full -k "q16kv1 and (128 or 256)" -p no:cacheprovider
+# The 8-bit page kernels' tests, compiled on the GPU (Triton decode and ragged, Mosaic): the
+# cases the CPU runs in interpret mode
+part kv8_tests 150 python3 -m pytest tests/kernels/test_pallas_kv_dtypes.py -q \
+    -p no:cacheprovider
 # shellcheck disable=SC2086  # KV8_FLAGS: words on purpose
 part bench_kv8 300 python3 experiments/kernel_bench.py --iters=10 --reps=5 --batch_sizes=64 \
     --context_lens=2048 --block_sizes=16,32 --kv_cache_dtypes=bfloat16,fp8_e4m3,int8 \
