@@ -137,36 +137,22 @@ class EngineConfig:
     process_id: int | None = option(None, "multi-host: this process's index")
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # every option with choices (config.option)
+            choices, value = field.metadata.get("choices"), getattr(self, field.name)
+            if choices is not None and value not in choices:
+                named = ", ".join(str(c) for c in choices if c is not None)
+                raise ValueError(f"{field.name} must be one of {named}"
+                                 f"{' (or None)' if None in choices else ''}, got {value!r}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"got {self.kv_cache_dtype!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of int8, fp8 (or None), got "
-                             f"{self.quantization!r}")
-        if self.block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got "
-                             f"{self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be >= 2, got {self.num_kv_blocks}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got "
-                             f"{self.attention_backend!r}")
-        if self.preemption_mode not in PREEMPTION_MODES:
-            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got "
-                             f"{self.preemption_mode!r}")
         if self.swap_space_bytes < 0:
             raise ValueError(f"swap_space_bytes must be >= 0, got {self.swap_space_bytes}")
         if self.num_cpu_blocks is not None and self.num_cpu_blocks < 1:
             raise ValueError(f"num_cpu_blocks must be >= 1, got {self.num_cpu_blocks}")
-        if self.speculative_method not in SPECULATIVE_METHODS:
-            raise ValueError(f"speculative_method must be None or 'ngram', got "
-                             f"{self.speculative_method!r}")
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got "
                              f"{self.num_speculative_tokens}")

@@ -65,9 +65,9 @@ def matmul(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:
 
 def _fp8_matmul(x, values, scale):
     """vLLM's fp8 scheme on GPUs with fp8 tensor cores: the activations quantized to e4m3 on
-    the fly with a scale per token, one fp8 x fp8 product accumulated in float32 (which XLA
-    gives to an fp8 GEMM where the GPU has one), then both scales applied to its rows and
-    columns."""
+    the fly with a scale per token, one fp8 x fp8 product accumulated in float32 (a dot of
+    fp8 operands, which XLA can lower to an fp8 GEMM on sm_89+; not yet checked on a GPU),
+    then both scales applied to its rows and columns."""
     xf = x.astype(jnp.float32)
     top = _LEVELS["fp8"]
     x_scale = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) / top
