@@ -64,7 +64,8 @@ class EngineConfig:
                                        "2048)")
     max_num_seqs: int = option(64, "most sequences in one step")
     max_num_batched_tokens: int | None = option(
-        None, "token budget of one step (default: max_model_len)")
+        None, "token budget of one step, decodes included (default: max_model_len, at "
+        "least max_num_seqs)")
     precompile: bool = option(False, "compile every step shape at start-up, so that no "
                               "request waits for a compile")
     # Decodes and new prompts in one step (decode-first, as vLLM V1 batches); False: every

@@ -143,6 +143,8 @@ class ModelRunner:
         rows = len(inputs.logits_indices)
         if sampling["bitmask"] is None:  # no structured outputs: nothing to send each step
             sampling = {**sampling, "bitmask": self._kept(("mask", rows))}
+        if sampling["history"] is None:  # no penalties: the same
+            sampling = {**sampling, "history": self._kept(("history", rows))}
         if sampling["score"] is None:  # no prompt logprobs: the same
             sampling = {**sampling, "score": self._kept(("score", rows))}
         if sampling["bias_ids"] is None:  # no logit_bias: the same
@@ -157,13 +159,15 @@ class ModelRunner:
 
     def _kept(self, key: tuple[str, int]) -> jax.Array:
         """A constant sampling input kept on the device: an all-ones bitmask, an empty
-        logit bias, or no scored prompt tokens, of this many rows."""
+        logit bias, no scored prompt tokens, or an empty penalty history, of this many
+        rows."""
         if key not in self._constants:
             kind, rows = key
             value = {"mask": lambda: np.full((rows, self.mask_width), -1, np.int32),
                      "bias_ids": lambda: np.full((rows, MAX_LOGIT_BIAS), -1, np.int32),
                      "bias_values": lambda: np.zeros((rows, MAX_LOGIT_BIAS), np.float32),
-                     "score": lambda: np.full((rows,), -1, np.int32)}[kind]()
+                     "score": lambda: np.full((rows,), -1, np.int32),
+                     "history": lambda: np.full((rows, self.history_len), -1, np.int32)}[kind]()
             # (device_put, not jnp.asarray: that compiles a copy, a compile after precompile)
             self._constants[key] = jax.device_put(
                 value, NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None

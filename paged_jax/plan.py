@@ -115,8 +115,9 @@ def make_plan(config: EngineConfig, model_config, platform: str,
         raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
                          f"max_position_embeddings {model_config.max_position_embeddings}")
     # Default: one max_model_len of tokens per step. On the CPU a 2048-token budget ran the
-    # throughput workload no faster (docs/RESULTS.md) and needs larger step buckets.
-    budget = config.max_num_batched_tokens or max_model_len
+    # throughput workload no faster (docs/RESULTS.md) and needs larger step buckets. Every
+    # row counts against the budget, decodes too: at least a token per sequence.
+    budget = config.max_num_batched_tokens or max(max_model_len, config.max_num_seqs)
     _check_budget(budget, max_model_len, config.enable_chunked_prefill)
     tp = config.tensor_parallel_size
     # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.

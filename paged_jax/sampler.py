@@ -38,7 +38,9 @@ class SamplingInputs:
     seed: jax.Array  # [S, 2] u32 (low, high words)
     step: jax.Array  # [S] i32: tokens generated so far
     prompt_lens: jax.Array  # [S] i32
-    history: jax.Array  # [S, L] i32: prompt then output tokens, -1 padded (penalties only)
+    # [S, L] i32: prompt then output tokens, -1 padded (penalties only; None: a caller
+    # without them)
+    history: jax.Array | None
     draft: jax.Array  # [S] i32: the speculative draft token this row verifies, or -1
     # [S, ceil(V / 32)] i32: bit i of word w allows token 32 w + i (structured outputs); all
     # ones for unconstrained rows
@@ -100,9 +102,12 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         return np.asarray(list(values) + [fill] * pad, dtype)
 
     penalties = any(x.uses_penalties for x in p)
-    # Always full width so the step keeps one shape whether or not penalties are in use.
-    history = np.full((num_rows, history_len), -1, np.int32)
+    # Always full width so the step keeps one shape whether or not penalties are in use;
+    # None when no row uses them (the runner passes an empty history it keeps on the device:
+    # rows x max_model_len int32 is megabytes a step).
+    history = None
     if penalties:
+        history = np.full((num_rows, history_len), -1, np.int32)
         for i, r in enumerate(reqs):
             if r.params.uses_penalties:
                 toks = r.all_token_ids[:history_len]
@@ -167,7 +172,8 @@ def sample(logits: jax.Array, si: SamplingInputs,
               jax.lax.cond(si.flags[6], _add_bias, lambda lg, _: lg, logits, si))
     allowed = (biased if si.bitmask is None else
                jax.lax.cond(si.flags[5], _apply_bitmask, lambda lg, _: lg, biased, si))
-    penalized = jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, allowed, si)
+    penalized = (allowed if si.history is None else
+                 jax.lax.cond(si.flags[0], _penalize, lambda lg, _: lg, allowed, si))
     greedy_tokens = argmax_rows(penalized)
     # A greedy row keeps its draft exactly when the draft is the argmax: nothing to do; random
     # rows check theirs inside _sample_random.

@@ -1,34 +1,36 @@
-"""Iteration-level (continuous) batching with preemption by recompute or swap.
+"""Iteration-level (continuous) batching with preemption by recompute or swap: one token-budget
+loop, as vLLM V1 schedules.
 
-Two policies. Prefill-first (vLLM V0 and the paper): every step is either a prefill of newly
-admitted requests (FCFS, while sequences, the token budget and KV blocks allow) or one decode
-token for every running request. Mixed (decode-first, as vLLM V1 batches): every running
-request decodes, and whole prompts that fit the rest of the token budget join the same step;
-a waiting prompt whose uncached part fits the budget only alone gets a prefill-first step, so
-a long prompt never waits for the running requests to drain.
+Every request has a count of tokens whose K/V are computed (num_computed_tokens) and a count
+of tokens (num_tokens: prompt, output, and a pending sampled token). A step catches requests
+up, in priority order, within one token budget (max_num_batched_tokens) and the KV blocks:
+the running first, oldest first; then requests swapped out, oldest first; then new prompts,
+FCFS. A decode is a request one token behind; a prompt after its prefix-cache hit, or part-way
+through a chunked prefill, is many tokens behind. All are one case (Scheduler._grant): as many
+tokens as the budget and the free blocks allow. Only admitting a prompt without chunked
+prefill is all or nothing (and there a reservation policy, the Orca baselines', may hold more
+blocks than the prompt needs). Speculative drafts (proposed by the engine, handed to
+schedule()) are the same grant past a caught-up request's token count, made last, from the
+tokens and blocks the other rows left: a guess never displaces a token known to be needed.
 
-When a decode cannot find a block, the newest running request is preempted. By recompute
-(the default): its blocks are freed and it goes back to the head of the queue, to be
-recomputed from its prompt and output so far. By swap (preemption_mode="swap", the paper's
-other option): its computed blocks are copied to host blocks and it waits in the swapped
-queue, to be copied back and go on decoding where it stopped; when the host blocks run out it
-is recomputed instead. A step that preempted admits and swaps in nothing, so a victim is not
-readmitted at once; while any request is swapped out, no new prompt is admitted (the swapped
-are older and come back first, as in vLLM V0). The step's copies travel in its
-ScheduledBatch (swap_out, swap_in), to be made before the step runs.
+A running request that finds no block for even one token preempts the newest running request
+(itself, if it is the newest). By recompute (the default): its blocks are freed and it goes
+back to the head of the queue, to be recomputed from its prompt and output so far. By swap
+(swap=True, the paper's other option): its computed blocks are copied to host blocks and it
+waits in the swapped queue, to come back where it stopped; when the host blocks run out it is
+recomputed instead. A step that preempted swaps in and admits nothing, so a victim is not
+readmitted at once; while any request is swapped out no new prompt is admitted (the swapped
+are older). The step's copies travel in its ScheduledBatch (swap_out, swap_in), to be made
+before the step runs.
 
-With chunked prefill (chunked=True, mixed only) a prompt that does not fit the rest of a
-step's token budget is admitted with the part that fits, and goes on in the following steps
-(after the decodes, before swapped-out requests and new prompts) until all of it is computed;
-only then does it sample. Its blocks are taken chunk by chunk, as vLLM V1 allocates them: a chunk is
-cut to the blocks that are free (where V1 would preempt others), a prompt that finds none
-waits, and a step in which nothing at all can run preempts the newest running request, so
-that the older ones go on.
-
-Speculative drafts (proposed by the engine, handed to schedule(); mixed policy only) come
-last: they take the tokens and blocks that the decodes, chunks and admitted prompts leave
-(never preempting anyone), cut short to fit; a drafting request is a row of 1 + drafts tokens
-after the one-token decodes, and the batch carries the drafts each row computes.
+Policies over the loop: mixed=False gives the paper's (vLLM V0's) steps, prompts alone while
+any can be admitted, else the running alone; with mixed batches (unchunked) a head prompt
+that fits the budget only without the running requests' decodes gets such a step too, so a
+long prompt never waits for the running to drain. chunked=True lets a prompt be admitted with
+the part of it that fits and go on in later steps, taking its blocks chunk by chunk (a chunk
+is cut to the free blocks, where V1 would preempt others). The batch lays its rows out for
+the device: one-token decodes of running requests first, then every other row in the order
+granted.
 
 The scheduler owns request state. After schedule(), dispatched(batch) records that the step
 went to the device: each request's computed tokens advance by what the step computes, and a
@@ -141,10 +143,6 @@ class Scheduler:
         self._swap_out, self._swap_in = [], []
         self._drafts = drafts or {}
         batch = self._schedule()
-        if batch is not None and batch.kind == "prefill":
-            batch = dataclasses.replace(batch, samples=tuple(
-                r.num_computed_tokens + new >= r.num_tokens
-                for r, new in zip(batch.requests, batch.num_new_tokens)))
         if self._swap_out or self._swap_in:
             batch = dataclasses.replace(batch or ScheduledBatch("decode", (), ()),
                                         swap_out=tuple(self._swap_out),
@@ -152,90 +150,103 @@ class Scheduler:
         return batch
 
     def _schedule(self) -> ScheduledBatch | None:
-        if not self.mixed:
-            return (None if self.swapped else self._schedule_prefill()) or self._schedule_decode()
-        head = self.waiting[0] if self.waiting and not self.swapped else None
-        if (not self.chunked and head is not None and self.running
-                and len(self.running) < self.max_num_seqs
-                and len(self.running) + head.num_tokens - self._find_cached(head).num_tokens
-                > self.max_num_batched_tokens):
-            # The head prompt's uncached part fits the budget only without the decodes:
-            # prefill first.
-            return self._schedule_prefill() or self._schedule_decode()
-        decodes, continuing, preempted = self._decode_rows()
-        if preempted:  # admits nothing, and prompts part-way through wait a step
-            return _decode_batch(decodes, preempted)
-        budget = self.max_num_batched_tokens - len(decodes)
-        # Running prompts part-way through go on first, oldest first: their chunks take
-        # blocks before swapped-out requests and new prompts do.
-        chunks, news, budget, starved = self._chunks(continuing, budget)
-        back_decodes, back_continuing = self._swap_in_rows(budget)
-        decodes += back_decodes
-        budget -= len(back_decodes)
-        back_chunks, back_news, budget, back_starved = self._chunks(back_continuing, budget)
-        chunks += back_chunks
-        news += back_news
-        starved = starved or back_starved
-        # (A prompt that found no block leaves none free: no new prompt is admitted either.)
-        prompts, prompt_news = (self._admit(budget) if budget > 0 and not self.swapped
-                                else ((), ()))
-        budget -= sum(prompt_news)
-        # Speculative drafts (the engine proposes them) come last: the tokens and blocks left
-        # after everything else, oldest request first; a request left with none decodes
-        # plainly.
-        spec, spec_tokens = [], []
-        for req in decodes:
-            drafts = list(self._drafts.get(req.request_id, ())[:max(0, budget)])
-            while drafts and not self.kv.allocate(req.request_id,
-                                                  req.num_tokens + len(drafts)):
-                drafts.pop()
-            if drafts:
-                budget -= len(drafts)
-                spec.append(req)
-                spec_tokens.append(tuple(drafts))
-        decodes = [r for r in decodes if r not in spec]
-        if not decodes and not spec and not chunks and not prompts and starved \
-                and not self._swap_in:
-            # Only prompts part-way through run, and none found a block: the newest gives
-            # its blocks up so that the older go on (else none would ever finish).
-            victim = self.running[-1]
-            self._preempt(victim)
-            return _decode_batch([], [victim])
-        if not spec and not chunks and not prompts:
-            return _decode_batch(decodes, ())
-        # Rows of several new tokens each, after the one-token decodes: drafts, chunks, prompts.
-        rows = tuple(decodes) + tuple(spec) + tuple(chunks) + prompts
-        return ScheduledBatch("prefill", rows,
-                              (1,) * len(decodes) + tuple(1 + len(d) for d in spec_tokens)
-                              + tuple(news) + prompt_news, num_decodes=len(decodes),
-                              spec_tokens=(((),) * len(decodes) + tuple(spec_tokens)
-                                           + ((),) * (len(rows) - len(decodes) - len(spec))
-                                           if spec else ()))
+        if self._prefill_first():
+            # New prompts alone while any can be admitted, else a step of the running (and
+            # swapped-in) requests.
+            return self._fill(run=False, admit=True) or self._fill(run=True, admit=False)
+        return self._fill(run=True, admit=True)
 
-    def _chunks(self, reqs: list[Request], budget: int
-                ) -> tuple[list[Request], list[int], int, bool]:
-        """The next chunk of each prompt part-way through, in order, within the budget and
-        the free blocks (a chunk is cut to the blocks it can get): the requests, their
-        tokens, the budget left, and whether any found no block at all."""
-        chunks: list[Request] = []
-        news: list[int] = []
-        starved = False
-        for req in reqs:
-            if budget <= 0:
-                break
-            start = req.num_computed_tokens
-            new = min(req.num_tokens - start, budget,
-                      self.kv.room(req.request_id) - start)
-            if new <= 0:
-                starved = True
+    def _prefill_first(self) -> bool:
+        """The policy: whether this step admits prompts alone. Always with mixed=False (the
+        paper's, vLLM V0's steps). With mixed batches, unchunked, when the head prompt's
+        uncached part fits the budget only without the running requests' decodes: it gets a
+        step of its own, so a long prompt never waits for the running to drain."""
+        if not self.mixed:
+            return True
+        if self.chunked or not self.waiting or self.swapped or not self.running:
+            return False
+        head = self.waiting[0]
+        return (len(self.running) < self.max_num_seqs
+                and len(self.running) + head.num_tokens - self._find_cached(head).num_tokens
+                > self.max_num_batched_tokens)
+
+    def _fill(self, run: bool, admit: bool) -> ScheduledBatch | None:
+        """The one budget loop. Every request in turn catches its computed tokens up to its
+        token count, drafts included, as far as the step's token budget and the KV blocks
+        allow: the running (run) oldest first, then the swapped-out brought back oldest
+        first, then new prompts FCFS (admit). A decode, a prompt's next chunk, a prompt
+        after its prefix-cache hit and a row with drafts are one case (_grant); only a new
+        prompt without chunked prefill is all or nothing. A running request that finds no
+        block for even one token preempts the newest running one (itself, if it is the
+        newest); a step that preempted swaps in and admits nothing, and no prompt is
+        admitted while any request is swapped out (they are older)."""
+        step = _Step(self.max_num_batched_tokens)
+        if run:
+            queue = collections.deque(self.running)
+            while queue and step.budget > 0:
+                req = queue.popleft()
+                if req.num_tokens >= req.max_total_tokens:
+                    continue  # its pending token is its last: it finishes when that arrives
+                while not self._catch_up(req, step):
+                    # The newest running request not yet scheduled: the blocks the scheduled
+                    # ones registered (cache_blocks) are computed by this step.
+                    victim = queue.pop() if queue else req
+                    self._preempt(victim)
+                    step.preempted.append(victim)
+                    if victim is req:
+                        break
+            if not step.preempted:
+                self._swap_in_rows(step)
+        if admit and not step.preempted and not self.swapped:
+            self._admit_rows(step)
+        self._add_drafts(step)
+        return step.batch()
+
+    def _catch_up(self, req: Request, step: _Step) -> bool:
+        """Grants a running request its row: what is left of its tokens (one for a decode, a
+        chunk of a prompt part-way through), cut to the budget and the free blocks. False if
+        not a block is free for even one token."""
+        new = self._grant(req, req.num_computed_tokens, req.num_tokens - req.num_computed_tokens,
+                          step.budget)
+        if new:
+            step.add(req, new)
+        return new > 0
+
+    def _add_drafts(self, step: _Step) -> None:
+        """Speculative drafts extend the rows of requests that caught up, oldest first, with
+        the tokens and blocks every other row left: a guess never takes a block that a
+        token known to be needed would have to preempt someone for. A request left with
+        none decodes plainly."""
+        for i, (req, new, _, admitted) in enumerate(step.rows):
+            drafts = self._drafts.get(req.request_id)
+            end = req.num_computed_tokens + new
+            if not drafts or step.budget <= 0 or end < req.num_tokens:
                 continue
-            if not self.kv.allocate(req.request_id, start + new):
-                raise AssertionError("a chunk cut to the free blocks did not fit")
-            self._cache(req, start + new)
-            chunks.append(req)
-            news.append(new)
-            budget -= new
-        return chunks, news, budget, starved
+            more = self._grant(req, end, len(drafts), step.budget)
+            if more:
+                step.rows[i] = (req, new + more, tuple(drafts[:more]), admitted)
+                step.budget -= more
+
+    def _grant(self, req: Request, start: int, want: int, budget: int,
+               hit: PrefixHit | None = None, whole: bool = False) -> int:
+        """Blocks for the request to compute up to `want` more tokens from position `start`
+        (a new table from its prefix-cache hit, if given), cut to the budget and the free
+        blocks; whole: all of them or none (an unchunked prompt, holding its reservation).
+        Registers the full blocks the step computes; returns the tokens granted."""
+        new = min(want, budget)
+        if new <= 0 or (whole and new < want):
+            return 0
+        reserve = self.reservation(req) if whole else 0
+        if not self.kv.allocate(req.request_id, max(start + new, reserve), hit):
+            if whole or new == 1:
+                return 0
+            new = min(new, self.kv.room(req.request_id, hit) - start)
+            if new <= 0:
+                return 0
+            if not self.kv.allocate(req.request_id, start + new, hit):
+                raise AssertionError("tokens cut to the free blocks did not fit")
+        self._cache(req, start + new)
+        return new
 
     def _find_cached(self, req: Request) -> PrefixHit:
         """The cached blocks the request may start from: none while its prompt logprobs
@@ -244,71 +255,15 @@ class Scheduler:
             return PrefixHit(block_size=self.kv.block_size)
         return self.kv.find_cached(req.all_token_ids, req.block_hashes)
 
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        batch, news = self._admit(self.max_num_batched_tokens)
-        if not batch:
-            return None
-        return ScheduledBatch("prefill", batch, news)
-
-    def _admit(self, budget: int) -> tuple[tuple[Request, ...], tuple[int, ...]]:
-        """Waiting requests, FCFS, while sequences, the token budget and KV blocks allow, and
-        the tokens each computes now: all but its cache hit, or with chunked prefill, for the
-        last one admitted, what is left of the budget or of the free blocks (a first chunk,
-        holding blocks for that chunk only)."""
-        batch: list[Request] = []
-        news: list[int] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
-            req = self.waiting[0]
-            hit = self._find_cached(req)
-            new = req.num_tokens - hit.num_tokens
-            if tokens + new > budget:
-                if not self.chunked or tokens >= budget:
-                    break
-                new = budget - tokens  # a first chunk; the rest in later steps
-            if self.chunked:  # blocks for this chunk only, cut to those free
-                new = min(new, self.kv.room(req.request_id, hit) - hit.num_tokens)
-                if new <= 0 or not self.kv.allocate(req.request_id, hit.num_tokens + new, hit):
-                    break
-            elif not self.kv.allocate(req.request_id, max(req.num_tokens, self.reservation(req)),
-                                      hit):
-                break
-            self._cache(req, hit.num_tokens + new)
-            self.kv.record_admission(req.num_tokens, hit)
-            self.num_prompt_tokens += req.num_tokens
-            self.waiting.popleft()
-            req.status = Status.RUNNING
-            req.num_computed_tokens = hit.num_tokens
-            if req.num_cached_tokens is None:
-                req.num_cached_tokens = hit.num_tokens
-            batch.append(req)
-            news.append(new)
-            tokens += new
-        self.running.extend(batch)
-        return tuple(batch), tuple(news)
-
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        decodes, continuing, preempted = self._decode_rows()
-        if not preempted:
-            back, back_continuing = self._swap_in_rows(self.max_num_batched_tokens - len(decodes))
-            decodes += back
-            continuing += back_continuing
-        assert not continuing, "prompts part-way through exist only with chunked prefill"
-        return _decode_batch(decodes, preempted)
-
-    def _swap_in_rows(self, budget: int) -> tuple[list[Request], list[Request]]:
-        """Swapped-out requests brought back, oldest first, while sequences, the budget (a
-        token each) and device blocks allow: those that decode, and those part-way through a
-        chunked prefill (they compute their next chunk within the caller's budget)."""
-        decodes: list[Request] = []
-        continuing: list[Request] = []
-        while (self.swapped and len(self.running) < self.max_num_seqs
-               and len(decodes) + len(continuing) < budget):
+    def _swap_in_rows(self, step: _Step) -> None:
+        """Swapped-out requests brought back, oldest first, while sequences, the budget and
+        device blocks allow: a decode takes back its blocks and one more if its table is
+        full, a prompt part-way through its computed blocks and then its next chunk."""
+        while self.swapped and len(self.running) < self.max_num_seqs and step.budget > 0:
             req = self.swapped[0]
             partial = req.num_tokens - req.num_computed_tokens > 1
             if partial and req.num_computed_tokens >= self.kv.pool.num_free * self.kv.block_size:
                 break  # its blocks would fit but no chunk after them: it stays out for now
-            # A prompt part-way through takes back its computed blocks; its chunk, more.
             copies = self.kv.swap_in(req.request_id,
                                      req.num_computed_tokens if partial else req.num_tokens)
             if copies is None:
@@ -317,41 +272,29 @@ class Scheduler:
             self.swapped.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            if partial:
-                continuing.append(req)
-            else:
-                self._cache(req, req.num_tokens)
-                decodes.append(req)
-        return decodes, continuing
+            if not self._catch_up(req, step):
+                raise AssertionError("a request swapped back in found no room for its row")
 
-    def _decode_rows(self) -> tuple[list[Request], list[Request], list[Request]]:
-        """Running requests in order: those that decode (one block more if their table is
-        full, preempting the newest running requests when none is free), those part-way
-        through a chunked prefill (blocks for their next chunk come later, in _chunks), and
-        the preempted."""
-        decodes: list[Request] = []
-        continuing: list[Request] = []
-        preempted: list[Request] = []
-        queue = list(self.running)
-        while queue:
-            req = queue.pop(0)
-            if req.num_tokens >= req.max_total_tokens:
-                continue  # its pending token is its last: it finishes when that arrives
-            if req.num_tokens - req.num_computed_tokens > 1:
-                continuing.append(req)  # its chunk takes its blocks (_chunks)
-                continue
-            while not self.kv.allocate(req.request_id, req.num_tokens):
-                # The newest running request not yet scheduled in this call: the blocks that
-                # scheduled requests registered (cache_blocks) are computed by this step.
-                victim = queue.pop() if queue else req
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            else:
-                self._cache(req, req.num_tokens)
-                decodes.append(req)
-        return decodes, continuing, preempted
+    def _admit_rows(self, step: _Step) -> None:
+        """Waiting requests, FCFS, while sequences, the budget and KV blocks allow: each
+        computes all but its cache hit, or with chunked prefill what fits (a first chunk,
+        holding blocks for that chunk only). The first that does not fit stops admission."""
+        while self.waiting and len(self.running) < self.max_num_seqs and step.budget > 0:
+            req = self.waiting[0]
+            hit = self._find_cached(req)
+            new = self._grant(req, hit.num_tokens, req.num_tokens - hit.num_tokens, step.budget,
+                              hit, whole=not self.chunked)
+            if not new:
+                break
+            self.kv.record_admission(req.num_tokens, hit)
+            self.num_prompt_tokens += req.num_tokens
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            req.num_computed_tokens = hit.num_tokens
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = hit.num_tokens
+            self.running.append(req)
+            step.add(req, new, admitted=True)
 
     def _cache(self, req: Request, num_tokens: int) -> None:
         """Registers the full blocks among the request's first num_tokens tokens (the prefix
@@ -434,7 +377,34 @@ class Scheduler:
         req.num_pending = 0  # a step in flight may still hold a row for it: wasted
 
 
-def _decode_batch(decodes, preempted) -> ScheduledBatch | None:
-    if not decodes:
-        return None if not preempted else ScheduledBatch("decode", (), (), tuple(preempted))
-    return ScheduledBatch("decode", tuple(decodes), (1,) * len(decodes), tuple(preempted))
+@dataclasses.dataclass
+class _Step:
+    """A step being filled by Scheduler._fill: its rows in the order they were granted."""
+    budget: int  # tokens left
+    rows: list = dataclasses.field(default_factory=list)  # (request, tokens, drafts, admitted)
+    preempted: list = dataclasses.field(default_factory=list)
+
+    def add(self, req: Request, new: int, admitted: bool = False):
+        self.rows.append((req, new, (), admitted))
+        self.budget -= new
+
+    def batch(self) -> ScheduledBatch | None:
+        """The rows as the device takes them: one-token decodes of requests already running
+        first (the decode attention's rows), then every other row in the order granted."""
+        preempted = tuple(self.preempted)
+        if not self.rows:
+            return ScheduledBatch("decode", (), (), preempted) if preempted else None
+        samples = [r.num_computed_tokens + new >= r.num_tokens for r, new, _, _ in self.rows]
+        is_decode = [new == 1 and not admitted and s
+                     for (_, new, _, admitted), s in zip(self.rows, samples)]
+        order = ([i for i, d in enumerate(is_decode) if d]
+                 + [i for i, d in enumerate(is_decode) if not d])
+        reqs = tuple(self.rows[i][0] for i in order)
+        n_dec = sum(is_decode)
+        if n_dec == len(order):
+            return ScheduledBatch("decode", reqs, (1,) * n_dec, preempted)
+        drafts = tuple(self.rows[i][2] for i in order)
+        return ScheduledBatch("prefill", reqs, tuple(self.rows[i][1] for i in order),
+                              preempted, num_decodes=n_dec,
+                              spec_tokens=drafts if any(drafts) else (),
+                              samples=tuple(samples[i] for i in order))

@@ -55,6 +55,7 @@ SLOW_MODULES = {
     # experiments and notebooks run end to end
     "test_notebooks.py", "test_batching.py", "test_memory_waste.py",
     "test_preemption_experiment.py", "test_schedule_cost_experiment.py",
+    "test_host_overhead_experiment.py",
     "test_spec_decode_experiment.py", "test_throughput_peers.py",
     "test_structured_outputs_experiment.py",
     # the Mosaic GPU kernel in its (slow) interpreter

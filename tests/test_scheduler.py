@@ -205,8 +205,9 @@ def test_a_chunk_is_cut_to_the_free_blocks_and_new_prompts_wait_for_blocks():
 
 
 def test_prompts_part_way_through_that_find_no_block_preempt_the_newest():
-    # Two prompts part-way through hold every block (as after swapping one back in): with
-    # nothing else to run, the newer gives its blocks up and the older goes on.
+    # Two prompts part-way through hold every block (as after swapping one back in): the
+    # older finds no block for its next chunk, so the newer gives its blocks up (as a decode
+    # that finds none would) and the older goes on in the same step.
     sched = make_scheduler(num_blocks=5, block_size=4, budget=16, mixed=True, chunked=True)
     older, newer = make_request(12, 1), make_request(12, 1)
     for req, computed in ((older, 8), (newer, 8)):
@@ -215,10 +216,42 @@ def test_prompts_part_way_through_that_find_no_block_preempt_the_newest():
         sched.running.append(req)
     assert sched.kv.pool.num_free == 0
     batch = sched.schedule()
-    assert batch.requests == () and batch.preempted == (newer,)
+    assert batch.requests == (older,) and batch.num_new_tokens == (4,)
+    assert batch.preempted == (newer,) and batch.samples == (True,)
     assert newer.status is Status.WAITING and newer.num_computed_tokens == 0
-    batch = sched.schedule()  # the older's last chunk first, then the newer starts again
-    assert batch.requests == (older, newer) and batch.num_new_tokens == (4, 4)
+    sched.dispatched(batch)
+    sched.update_from_output(batch, [[7]])
+    assert older.finished  # (one output token)
+    batch = sched.schedule()  # the newer starts again, from its prompt
+    assert batch.requests == (newer,) and batch.num_new_tokens == (12,)
+
+
+def test_a_step_never_passes_its_token_budget_decodes_included():
+    # The budget bounds every row: with more requests than budgeted tokens, the oldest
+    # decode and the newer wait (vLLM V1) until those finish.
+    sched = make_scheduler(max_num_seqs=6, budget=4, mixed=True, chunked=True)
+    reqs = [make_request(1, 6) for _ in range(6)]
+    for r in reqs:
+        sched.add(r)
+    steps = []
+    while sched.has_unfinished():
+        batch = engine_step(sched)
+        assert batch.num_tokens <= 4
+        steps.append([r.request_id for r in batch.requests])
+    assert steps[1] == ["r%d" % int(r.request_id[1:]) for r in reqs[:4]]
+    assert all(r.finished and len(r.output_token_ids) == 6 for r in reqs)
+
+
+def test_drafts_ride_after_the_decodes_cut_to_the_budget():
+    sched = make_scheduler(budget=6, mixed=True)
+    a, b = make_request(3, 9), make_request(3, 9)
+    sched.add(a)
+    sched.add(b)
+    engine_step(sched)
+    batch = sched.schedule({a.request_id: [5, 6, 7, 8], b.request_id: [9]})
+    # a asks 1 + 4 tokens of the 6: granted; b's decode and draft find one token left.
+    assert batch.requests == (b, a) and batch.num_new_tokens == (1, 5)
+    assert batch.spec_tokens == ((), (5, 6, 7, 8)) and batch.num_decodes == 1
 
 
 def test_chunked_prefill_refuses_a_reservation_policy():
@@ -290,8 +323,6 @@ class SchedulerMachine(RuleBasedStateMachine):
         partial = [r for r in old_running + old_swapped
                    if r.num_tokens - r.num_computed_tokens > 1]
         assert self.CHUNKED or not partial
-        old_free = kv.pool.num_free
-        old_computed = {r.request_id: r.num_computed_tokens for r in old_running}
         batch = sched.schedule()
         if batch is None:
             assert not old_running and not old_waiting and not old_swapped, \
@@ -305,79 +336,70 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not batch.preempted:
             assert list(sched.swapped) == old_swapped[len(back):]
         self.check_swaps(batch, back, old_tables)
-        if batch.kind == "prefill":
-            d = batch.num_decodes
-            assert self.MIXED or d == 0
-            decodes, prompts = batch.requests[:d], batch.requests[d:]
-            assert d == 0 or decodes == tuple(r for r in old_running + back if r not in partial)
-            assert prompts and not batch.preempted  # a step that preempts admits nothing
-            going_on = [r for r in old_running + back if r in partial]
-            n_cont = sum(r in partial for r in prompts)  # chunks go on, oldest first ...
-            rest = iter(going_on)  # (in order; one that found no block is passed over)
-            assert all(any(r is g for g in rest) for r in prompts[:n_cont])
-            passed_over = [r for r in going_on[:going_on.index(prompts[n_cont - 1]) + 1]
-                           if r not in prompts] if n_cont else []
-            for r in passed_over:  # only when no block was left and its own table was full
-                assert kv.pool.num_free == 0 and r.num_computed_tokens % kv.block_size == 0
-            admitted = prompts[n_cont:]
-            assert admitted == tuple(old_waiting[:len(admitted)])  # ... then FCFS
-            assert not (admitted and (sched.swapped or passed_over))
-            assert batch.num_tokens <= sched.max_num_batched_tokens
-            assert batch.num_new_tokens[:d] == (1,) * d
-            news = batch.num_new_tokens[d:]
-            for i, (r, new) in enumerate(zip(prompts, news)):
-                left = r.num_tokens - r.num_computed_tokens
-                table = kv.block_table(r.request_id)
-                # All of what is left, except with chunked prefill for the step's last
-                # prompt, or a chunk cut to the blocks there were (it fills its table).
-                assert 1 <= new <= left
-                cut_by_blocks = (kv.pool.num_free == 0
-                                 and r.num_computed_tokens + new == len(table) * kv.block_size)
-                assert new == left or (self.CHUNKED and (cut_by_blocks or (
-                    i == len(prompts) - 1
-                    and batch.num_tokens == sched.max_num_batched_tokens)))
-                if self.CHUNKED:  # blocks for what is computed by the end of this step only
-                    assert len(table) == cdiv(r.num_computed_tokens + new, kv.block_size)
-            for r in admitted:  # a cache hit: whole blocks, and never the last token
-                assert r.num_computed_tokens % kv.block_size == 0
-                assert r.num_computed_tokens < r.num_tokens
-                assert self.CACHING or r.num_computed_tokens == 0
-            assert sched.running == old_running + back + list(admitted)
-            if sched.waiting and len(sched.running) < sched.max_num_seqs and not sched.swapped:
-                nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
-                hit = kv.find_cached(nxt.all_token_ids)
-                want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
-                assert (batch.num_tokens + want > sched.max_num_batched_tokens
-                        or kv.blocks_needed(nxt.request_id, hit.num_tokens + want
-                                            if self.CHUNKED else nxt.num_tokens)
-                        - len(hit.blocks)
-                        + sum(kv.pool.ref_count(b) == 0 for b in hit.blocks) > kv.pool.num_free)
-        else:
-            assert batch.num_new_tokens == (1,) * len(batch.requests)
-            # The oldest keep running; the newest are preempted, newest first; prompts
-            # part-way through wait (a step that preempted, or a budget the decodes fill).
-            moved = [r for r in old_running if r in batch.requests or r in batch.preempted]
-            # A prompt part-way through may come back and find no block for a chunk yet.
-            back_waiting = [r for r in back if r not in batch.requests]
-            assert all(r in partial and kv.pool.num_free == 0 for r in back_waiting)
-            assert moved + [r for r in back if r in batch.requests] == (
-                list(batch.requests) + list(reversed(batch.preempted)))
-            assert all(r in partial for r in old_running if r not in moved)
-            if old_running and all(r in partial for r in old_running) and batch.preempted:
-                # Only prompts part-way through, none with a block: the newest gave way.
-                assert batch.requests == () and batch.preempted == (old_running[-1],)
-                assert old_free == 0 and not back
-                assert all(old_computed[r.request_id] % kv.block_size == 0
-                           for r in old_running)
-            recomputed = [r for r in batch.preempted if r.status is Status.WAITING]
-            swapped = [r for r in batch.preempted if r.status is Status.SWAPPED]
-            assert len(recomputed) + len(swapped) == len(batch.preempted)
-            assert self.SWAP or not swapped
-            assert list(sched.waiting) == list(reversed(recomputed)) + old_waiting
-            assert list(sched.swapped) == list(reversed(swapped)) + old_swapped[len(back):]
-            for r in batch.preempted:
-                assert r.status is Status.SWAPPED or r.num_computed_tokens == 0
-                assert kv.block_table(r.request_id) == []
+        reqs, news, budget = batch.requests, batch.num_new_tokens, sched.max_num_batched_tokens
+        # One budget for every row, decodes included.
+        assert batch.num_tokens <= budget
+        # Layout: one-token decodes of requests already running lead, then every other row
+        # in the order the loop granted it (running, swapped back, admitted).
+        d = batch.num_decodes if batch.kind == "prefill" else len(reqs)
+        assert batch.kind == "decode" or d < len(reqs)
+        assert news[:d] == (1,) * d and all(batch.sampling[:d])
+        assert all(r in old_running or r in back for r in reqs[:d])
+        admitted = [r for r in reqs if r in old_waiting]
+        assert list(reqs[len(reqs) - len(admitted):]) == admitted == old_waiting[:len(admitted)]
+        # Preemption takes the newest running requests, newest first; a step that preempts
+        # swaps nothing in and admits nothing.
+        k = len(batch.preempted)
+        assert list(reversed(batch.preempted)) == old_running[len(old_running) - k:]
+        assert not (k and (back or admitted))
+        assert not (admitted and sched.swapped)  # the swapped-out are older: they go first
+        ran = [r for r in old_running if r in reqs]
+        left_out = [r for r in old_running if r not in reqs and r not in batch.preempted]
+        if admitted and left_out:
+            # A step of prompts alone: the paper's prefill-first steps, or (mixed, unchunked)
+            # a head prompt that fits the budget only alone.
+            assert left_out == old_running and not back and not (self.MIXED and self.CHUNKED)
+        elif left_out:
+            # Old before new: a running request is left out only when the budget is spent,
+            # and then every newer one is left out too.
+            assert batch.num_tokens == budget
+            assert old_running.index(left_out[0]) > max(
+                [old_running.index(r) for r in ran], default=-1)
+        for i, (r, new) in enumerate(zip(reqs, news)):
+            left = r.num_tokens - r.num_computed_tokens
+            assert 1 <= new <= left + len(batch.drafts[i])
+            table = kv.block_table(r.request_id)
+            cut_by_blocks = (kv.pool.num_free == 0
+                             and r.num_computed_tokens + new == len(table) * kv.block_size)
+            cut_by_budget = i == len(reqs) - 1 and batch.num_tokens == budget
+            # All of what is left; with chunked prefill, a chunk cut to the budget (the last
+            # row granted) or to the blocks there were (it fills its table).
+            assert new == left or (self.CHUNKED and (cut_by_budget or cut_by_blocks))
+            if self.CHUNKED:  # blocks for what is computed by the end of this step only
+                assert len(table) == cdiv(r.num_computed_tokens + new, kv.block_size)
+        for r in admitted:  # a cache hit: whole blocks, and never the last token
+            assert r.num_computed_tokens % kv.block_size == 0
+            assert r.num_computed_tokens < r.num_tokens
+            assert self.CACHING or r.num_computed_tokens == 0
+        assert sched.running == [r for r in old_running if r not in batch.preempted] + back \
+            + admitted
+        if admitted and sched.waiting and len(sched.running) < sched.max_num_seqs:
+            nxt = sched.waiting[0]  # admission stopped for budget or blocks, nothing else
+            hit = kv.find_cached(nxt.all_token_ids)
+            want = 1 if self.CHUNKED else nxt.num_tokens - hit.num_tokens
+            assert (batch.num_tokens + want > budget
+                    or kv.blocks_needed(nxt.request_id, hit.num_tokens + want
+                                        if self.CHUNKED else nxt.num_tokens)
+                    - len(hit.blocks)
+                    + sum(kv.pool.ref_count(b) == 0 for b in hit.blocks) > kv.pool.num_free)
+        recomputed = [r for r in batch.preempted if r.status is Status.WAITING]
+        swapped = [r for r in batch.preempted if r.status is Status.SWAPPED]
+        assert len(recomputed) + len(swapped) == k and (self.SWAP or not swapped)
+        assert list(sched.waiting) == list(reversed(recomputed)) + old_waiting[len(admitted):]
+        assert list(sched.swapped) == list(reversed(swapped)) + old_swapped[len(back):]
+        for r in batch.preempted:
+            assert r.status is Status.SWAPPED or r.num_computed_tokens == 0
+            assert kv.block_table(r.request_id) == []
         for r, new in zip(batch.requests, batch.num_new_tokens):
             assert len(kv.block_table(r.request_id)) * kv.block_size \
                 >= r.num_computed_tokens + new
