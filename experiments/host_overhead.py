@@ -29,6 +29,7 @@ device's idle fraction. No model runs, so these take seconds.
 """
 from __future__ import annotations
 
+import gc
 import pathlib
 import tempfile
 import time
@@ -115,8 +116,10 @@ class SimulatedDevice:
 def measure(model: str | None, num_requests: int, async_scheduling: bool,
             device_ms: float | None = None, steps: int = 40, prompt_len: int = 16,
             stream_text: bool = False, output_kind: str = "cumulative",
-            attention_backend: str = "auto") -> dict:
-    """device_ms: None for the real model, else a SimulatedDevice's step time."""
+            attention_backend: str = "auto", gc_freeze: bool = True) -> dict:
+    """device_ms: None for the real model, else a SimulatedDevice's step time. gc_freeze:
+    move everything alive before the timed steps out of the cyclic collector's reach, as
+    `paged-jax serve` does once its engine is built (gc.freeze)."""
     from paged_jax import LLM, SamplingParams
 
     warmup = 5
@@ -141,6 +144,9 @@ def measure(model: str | None, num_requests: int, async_scheduling: bool,
         engine.step()
     for _ in range(warmup):
         engine.step()
+    if gc_freeze:
+        gc.collect()
+        gc.freeze()
     before, compiled = engine.snapshot(), engine.runner.num_compiled
     assert before.num_running == num_requests, before
     walls = []
@@ -158,6 +164,7 @@ def measure(model: str | None, num_requests: int, async_scheduling: bool,
     engine.abort_request([f"r{i}" for i in range(num_requests)])
     while engine.has_unfinished_requests():  # the step still in flight
         engine.step()
+    gc.unfreeze()  # (this engine may go)
     wall = float(np.mean(walls) * 1e3)
     simulated = {} if device_ms is None else dict(
         device_ms=device_ms, exposed_host_ms=wall - device_ms,
@@ -172,7 +179,8 @@ def measure(model: str | None, num_requests: int, async_scheduling: bool,
 
 def main(argv):
     del argv
-    results = {"stream_text": FLAGS.stream_text, "output_kind": FLAGS.output_kind}
+    results = {"stream_text": FLAGS.stream_text, "output_kind": FLAGS.output_kind,
+               "gc_freeze": FLAGS.gc_freeze}
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in FLAGS.models:
@@ -192,7 +200,8 @@ def main(argv):
                         raise app.UsageError(f"unknown mode {mode!r}; known: sync, async")
                     r = runs[mode] = measure(
                         model, n, mode == "async", device_ms, FLAGS.steps, FLAGS.prompt_len,
-                        FLAGS.stream_text, FLAGS.output_kind, FLAGS.attention_backend)
+                        FLAGS.stream_text, FLAGS.output_kind, FLAGS.attention_backend,
+                        FLAGS.gc_freeze)
                     ms = r["ms_per_step"]
                     lines.append(
                         f"{name:8s} {label:10s} {mode:5s} {r['num_requests']:4d} requests: "
@@ -229,6 +238,8 @@ def define_flags() -> None:
                       "asynchronous scheduling")
     flags.DEFINE_list("device_ms", ["real", "1", "2", "4"], "real: the model on JAX's device; a "
                       "number: a simulated device whose every step takes that many ms")
+    flags.DEFINE_bool("gc_freeze", True, "gc.freeze() before the timed steps, as serve does "
+                      "(the cyclic collector then leaves the engine's heap alone)")
     flags.DEFINE_string("out_dir", "results/host_overhead", "where results.json goes")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -258,6 +259,13 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
                      chat_options=chat, cors=cors_options(args),
                      root_path=args.root_path, metrics_prefix=args.metrics_prefix,
                      tracer=tracer(args, engine))
+    # Everything built so far (the model, JAX's and the tokenizer's objects) lives as long as
+    # the server: out of the cyclic collector's reach, its full collections no longer walk it
+    # while each step makes short-lived outputs (as vLLM does). Measured on a 256-request
+    # step with asynchronous scheduling: 8.5 ms of collection a step without this, none
+    # with it (docs/RESULTS.md, host overhead).
+    gc.collect()
+    gc.freeze()
     try:
         return run_server(app, host=args.host, port=args.port, log_level=args.log_level,
                           access_log=not args.no_access_log,

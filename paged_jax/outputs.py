@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from paged_jax.detokenizer import output_text
 from paged_jax.request import CompletionOutput, Logprob, Request, RequestOutput
 
 
@@ -54,6 +55,16 @@ class OutputBuilder:
                                          skip_special_tokens=p.skip_special_tokens)
         return self._joined(req.output_token_ids)
 
+    def stream_text(self, req: Request) -> str:
+        """The text so far of an unfinished request, extended by the tokens since the last
+        step (detokenizer.TextStream: a character still incomplete is held back), or decoded
+        whole where a stream cannot give the tokenizer's decode."""
+        if self.tokenizer is not None and req.params.detokenize:
+            text = output_text(req, self.tokenizer)
+            if text is not None:
+                return text
+        return self.decode(req)
+
     def _joined(self, ids: list[int]) -> str:
         """The text of ids with special tokens written as they are, joined to the text
         around them without the spaces a tokenizer's decoding may set around them."""
@@ -94,8 +105,10 @@ class OutputBuilder:
     def completion(self, index: int, req: Request) -> CompletionOutput:
         if isinstance(req.stop_reason, str):
             text = req.text
-        elif req.finish_reason is not None or self.text_every_step:
-            text = self.decode(req)
+        elif req.finish_reason is not None:
+            text = self.decode(req)  # (once: every character, none held back)
+        elif self.text_every_step:
+            text = self.stream_text(req)
         else:
             text = ""
         return CompletionOutput(
@@ -109,7 +122,9 @@ class OutputBuilder:
         first = group[0]
         return RequestOutput(
             request_id=group_id, prompt=first.prompt,
-            prompt_token_ids=list(first.prompt_token_ids),
+            # The request's own list, not a copy a step (the engine never changes a prompt;
+            # vLLM shares it too): a long prompt copied for each output cost O(prompt) a step.
+            prompt_token_ids=first.prompt_token_ids,
             outputs=[self.completion(i, r) for i, r in enumerate(group)],
             finished=all(r.finish_reason is not None for r in group),
             num_preemptions=sum(r.num_preemptions for r in group),

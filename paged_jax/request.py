@@ -65,6 +65,9 @@ class Request:
     matcher: object = dataclasses.field(default=None, repr=False)
     # min_tokens, allowed_token_ids, bad_words (token_rules.TokenRules), or None
     rules: object = dataclasses.field(default=None, repr=False)
+    # Its output's text, extended token by token (detokenizer.TextStream); None until first
+    # asked for, False where the tokenizer's decode cannot be streamed
+    text_stream: object = dataclasses.field(default=None, repr=False)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -5,6 +5,7 @@ Plain Python, host side; the scheduler applies it to every token a step yields
 """
 from __future__ import annotations
 
+from paged_jax.detokenizer import output_text
 from paged_jax.request import Request
 
 
@@ -38,8 +39,10 @@ class StopChecker:
         return req.finish_reason is not None
 
     def _hit_stop_string(self, req: Request) -> bool:
-        text = self.tokenizer.decode(req.output_token_ids,
-                                     skip_special_tokens=req.params.skip_special_tokens)
+        text = output_text(req, self.tokenizer, complete=True)
+        if text is None:  # (no stream for this tokenizer, or a character not complete yet)
+            text = self.tokenizer.decode(req.output_token_ids,
+                                         skip_special_tokens=req.params.skip_special_tokens)
         # Only the tail can hold a new match: the text before it was checked last token.
         window = max(len(s) for s in req.params.stop) + 16
         start = max(0, len(text) - window)
