@@ -156,6 +156,7 @@ class NoPrefixCache:
     or released early (a reservation is held whole until its request ends)."""
 
     block_size = 0
+    sliding_window = None
 
     def find_cached(self, token_ids, known=None) -> PrefixHit:
         return PrefixHit()

@@ -120,16 +120,23 @@ class OutputBuilder:
 
     def request_output(self, group_id: str, group: list[Request]) -> RequestOutput:
         first = group[0]
+        if len(group) == 1:  # (most groups; built for every running request every step)
+            finished = first.finish_reason is not None
+            preemptions, cached = first.num_preemptions, first.num_cached_tokens or 0
+            scheduled = first.first_scheduled_time
+        else:
+            finished = all(r.finish_reason is not None for r in group)
+            preemptions = sum(r.num_preemptions for r in group)
+            cached = max(r.num_cached_tokens or 0 for r in group)
+            scheduled = min((r.first_scheduled_time for r in group
+                             if r.first_scheduled_time is not None), default=None)
         return RequestOutput(
             request_id=group_id, prompt=first.prompt,
             # The request's own list, not a copy a step (the engine never changes a prompt;
             # vLLM shares it too): a long prompt copied for each output cost O(prompt) a step.
             prompt_token_ids=first.prompt_token_ids,
             outputs=[self.completion(i, r) for i, r in enumerate(group)],
-            finished=all(r.finish_reason is not None for r in group),
-            num_preemptions=sum(r.num_preemptions for r in group),
-            num_cached_tokens=max(r.num_cached_tokens or 0 for r in group),
-            first_scheduled_time=min((r.first_scheduled_time for r in group
-                                      if r.first_scheduled_time is not None), default=None),
+            finished=finished, num_preemptions=preemptions, num_cached_tokens=cached,
+            first_scheduled_time=scheduled,
             prompt_logprobs=(list(first.prompt_logprobs)
                              if first.prompt_logprobs is not None else None))

@@ -87,21 +87,34 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
             if r.rules is not None:  # (such requests get no drafts)
                 r.rules.apply(r, bitmask[row])
             row += len(d) + 1
-    expanded = [(r, j, d[j] if j < len(d) else -1)
-                for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
-    reqs = [r for r, _, _ in expanded]
+    any_drafts = any(drafts)
+    if any_drafts:
+        expanded = [(r, j, d[j] if j < len(d) else -1)
+                    for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
+        reqs = [r for r, _, _ in expanded]
+        steps = [len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded]
+        draft = [d for _, _, d in expanded]
+    else:  # (most steps: a row a request)
+        steps = [len(r.output_token_ids) + r.num_pending for r in reqs]
+        draft = []
     p = [r.params for r in reqs]
-    pad = num_rows - len(reqs)
+    n = len(reqs)
     score = None
     if scores:  # (rows past the sampled ones are like padding but for the token scored)
         score = np.full((num_rows,), -1, np.int32)
         rows, targets = zip(*scores)
         score[list(rows)] = targets
-
-    def col(values, dtype, fill=0):
-        return np.asarray(list(values) + [fill] * pad, dtype)
-
-    penalties = any(x.uses_penalties for x in p)
+    # The columns a request keeps for its life, built once (Request.sampling_row) and
+    # stacked in one conversion each; padding rows sample nothing (neutral values).
+    rows = [r.sampling_row or _sampling_row(r) for r in reqs]
+    floats = np.tile(np.asarray(_NEUTRAL, np.float32), (num_rows, 1))
+    ints = np.zeros((num_rows, 4), np.int64)
+    if n:
+        floats[:n] = [row[0] for row in rows]
+        ints[:n] = [row[1] for row in rows]
+    temperature, top_p, min_p, repetition, presence, frequency = np.ascontiguousarray(floats.T)
+    top_k, prompt_lens, seed_lo, seed_hi = ints.T
+    penalties = bool(np.any((repetition != 1) | (presence != 0) | (frequency != 0)))
     # Always full width so the step keeps one shape whether or not penalties are in use;
     # None when no row uses them (the runner passes an empty history it keeps on the device:
     # rows x max_model_len int32 is megabytes a step).
@@ -113,32 +126,48 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
                 toks = r.all_token_ids[:history_len]
                 history[i, :len(toks)] = toks
     return dict(
-        temperature=col((0.0 if x.greedy else x.temperature for x in p), np.float32),
-        top_k=col((max(x.top_k, 0) for x in p), np.int32),
-        top_p=col((x.top_p for x in p), np.float32, 1.0),
-        min_p=col((x.min_p for x in p), np.float32),
-        repetition_penalty=col((x.repetition_penalty for x in p), np.float32, 1.0),
-        presence_penalty=col((x.presence_penalty for x in p), np.float32),
-        frequency_penalty=col((x.frequency_penalty for x in p), np.float32),
-        seed=np.asarray([[r.seed & 0xFFFFFFFF, r.seed >> 32] for r in reqs] + [[0, 0]] * pad,
-                        np.uint32),
+        temperature=temperature, top_k=top_k.astype(np.int32), top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition, presence_penalty=presence,
+        frequency_penalty=frequency,
+        seed=np.stack([seed_lo, seed_hi], axis=1).astype(np.uint32),
         # (pending tokens: sampled by the step in flight, asynchronous scheduling)
-        step=col((len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded),
-                 np.int32),
-        prompt_lens=col((len(r.prompt_token_ids) for r in reqs), np.int32),
+        step=_column(steps, num_rows, np.int32),
+        prompt_lens=prompt_lens.astype(np.int32),
         history=history,
-        draft=col((d for _, _, d in expanded), np.int32, -1),
+        draft=_column(draft, num_rows, np.int32, -1),
         bitmask=bitmask,
-        **_logit_bias([r.params.logit_bias for r in reqs], num_rows),
+        **_logit_bias([x.logit_bias for x in p], num_rows),
         flags=np.asarray([penalties,
-                          any(x.top_k > 0 or x.top_p < 1 for x in p),
+                          bool(np.any((top_k > 0) | (top_p < 1))),
                           any(x.logprobs is not None for x in p) or bool(scores),
-                          any(not x.greedy for x in p),
-                          any(d >= 0 for _, _, d in expanded),
+                          bool(np.any(temperature > 0)),
+                          any_drafts and any(d >= 0 for d in draft),
                           bitmask is not None,
                           any(x.logit_bias for x in p)], bool),
         score=score,
     )
+
+
+# temperature, top_p, min_p, repetition, presence and frequency penalties of a padding row
+_NEUTRAL = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0)
+
+
+def _sampling_row(req: Request) -> tuple[tuple, tuple]:
+    """The request's constant sampling columns: (temperature (0 for greedy), top_p, min_p,
+    repetition, presence, frequency), (top_k (0 for none), prompt length, the seed's low and
+    high words). Kept on the request: its params and seed never change."""
+    x = req.params
+    req.sampling_row = ((0.0 if x.greedy else x.temperature, x.top_p, x.min_p,
+                         x.repetition_penalty, x.presence_penalty, x.frequency_penalty),
+                        (max(x.top_k, 0), len(req.prompt_token_ids),
+                         req.seed & 0xFFFFFFFF, req.seed >> 32))
+    return req.sampling_row
+
+
+def _column(values: list, size: int, dtype, fill: int = 0) -> np.ndarray:
+    out = np.full((size,), fill, dtype)
+    out[:len(values)] = values
+    return out
 
 
 def _logit_bias(biases, num_rows: int) -> dict:

@@ -347,7 +347,8 @@ class Scheduler:
             if req.finished or not samples:
                 continue  # finished meanwhile, or a chunk of a prompt (its sample dropped)
             req.num_pending -= 1
-            kept = accepted_prefix(list(drafts), [int(t) for t in tokens])
+            kept = accepted_prefix(list(drafts), [int(t) for t in tokens]) if drafts \
+                else [int(tokens[0])]
             # The K/V of rejected drafts are stale; the last kept token's are computed by the
             # next step.
             req.num_computed_tokens -= len(drafts) + 1 - len(kept)
@@ -359,9 +360,10 @@ class Scheduler:
                     self.finish(req)
                     break
             updated.append((req, n))
-        for req in batch.requests:  # after drafts are settled: computed tokens only grow now
-            if not req.finished:
-                self.kv.release_outside_window(req.request_id, req.num_computed_tokens)
+        if self.kv.sliding_window is not None:
+            for req in batch.requests:  # after drafts are settled: computed tokens only grow
+                if not req.finished:
+                    self.kv.release_outside_window(req.request_id, req.num_computed_tokens)
         return updated
 
     def finish(self, req: Request) -> None:
