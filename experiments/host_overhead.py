@@ -23,7 +23,9 @@ simulated device (SimulatedDevice): the engine, scheduler and outputs are the re
 model step is a device clock on which each step takes exactly that many milliseconds, queued
 behind the one before as on a GPU stream. Whatever wall time a step takes beyond it is host
 work the device waited for (the host time left exposed), and its share of the wall time is the
-device's idle fraction. No model runs, so these take seconds.
+device's idle fraction. No model runs, so these take seconds. (Asynchronously the first timed
+step's device work began in the call before the window, so the mean can fall short of the
+device step by up to 1/--steps of it: an exposed time a little below zero.)
 
   python -m experiments.host_overhead --out_dir=/tmp/host_overhead
 """
