@@ -119,6 +119,10 @@ def make_plan(config: EngineConfig, model_config, platform: str,
     # row counts against the budget, decodes too: at least a token per sequence.
     budget = config.max_num_batched_tokens or max(max_model_len, config.max_num_seqs)
     _check_budget(budget, max_model_len, config.enable_chunked_prefill)
+    if budget < config.max_num_seqs:  # (vLLM refuses this; here it is allowed, and said)
+        log.warning("max_num_batched_tokens %d is below max_num_seqs %d: at most %d "
+                    "sequences advance in a step (every row counts against the budget)",
+                    budget, config.max_num_seqs, budget)
     tp = config.tensor_parallel_size
     # kv_cache_memory_bytes is per device; each device holds Hkv / tp of every block.
     num_blocks = config.num_kv_blocks or kv_cache.num_blocks_for(

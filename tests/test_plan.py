@@ -35,6 +35,18 @@ def test_defaults_resolve_from_the_model_and_the_options():
     assert plan(num_speculative_tokens=3).num_speculative_tokens == 0  # no method: none
 
 
+def test_every_row_counts_against_the_budget_so_its_default_covers_every_sequence(caplog):
+    # Decodes count against max_num_batched_tokens (one budget loop): its default is at
+    # least max_num_seqs, and a smaller one set by hand is said, not refused (vLLM refuses).
+    assert plan(max_model_len=128, max_num_seqs=256).max_num_batched_tokens == 256
+    assert plan(max_model_len=512, max_num_seqs=256).max_num_batched_tokens == 512
+    with caplog.at_level("WARNING", logger="paged_jax.plan"):
+        p = plan(max_model_len=128, max_num_seqs=64, max_num_batched_tokens=16,
+                 enable_chunked_prefill=True)
+    assert p.max_num_batched_tokens == 16
+    assert "max_num_batched_tokens 16 is below max_num_seqs 64" in caplog.text
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(enable_chunked_prefill=True, mixed_batches=False), "needs mixed_batches"),
     (dict(max_num_batched_tokens=64, max_model_len=128),
