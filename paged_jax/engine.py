@@ -495,7 +495,8 @@ class LLMEngine:
         # rows carry no drafts: those rows come after them.)
         n_dec = len(batch.requests) if batch.kind == "decode" else batch.num_decodes
         if n_dec > 1:
-            decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_tokens)
+            # (a decode row's computed tokens are its tokens less one)
+            decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_computed_tokens)
             batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
         self._lap("schedule")  # sorting the rows is part of scheduling them
@@ -529,21 +530,27 @@ class LLMEngine:
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
         tokens = result["tokens"].tolist()
-        sampled, starts, row = [], {}, 0
-        for req, drafts in zip(batch.requests, inputs.drafts):
-            starts[req.request_id] = row
-            sampled.append(tokens[row:row + len(drafts) + 1])
-            row += len(drafts) + 1
+        if batch.spec_tokens:  # rows of 1 + drafts sampled tokens
+            sampled, starts, row = [], {}, 0
+            for req, drafts in zip(batch.requests, inputs.drafts):
+                starts[req.request_id] = row
+                sampled.append(tokens[row:row + len(drafts) + 1])
+                row += len(drafts) + 1
+        else:  # (most steps) a sampled token a row
+            sampled = [[t] for t in tokens[:len(batch.requests)]]
+            starts = {r.request_id: i for i, r in enumerate(batch.requests)}
         for i, position, _, row in inputs.scores:
             self.outputs.record_prompt_score(batch.requests[i], position, result, row)
         updated = self.scheduler.update_from_output(batch, sampled)
-        drafts_of = dict(zip((r.request_id for r in batch.requests), inputs.drafts))
+        drafts_of = (dict(zip((r.request_id for r in batch.requests), inputs.drafts))
+                     if batch.spec_tokens else {})
         stats = self.stats
         for req, n in updated:
             start = starts[req.request_id]
-            self.outputs.record(req, result, start, n)
+            if req.first_token_time is None or req.params.logprobs is not None:
+                self.outputs.record(req, result, start, n)
             stats.generation_tokens += n
-            drafts = drafts_of[req.request_id]
+            drafts = drafts_of.get(req.request_id)
             if drafts:
                 stats.spec_draft_tokens += len(drafts)
                 stats.spec_accepted_tokens += sum(

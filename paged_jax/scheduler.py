@@ -206,10 +206,10 @@ class Scheduler:
         """Grants a running request its row: what is left of its tokens (one for a decode, a
         chunk of a prompt part-way through), cut to the budget and the free blocks. False if
         not a block is free for even one token."""
-        new = self._grant(req, req.num_computed_tokens, req.num_tokens - req.num_computed_tokens,
-                          step.budget)
+        left = req.num_tokens - req.num_computed_tokens
+        new = self._grant(req, req.num_computed_tokens, left, step.budget)
         if new:
-            step.add(req, new)
+            step.add(req, new, left)
         return new > 0
 
     def _add_drafts(self, step: _Step) -> None:
@@ -217,14 +217,13 @@ class Scheduler:
         the tokens and blocks every other row left: a guess never takes a block that a
         token known to be needed would have to preempt someone for. A request left with
         none decodes plainly."""
-        for i, (req, new, _, admitted) in enumerate(step.rows):
+        for i, (req, new, _, admitted, samples, _) in enumerate(step.rows):
             drafts = self._drafts.get(req.request_id)
-            end = req.num_computed_tokens + new
-            if not drafts or step.budget <= 0 or end < req.num_tokens:
+            if not drafts or step.budget <= 0 or not samples:
                 continue
-            more = self._grant(req, end, len(drafts), step.budget)
+            more = self._grant(req, req.num_computed_tokens + new, len(drafts), step.budget)
             if more:
-                step.rows[i] = (req, new + more, tuple(drafts[:more]), admitted)
+                step.replace(i, (req, new + more, tuple(drafts[:more]), admitted, True, False))
                 step.budget -= more
 
     def _grant(self, req: Request, start: int, want: int, budget: int,
@@ -294,7 +293,7 @@ class Scheduler:
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = hit.num_tokens
             self.running.append(req)
-            step.add(req, new, admitted=True)
+            step.add(req, new, req.num_tokens - hit.num_tokens, admitted=True)
 
     def _cache(self, req: Request, num_tokens: int) -> None:
         """Registers the full blocks among the request's first num_tokens tokens (the prefix
@@ -383,12 +382,23 @@ class Scheduler:
 class _Step:
     """A step being filled by Scheduler._fill: its rows in the order they were granted."""
     budget: int  # tokens left
-    rows: list = dataclasses.field(default_factory=list)  # (request, tokens, drafts, admitted)
+    # (request, tokens, drafts, admitted, samples: its last token is among them, decode: a
+    # one-token row of a request already running that samples)
+    rows: list = dataclasses.field(default_factory=list)
     preempted: list = dataclasses.field(default_factory=list)
+    num_decodes: int = 0
 
-    def add(self, req: Request, new: int, admitted: bool = False):
-        self.rows.append((req, new, (), admitted))
+    def add(self, req: Request, new: int, left: int, admitted: bool = False):
+        """A row of `new` of the request's `left` tokens still to compute."""
+        samples = new >= left
+        decode = new == 1 and samples and not admitted
+        self.rows.append((req, new, (), admitted, samples, decode))
+        self.num_decodes += decode
         self.budget -= new
+
+    def replace(self, i: int, row: tuple) -> None:
+        self.num_decodes += row[5] - self.rows[i][5]
+        self.rows[i] = row
 
     def batch(self) -> ScheduledBatch | None:
         """The rows as the device takes them: one-token decodes of requests already running
@@ -396,17 +406,13 @@ class _Step:
         preempted = tuple(self.preempted)
         if not self.rows:
             return ScheduledBatch("decode", (), (), preempted) if preempted else None
-        samples = [r.num_computed_tokens + new >= r.num_tokens for r, new, _, _ in self.rows]
-        is_decode = [new == 1 and not admitted and s
-                     for (_, new, _, admitted), s in zip(self.rows, samples)]
-        order = ([i for i, d in enumerate(is_decode) if d]
-                 + [i for i, d in enumerate(is_decode) if not d])
-        reqs = tuple(self.rows[i][0] for i in order)
-        n_dec = sum(is_decode)
-        if n_dec == len(order):
-            return ScheduledBatch("decode", reqs, (1,) * n_dec, preempted)
-        drafts = tuple(self.rows[i][2] for i in order)
-        return ScheduledBatch("prefill", reqs, tuple(self.rows[i][1] for i in order),
-                              preempted, num_decodes=n_dec,
+        n_dec = self.num_decodes
+        if n_dec == len(self.rows):  # (most steps)
+            return ScheduledBatch("decode", tuple(row[0] for row in self.rows), (1,) * n_dec,
+                                  preempted)
+        rows = [row for row in self.rows if row[5]] + [row for row in self.rows if not row[5]]
+        drafts = tuple(row[2] for row in rows)
+        return ScheduledBatch("prefill", tuple(row[0] for row in rows),
+                              tuple(row[1] for row in rows), preempted, num_decodes=n_dec,
                               spec_tokens=drafts if any(drafts) else (),
-                              samples=tuple(samples[i] for i in order))
+                              samples=tuple(row[4] for row in rows))
