@@ -530,27 +530,21 @@ class LLMEngine:
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
         tokens = result["tokens"].tolist()
-        if batch.spec_tokens:  # rows of 1 + drafts sampled tokens
-            sampled, starts, row = [], {}, 0
-            for req, drafts in zip(batch.requests, inputs.drafts):
-                starts[req.request_id] = row
-                sampled.append(tokens[row:row + len(drafts) + 1])
-                row += len(drafts) + 1
-        else:  # (most steps) a sampled token a row
-            sampled = [[t] for t in tokens[:len(batch.requests)]]
-            starts = {r.request_id: i for i, r in enumerate(batch.requests)}
+        sampled, starts, row = [], {}, 0
+        for req, drafts in zip(batch.requests, inputs.drafts):
+            starts[req.request_id] = row
+            sampled.append(tokens[row:row + len(drafts) + 1])
+            row += len(drafts) + 1
         for i, position, _, row in inputs.scores:
             self.outputs.record_prompt_score(batch.requests[i], position, result, row)
         updated = self.scheduler.update_from_output(batch, sampled)
-        drafts_of = (dict(zip((r.request_id for r in batch.requests), inputs.drafts))
-                     if batch.spec_tokens else {})
+        drafts_of = dict(zip((r.request_id for r in batch.requests), inputs.drafts))
         stats = self.stats
         for req, n in updated:
             start = starts[req.request_id]
-            if req.first_token_time is None or req.params.logprobs is not None:
-                self.outputs.record(req, result, start, n)
+            self.outputs.record(req, result, start, n)
             stats.generation_tokens += n
-            drafts = drafts_of.get(req.request_id)
+            drafts = drafts_of[req.request_id]
             if drafts:
                 stats.spec_draft_tokens += len(drafts)
                 stats.spec_accepted_tokens += sum(

@@ -22,6 +22,7 @@ import numpy as np
 
 from paged_jax.request import Request
 from paged_jax.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from paged_jax.step_inputs import pad
 from paged_jax.structured_outputs import fill_bitmask
 
 
@@ -87,16 +88,10 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
             if r.rules is not None:  # (such requests get no drafts)
                 r.rules.apply(r, bitmask[row])
             row += len(d) + 1
-    any_drafts = any(drafts)
-    if any_drafts:
-        expanded = [(r, j, d[j] if j < len(d) else -1)
-                    for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
-        reqs = [r for r, _, _ in expanded]
-        steps = [len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded]
-        draft = [d for _, _, d in expanded]
-    else:  # (most steps: a row a request)
-        steps = [len(r.output_token_ids) + r.num_pending for r in reqs]
-        draft = []
+    expanded = [(r, j, d[j] if j < len(d) else -1)
+                for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
+    reqs = [r for r, _, _ in expanded]
+    draft = [d for _, _, d in expanded]
     p = [r.params for r in reqs]
     n = len(reqs)
     score = None
@@ -106,12 +101,12 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         score[list(rows)] = targets
     # The columns a request keeps for its life, built once (Request.sampling_row) and
     # stacked in one conversion each; padding rows sample nothing (neutral values).
-    rows = [r.sampling_row or _sampling_row(r) for r in reqs]
+    columns = [r.sampling_row or _sampling_row(r) for r in reqs]
     floats = np.tile(np.asarray(_NEUTRAL, np.float32), (num_rows, 1))
     ints = np.zeros((num_rows, 4), np.int64)
     if n:
-        floats[:n] = [row[0] for row in rows]
-        ints[:n] = [row[1] for row in rows]
+        floats[:n] = [c[0] for c in columns]
+        ints[:n] = [c[1] for c in columns]
     temperature, top_p, min_p, repetition, presence, frequency = np.ascontiguousarray(floats.T)
     top_k, prompt_lens, seed_lo, seed_hi = ints.T
     penalties = bool(np.any((repetition != 1) | (presence != 0) | (frequency != 0)))
@@ -131,17 +126,18 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         frequency_penalty=frequency,
         seed=np.stack([seed_lo, seed_hi], axis=1).astype(np.uint32),
         # (pending tokens: sampled by the step in flight, asynchronous scheduling)
-        step=_column(steps, num_rows, np.int32),
+        step=pad([len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded],
+                 num_rows),
         prompt_lens=prompt_lens.astype(np.int32),
         history=history,
-        draft=_column(draft, num_rows, np.int32, -1),
+        draft=pad(draft, num_rows, -1),
         bitmask=bitmask,
         **_logit_bias([x.logit_bias for x in p], num_rows),
         flags=np.asarray([penalties,
                           bool(np.any((top_k > 0) | (top_p < 1))),
                           any(x.logprobs is not None for x in p) or bool(scores),
                           bool(np.any(temperature > 0)),
-                          any_drafts and any(d >= 0 for d in draft),
+                          any(d >= 0 for d in draft),
                           bitmask is not None,
                           any(x.logit_bias for x in p)], bool),
         score=score,
@@ -162,12 +158,6 @@ def _sampling_row(req: Request) -> tuple[tuple, tuple]:
                         (max(x.top_k, 0), len(req.prompt_token_ids),
                          req.seed & 0xFFFFFFFF, req.seed >> 32))
     return req.sampling_row
-
-
-def _column(values: list, size: int, dtype, fill: int = 0) -> np.ndarray:
-    out = np.full((size,), fill, dtype)
-    out[:len(values)] = values
-    return out
 
 
 def _logit_bias(biases, num_rows: int) -> dict:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.prefix_cache import PrefixHit
@@ -172,11 +172,11 @@ class Scheduler:
 
     def _fill(self, run: bool, admit: bool) -> ScheduledBatch | None:
         """The one budget loop. Every request in turn catches its computed tokens up to its
-        token count, drafts included, as far as the step's token budget and the KV blocks
-        allow: the running (run) oldest first, then the swapped-out brought back oldest
-        first, then new prompts FCFS (admit). A decode, a prompt's next chunk, a prompt
-        after its prefix-cache hit and a row with drafts are one case (_grant); only a new
-        prompt without chunked prefill is all or nothing. A running request that finds no
+        token count as far as the step's token budget and the KV blocks allow: the running
+        (run) oldest first, then the swapped-out brought back oldest first, then new prompts
+        FCFS (admit); drafts last, from what is left. A decode, a prompt's next chunk, a
+        prompt after its prefix-cache hit and a row's drafts are one case (_grant); only a
+        new prompt without chunked prefill is all or nothing. A running request that finds no
         block for even one token preempts the newest running one (itself, if it is the
         newest); a step that preempted swaps in and admits nothing, and no prompt is
         admitted while any request is swapped out (they are older)."""
@@ -217,13 +217,14 @@ class Scheduler:
         the tokens and blocks every other row left: a guess never takes a block that a
         token known to be needed would have to preempt someone for. A request left with
         none decodes plainly."""
-        for i, (req, new, _, admitted, samples, _) in enumerate(step.rows):
-            drafts = self._drafts.get(req.request_id)
-            if not drafts or step.budget <= 0 or not samples:
+        for i, row in enumerate(step.rows):
+            drafts = self._drafts.get(row.request.request_id)
+            if not drafts or step.budget <= 0 or not row.samples:
                 continue
-            more = self._grant(req, req.num_computed_tokens + new, len(drafts), step.budget)
+            more = self._grant(row.request, row.request.num_computed_tokens + row.new,
+                               len(drafts), step.budget)
             if more:
-                step.replace(i, (req, new + more, tuple(drafts[:more]), admitted, True, False))
+                step.rows[i] = row._replace(new=row.new + more, drafts=tuple(drafts[:more]))
                 step.budget -= more
 
     def _grant(self, req: Request, start: int, want: int, budget: int,
@@ -378,27 +379,30 @@ class Scheduler:
         req.num_pending = 0  # a step in flight may still hold a row for it: wasted
 
 
+class _Row(NamedTuple):
+    request: Request
+    new: int  # tokens it computes, drafts included
+    drafts: tuple[int, ...]
+    admitted: bool  # admitted by this step
+    samples: bool  # its last token is among them
+
+    @property
+    def decode(self) -> bool:
+        """A one-token row of a request already running, which samples."""
+        return self.new == 1 and self.samples and not self.admitted
+
+
 @dataclasses.dataclass
 class _Step:
     """A step being filled by Scheduler._fill: its rows in the order they were granted."""
     budget: int  # tokens left
-    # (request, tokens, drafts, admitted, samples: its last token is among them, decode: a
-    # one-token row of a request already running that samples)
-    rows: list = dataclasses.field(default_factory=list)
+    rows: list[_Row] = dataclasses.field(default_factory=list)
     preempted: list = dataclasses.field(default_factory=list)
-    num_decodes: int = 0
 
     def add(self, req: Request, new: int, left: int, admitted: bool = False):
         """A row of `new` of the request's `left` tokens still to compute."""
-        samples = new >= left
-        decode = new == 1 and samples and not admitted
-        self.rows.append((req, new, (), admitted, samples, decode))
-        self.num_decodes += decode
+        self.rows.append(_Row(req, new, (), admitted, new >= left))
         self.budget -= new
-
-    def replace(self, i: int, row: tuple) -> None:
-        self.num_decodes += row[5] - self.rows[i][5]
-        self.rows[i] = row
 
     def batch(self) -> ScheduledBatch | None:
         """The rows as the device takes them: one-token decodes of requests already running
@@ -406,13 +410,14 @@ class _Step:
         preempted = tuple(self.preempted)
         if not self.rows:
             return ScheduledBatch("decode", (), (), preempted) if preempted else None
-        n_dec = self.num_decodes
-        if n_dec == len(self.rows):  # (most steps)
-            return ScheduledBatch("decode", tuple(row[0] for row in self.rows), (1,) * n_dec,
-                                  preempted)
-        rows = [row for row in self.rows if row[5]] + [row for row in self.rows if not row[5]]
-        drafts = tuple(row[2] for row in rows)
-        return ScheduledBatch("prefill", tuple(row[0] for row in rows),
-                              tuple(row[1] for row in rows), preempted, num_decodes=n_dec,
+        decodes = [row for row in self.rows if row.decode]
+        if len(decodes) == len(self.rows):  # (most steps)
+            return ScheduledBatch("decode", tuple(row.request for row in decodes),
+                                  (1,) * len(decodes), preempted)
+        rows = decodes + [row for row in self.rows if not row.decode]
+        drafts = tuple(row.drafts for row in rows)
+        return ScheduledBatch("prefill", tuple(row.request for row in rows),
+                              tuple(row.new for row in rows), preempted,
+                              num_decodes=len(decodes),
                               spec_tokens=drafts if any(drafts) else (),
-                              samples=tuple(row[4] for row in rows))
+                              samples=tuple(row.samples for row in rows))

@@ -166,11 +166,11 @@ def build_decode(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
     seq_lens = np.zeros((s_pad,), np.int32)
     seq_lens[:n] = positions[:n] + 1
     return StepInputs(
-        mode="decode", input_ids=_pad(ids, s_pad), prev_rows=prev_index, positions=positions,
+        mode="decode", input_ids=pad(ids, s_pad), prev_rows=prev_index, positions=positions,
         slot_mapping=slots,
         query_start_loc=np.minimum(np.arange(s_pad + 1, dtype=np.int32), n),
         seq_lens=seq_lens, block_tables=block_tables,
-        logits_indices=_pad(range(n), buckets.rows_bucket(n, s_pad, s_pad)),
+        logits_indices=pad(range(n), buckets.rows_bucket(n, s_pad, s_pad)),
         num_decodes=np.asarray(0, np.int32), num_seqs=n, drafts=((),) * n)
 
 
@@ -228,21 +228,22 @@ def build_rows(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         raise AssertionError("a pending token's input id has no row of the step before")
     return StepInputs(
         mode="mixed" if prefix else batch.kind,
-        input_ids=_pad(ids, t_pad),
+        input_ids=pad(ids, t_pad),
         prev_rows=prev_index,
-        positions=_pad(pos, t_pad),
+        positions=pad(pos, t_pad),
         # Padding tokens write into block 0, which no request owns.
-        slot_mapping=_pad(slots, t_pad),
-        query_start_loc=_pad(qsl, s_pad + 1, qsl[-1]),
-        seq_lens=_pad(lens, s_pad),
+        slot_mapping=pad(slots, t_pad),
+        query_start_loc=pad(qsl, s_pad + 1, qsl[-1]),
+        seq_lens=pad(lens, s_pad),
         block_tables=tables,
-        logits_indices=_pad(sampled + extra,
+        logits_indices=pad(sampled + extra,
                             buckets.rows_bucket(len(sampled) + len(extra), s_pad, t_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
         num_seqs=n, drafts=tuple(drafts), scores=tuple(scores))
 
 
-def _pad(values, size: int, fill: int = 0) -> np.ndarray:
+def pad(values, size: int, fill: int = 0) -> np.ndarray:
+    """An int32 array of `size`: the values, then `fill`."""
     out = np.full((size,), fill, np.int32)
     out[:len(values)] = values
     return out
