@@ -80,6 +80,10 @@ class OrcaReservedKV(NoPrefixCache):
                                        max_block=next_pow2(max_model_len),
                                        min_block=kv.block_size)
 
+    def holds(self, request_id: str, num_tokens: int) -> bool:
+        return (self.contiguous.holds(request_id, num_tokens)
+                and self.kv.holds(request_id, num_tokens))
+
     def allocate(self, request_id: str, num_tokens: int, hit=None) -> bool:
         if not self.contiguous.allocate(request_id, num_tokens):
             return False

@@ -183,6 +183,11 @@ class ContiguousKV(NoPrefixCache):
         self.buddy = BuddyAllocator(num_slots, max_block, min_block)
         self.ranges: dict[str, Range] = {}
 
+    def holds(self, request_id: str, num_tokens: int) -> bool:
+        """Whether allocate(request_id, num_tokens) would change nothing."""
+        r = self.ranges.get(request_id)
+        return r is not None and num_tokens <= r.reserved
+
     def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         r = self.ranges.get(request_id)
         if r is not None:

@@ -6,7 +6,9 @@ device sees one padded StepInputs per step through the ModelRunner.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import operator
 import random
 import threading
 import time
@@ -34,6 +36,7 @@ from paged_jax.snapshot import EngineSnapshot, RequestView
 
 log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the embedded model (config.model None)
+_computed = operator.attrgetter("num_computed_tokens")
 
 
 class StepError(RuntimeError):
@@ -75,6 +78,7 @@ class _InFlight:
     batch: ScheduledBatch
     inputs: step_inputs.StepInputs
     result: object  # the runner's device-side results
+    logprobs: bool  # whether any row's logprobs are wanted (fetched with its tokens)
 
     @property
     def last_rows(self) -> dict[str, int]:
@@ -175,6 +179,7 @@ class LLMEngine:
         # Asynchronous scheduling: the step dispatched and not yet applied, the live groups
         # whose steps must run synchronously, and whether the last step overlapped.
         self._inflight: _InFlight | None = None
+        self._columns = sampler.ColumnCache()  # the sampling columns kept between steps
         self._sync_groups: dict[str, str] = {}  # group id -> why
         self._overlapping = True
         self._group_of: dict[str, str] = {}  # sequence id -> user request id
@@ -496,7 +501,7 @@ class LLMEngine:
         n_dec = len(batch.requests) if batch.kind == "decode" else batch.num_decodes
         if n_dec > 1:
             # (a decode row's computed tokens are its tokens less one)
-            decodes = sorted(batch.requests[:n_dec], key=lambda r: -r.num_computed_tokens)
+            decodes = sorted(batch.requests[:n_dec], key=_computed, reverse=True)  # (stable)
             batch = dataclasses.replace(batch, requests=tuple(decodes) + batch.requests[n_dec:])
         now = time.monotonic()
         self._lap("schedule")  # sorting the rows is part of scheduling them
@@ -506,7 +511,8 @@ class LLMEngine:
         sampling = sampler.build_inputs(list(batch.requests), len(inputs.logits_indices),
                                         self.max_model_len, [list(d) for d in inputs.drafts],
                                         self.runner.mask_width,
-                                        [(row, target) for _, _, target, row in inputs.scores])
+                                        [(row, target) for _, _, target, row in inputs.scores],
+                                        self._columns)
         self._lap("build")
         result = self.runner.dispatch(inputs, sampling,
                                       prev.result if prev is not None else None)
@@ -515,40 +521,40 @@ class LLMEngine:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         self._lap("device")
-        return _InFlight(batch, inputs, result)
+        return _InFlight(batch, inputs, result, bool(sampling["flags"][2]))
 
     def _resolve(self, flight: "_InFlight") -> list[RequestOutput]:
         """Waits for a dispatched step's sampled tokens and applies them: the scheduler
         updates the requests, then their logprobs and outputs are built."""
         batch, inputs = flight.batch, flight.inputs
         result = self.runner.fetch(flight.result, inputs.num_rows + inputs.num_score_rows,
-                                   any(r.params.logprobs is not None for r in batch.requests)
-                                   or bool(inputs.scores))
+                                   flight.logprobs)
         self._lap("device")
         self.stats.num_steps += 1
         self.stats.batched_tokens += batch.num_tokens
         # Prompts admitted (a preempted request's again), cached tokens included, as vLLM.
         self.stats.prompt_tokens = self.scheduler.num_prompt_tokens
         tokens = result["tokens"].tolist()
-        sampled, starts, row = [], {}, 0
-        for req, drafts in zip(batch.requests, inputs.drafts):
-            starts[req.request_id] = row
-            sampled.append(tokens[row:row + len(drafts) + 1])
-            row += len(drafts) + 1
+        reqs, spec = batch.requests, any(inputs.drafts)
+        if spec:  # a row per draft and one more
+            starts = list(itertools.accumulate((len(d) + 1 for d in inputs.drafts), initial=0))
+            sampled = [tokens[a:b] for a, b in zip(starts, starts[1:])]
+        else:  # (most steps: a row a request)
+            starts, sampled = range(len(reqs)), [[t] for t in tokens[:len(reqs)]]
         for i, position, _, row in inputs.scores:
-            self.outputs.record_prompt_score(batch.requests[i], position, result, row)
+            self.outputs.record_prompt_score(reqs[i], position, result, row)
         updated = self.scheduler.update_from_output(batch, sampled)
-        drafts_of = dict(zip((r.request_id for r in batch.requests), inputs.drafts))
+        index = dict(zip(map(id, reqs), range(len(reqs))))
         stats = self.stats
         for req, n in updated:
-            start = starts[req.request_id]
-            self.outputs.record(req, result, start, n)
+            i = index[id(req)]
+            self.outputs.record(req, result, starts[i], n)
             stats.generation_tokens += n
-            drafts = drafts_of[req.request_id]
-            if drafts:
+            if spec and inputs.drafts[i]:
+                drafts, start = inputs.drafts[i], starts[i]
                 stats.spec_draft_tokens += len(drafts)
                 stats.spec_accepted_tokens += sum(
-                    1 for i in range(min(n, len(drafts))) if tokens[start + i] == drafts[i])
+                    1 for j in range(min(n, len(drafts))) if tokens[start + j] == drafts[j])
             if req.finished:
                 req.finished_time = time.monotonic()
                 stats.finished[req.finish_reason] = stats.finished.get(req.finish_reason, 0) + 1
@@ -564,15 +570,16 @@ class LLMEngine:
 
     def _collect(self, updated) -> list[RequestOutput]:
         outs, seen = [], set()
-        for req in updated:
-            gid = self._group_of.get(req.request_id)
+        group_of, groups, build = self._group_of, self._groups, self.outputs.request_output
+        for req in updated:  # (every running request, every step: lookups hoisted)
+            gid = group_of.get(req.request_id)
             if gid in seen or gid is None:
                 continue
             seen.add(gid)
-            group = self._groups[gid]
+            group = groups[gid]
             if req.params.output_kind == "final_only" and any(not r.finished for r in group):
                 continue
-            outs.append(self.outputs.request_output(gid, group))
+            outs.append(build(gid, group))
         # Only once every output is built: a failure above leaves every group in place for
         # _fail_step, none finished and forgotten with its output lost.
         for out in outs:

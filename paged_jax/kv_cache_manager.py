@@ -102,13 +102,17 @@ class KVCacheManager:
             hashes.append(h)
         return PrefixHit(tuple(blocks), tuple(hashes), self.block_size)
 
+    def holds(self, request_id: str, num_tokens: int) -> bool:
+        """Whether the request's table has slots for num_tokens tokens already (so that
+        allocate(request_id, num_tokens) would change nothing)."""
+        table = self._tables.get(request_id)
+        return table is not None and num_tokens <= len(table) * self.block_size
+
     def allocate(self, request_id: str, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Grow the table to hold num_tokens tokens, a new table starting from `hit`'s cached
         blocks. All or nothing: False if blocks run out."""
-        if hit is None:  # (most calls: a decode whose table has room already)
-            table = self._tables.get(request_id)
-            if table is not None and num_tokens <= len(table) * self.block_size:
-                return True
+        if hit is None and self.holds(request_id, num_tokens):
+            return True  # (most calls: a table that has room already)
         hit_blocks = list(hit.blocks) if hit is not None else []
         if hit_blocks and request_id in self._tables:
             raise ValueError(f"request {request_id!r} already has blocks; a prefix hit "

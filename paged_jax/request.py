@@ -120,7 +120,7 @@ class Request:
 
 
 @dataclasses.dataclass
-class CompletionOutput:
+class CompletionOutput:  # (OutputBuilder passes the fields by position: keep their order)
     index: int
     text: str
     token_ids: list[int]
@@ -134,7 +134,7 @@ class CompletionOutput:
 
 
 @dataclasses.dataclass
-class RequestOutput:
+class RequestOutput:  # (OutputBuilder passes the fields by position: keep their order)
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]

@@ -68,7 +68,8 @@ class SampleResult:
 
 def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
                  drafts: list[list[int]] | None = None, mask_width: int = 0,
-                 scores: list[tuple[int, int]] = ()) -> dict[str, np.ndarray | None]:
+                 scores: list[tuple[int, int]] = (),
+                 cache: "ColumnCache | None" = None) -> dict[str, np.ndarray | None]:
     """Host side: numpy arrays for the rows of `reqs`, padded to num_rows. drafts: per
     request, the speculative tokens its row computes after its last token; such a request
     has len(drafts) + 1 rows, row j verifying draft j (the last row samples the bonus).
@@ -76,7 +77,8 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
     structured outputs (the runner then passes an all-ones mask it keeps on the device).
     scores: (row, prompt token) of the rows that score a prompt token (prompt logprobs):
     rows past the sampled ones, or the row of a chunk that does not sample; "score" is None
-    when there are none (the runner passes a -1 column it keeps)."""
+    when there are none (the runner passes a -1 column it keeps). cache: keeps the columns
+    that depend only on the rows' requests from one step to the next (ColumnCache)."""
     drafts = drafts or [[]] * len(reqs)
     bitmask = None
     if any(r.matcher is not None or r.rules is not None for r in reqs):
@@ -88,20 +90,54 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
             if r.rules is not None:  # (such requests get no drafts)
                 r.rules.apply(r, bitmask[row])
             row += len(d) + 1
-    expanded = [(r, j, d[j] if j < len(d) else -1)
-                for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
-    reqs = [r for r, _, _ in expanded]
-    draft = [d for _, _, d in expanded]
-    p = [r.params for r in reqs]
-    n = len(reqs)
+    if any(drafts):
+        expanded = [(r, j, d[j] if j < len(d) else -1)
+                    for r, d in zip(reqs, drafts) for j in range(len(d) + 1)]
+        rows = [r for r, _, _ in expanded]
+        draft = pad([d for _, _, d in expanded], num_rows, -1)
+        step = [len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded]
+    else:  # (most steps: a row a request)
+        rows, draft = reqs, np.full((num_rows,), -1, np.int32)
+        step = [len(r.output_token_ids) + r.num_pending for r in reqs]
+    const = cache.get(rows, num_rows) if cache is not None else constant_columns(rows,
+                                                                                 num_rows)
     score = None
     if scores:  # (rows past the sampled ones are like padding but for the token scored)
         score = np.full((num_rows,), -1, np.int32)
-        rows, targets = zip(*scores)
-        score[list(rows)] = targets
-    # The columns a request keeps for its life, built once (Request.sampling_row) and
-    # stacked in one conversion each; padding rows sample nothing (neutral values).
+        score_rows, targets = zip(*scores)
+        score[list(score_rows)] = targets
+    # Always full width so the step keeps one shape whether or not penalties are in use;
+    # None when no row uses them (the runner passes an empty history it keeps on the device:
+    # rows x max_model_len int32 is megabytes a step).
+    history = None
+    if const["penalties"]:
+        history = np.full((num_rows, history_len), -1, np.int32)
+        for i, r in enumerate(rows):
+            if r.params.uses_penalties:
+                toks = r.all_token_ids[:history_len]
+                history[i, :len(toks)] = toks
+    return dict(
+        {k: v for k, v in const.items() if k not in _FLAG_KEYS},
+        # (pending tokens: sampled by the step in flight, asynchronous scheduling)
+        step=pad(step, num_rows), history=history, draft=draft, bitmask=bitmask,
+        flags=np.asarray([const["penalties"], const["top"], const["logprobs"] or bool(scores),
+                          const["random"], len(rows) > len(reqs), bitmask is not None,
+                          const["bias"]], bool),
+        score=score,
+    )
+
+
+# constant_columns' flags, which build_inputs folds into the step's flags column
+_FLAG_KEYS = ("penalties", "top", "logprobs", "random", "bias")
+
+
+def constant_columns(reqs: list[Request], num_rows: int) -> dict:
+    """The columns of the rows of `reqs` (one a row) that stay the same while the rows do:
+    the sampling parameters, prompt lengths, seeds and logit bias, and the flags they decide
+    (as numpy arrays, or bools; read-only: a ColumnCache hands them to later steps)."""
     columns = [r.sampling_row or _sampling_row(r) for r in reqs]
+    n = len(reqs)
+    # Stacked in one conversion each; padding rows sample nothing (neutral values).
     floats = np.tile(np.asarray(_NEUTRAL, np.float32), (num_rows, 1))
     ints = np.zeros((num_rows, 4), np.int64)
     if n:
@@ -109,39 +145,42 @@ def build_inputs(reqs: list[Request], num_rows: int, history_len: int,
         ints[:n] = [c[1] for c in columns]
     temperature, top_p, min_p, repetition, presence, frequency = np.ascontiguousarray(floats.T)
     top_k, prompt_lens, seed_lo, seed_hi = ints.T
-    penalties = bool(np.any((repetition != 1) | (presence != 0) | (frequency != 0)))
-    # Always full width so the step keeps one shape whether or not penalties are in use;
-    # None when no row uses them (the runner passes an empty history it keeps on the device:
-    # rows x max_model_len int32 is megabytes a step).
-    history = None
-    if penalties:
-        history = np.full((num_rows, history_len), -1, np.int32)
-        for i, r in enumerate(reqs):
-            if r.params.uses_penalties:
-                toks = r.all_token_ids[:history_len]
-                history[i, :len(toks)] = toks
-    return dict(
+    p = [r.params for r in reqs]
+    out = dict(
         temperature=temperature, top_k=top_k.astype(np.int32), top_p=top_p, min_p=min_p,
         repetition_penalty=repetition, presence_penalty=presence,
         frequency_penalty=frequency,
         seed=np.stack([seed_lo, seed_hi], axis=1).astype(np.uint32),
-        # (pending tokens: sampled by the step in flight, asynchronous scheduling)
-        step=pad([len(r.output_token_ids) + r.num_pending + j for r, j, _ in expanded],
-                 num_rows),
         prompt_lens=prompt_lens.astype(np.int32),
-        history=history,
-        draft=pad(draft, num_rows, -1),
-        bitmask=bitmask,
-        **_logit_bias([x.logit_bias for x in p], num_rows),
-        flags=np.asarray([penalties,
-                          bool(np.any((top_k > 0) | (top_p < 1))),
-                          any(x.logprobs is not None for x in p) or bool(scores),
-                          bool(np.any(temperature > 0)),
-                          any(d >= 0 for d in draft),
-                          bitmask is not None,
-                          any(x.logit_bias for x in p)], bool),
-        score=score,
-    )
+        **_logit_bias([x.logit_bias for x in p], num_rows))
+    for v in out.values():
+        if v is not None:
+            v.flags.writeable = False
+    return dict(out, penalties=bool(np.any((repetition != 1) | (presence != 0)
+                                           | (frequency != 0))),
+                top=bool(np.any((top_k > 0) | (top_p < 1))),
+                logprobs=any(x.logprobs is not None for x in p),
+                random=bool(np.any(temperature > 0)),
+                bias=any(x.logit_bias for x in p))
+
+
+class ColumnCache:
+    """The constant columns (constant_columns) of the last step's rows, kept while the rows'
+    requests stay the same ones in the same order, as most decode steps' do: vLLM's
+    persistent batch keeps them the same way. At hundreds of rows, building them was most of
+    a decode step's sampling inputs."""
+
+    def __init__(self):
+        self._rows: tuple = ()  # (held, so that the ids below stay theirs)
+        self._key: tuple = ()
+        self._columns: dict = {}
+
+    def get(self, reqs: list[Request], num_rows: int) -> dict:
+        key = (num_rows, *map(id, reqs))
+        if key != self._key:
+            self._rows, self._key = tuple(reqs), key
+            self._columns = constant_columns(reqs, num_rows)
+        return self._columns
 
 
 # temperature, top_p, min_p, repetition, presence and frequency penalties of a padding row

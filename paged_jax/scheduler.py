@@ -185,8 +185,15 @@ class Scheduler:
             queue = collections.deque(self.running)
             while queue and step.budget > 0:
                 req = queue.popleft()
-                if req.num_tokens >= req.max_total_tokens:
+                num_tokens, start = req.num_tokens, req.num_computed_tokens
+                if num_tokens >= req.max_total_tokens:
                     continue  # its pending token is its last: it finishes when that arrives
+                if num_tokens - start == 1 and self.kv.holds(req.request_id, start + 1):
+                    # (most rows of most steps: a decode whose table has a slot for its
+                    # token, which none of _grant's cuts can apply to)
+                    self._cache(req, start + 1)
+                    step.add(req, 1, 1)
+                    continue
                 while not self._catch_up(req, step):
                     # The newest running request not yet scheduled: the blocks the scheduled
                     # ones registered (cache_blocks) are computed by this step.
@@ -206,8 +213,9 @@ class Scheduler:
         """Grants a running request its row: what is left of its tokens (one for a decode, a
         chunk of a prompt part-way through), cut to the budget and the free blocks. False if
         not a block is free for even one token."""
-        left = req.num_tokens - req.num_computed_tokens
-        new = self._grant(req, req.num_computed_tokens, left, step.budget)
+        start = req.num_computed_tokens
+        left = req.num_tokens - start
+        new = self._grant(req, start, left, step.budget)
         if new:
             step.add(req, new, left)
         return new > 0
@@ -327,9 +335,11 @@ class Scheduler:
         step computes (its drafts included), and each row that samples (one whose prompt is
         complete by this step) gets a pending token."""
         for req, new, samples in zip(batch.requests, batch.num_new_tokens, batch.sampling):
-            scored = req.prompt_scores(req.num_computed_tokens, req.num_computed_tokens + new)
-            if scored:
-                req.num_prompt_scored = scored.stop
+            if req.prompt_logprobs is not None:
+                scored = req.prompt_scores(req.num_computed_tokens,
+                                           req.num_computed_tokens + new)
+                if scored:
+                    req.num_prompt_scored = scored.stop
             req.num_computed_tokens += new
             req.num_pending += samples
 
@@ -347,8 +357,13 @@ class Scheduler:
             if req.finished or not samples:
                 continue  # finished meanwhile, or a chunk of a prompt (its sample dropped)
             req.num_pending -= 1
-            kept = accepted_prefix(list(drafts), [int(t) for t in tokens]) if drafts \
-                else [int(tokens[0])]
+            if not drafts:  # (most rows: one token)
+                req.output_token_ids.append(int(tokens[0]))
+                if self.stop.check(req):
+                    self.finish(req)
+                updated.append((req, 1))
+                continue
+            kept = accepted_prefix(list(drafts), [int(t) for t in tokens])
             # The K/V of rejected drafts are stale; the last kept token's are computed by the
             # next step.
             req.num_computed_tokens -= len(drafts) + 1 - len(kept)

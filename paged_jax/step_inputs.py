@@ -3,6 +3,7 @@ how many shapes (and so compilations) there are. Plain numpy: built on the host 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -146,10 +147,7 @@ def build_decode(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
     loop (build_rows, which gives the same arrays) was most of their build time."""
     reqs, n = batch.requests, len(batch.requests)
     s_pad = pick(buckets.seqs, n)
-    tables = [kv.block_table(r.request_id) for r in reqs]
-    block_tables = np.zeros((s_pad, pick(buckets.blocks, max(map(len, tables)))), np.int32)
-    for i, table in enumerate(tables):
-        block_tables[i, :len(table)] = table
+    block_tables = table_array([kv.block_table(r.request_id) for r in reqs], s_pad, buckets)
     prev_index = np.full((s_pad,), -1, np.int32)
     ids = []
     for i, r in enumerate(reqs):  # the token at its last position: known, or pending
@@ -210,11 +208,7 @@ def build_rows(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
         qsl.append(qsl[-1] + new)
         lens.append(end)
         drafts.append(spec)
-    mb = pick(buckets.blocks, max(len(kv.block_table(r.request_id)) for r in reqs))
-    tables = np.zeros((s_pad, mb), np.int32)
-    for i, req in enumerate(reqs):
-        table = kv.block_table(req.request_id)
-        tables[i, :len(table)] = table
+    tables = table_array([kv.block_table(r.request_id) for r in reqs], s_pad, buckets)
     # A prompt row over a cached prefix (or an earlier chunk) attends over pages it did not
     # write this step.
     prefix = batch.kind == "prefill" and any(
@@ -240,6 +234,16 @@ def build_rows(batch: ScheduledBatch, kv: KVCacheManager, buckets: Buckets,
                             buckets.rows_bucket(len(sampled) + len(extra), s_pad, t_pad)),
         num_decodes=np.asarray(batch.num_decodes if batch.kind == "prefill" else 0, np.int32),
         num_seqs=n, drafts=tuple(drafts), scores=tuple(scores))
+
+
+def table_array(tables: list[list[int]], num_rows: int, buckets: Buckets) -> np.ndarray:
+    """The block tables as [num_rows, a blocks bucket] int32, zero padded: filled through one
+    mask rather than row by row (at hundreds of rows, half the time)."""
+    lens = np.fromiter(map(len, tables), np.int32, len(tables))
+    out = np.zeros((num_rows, pick(buckets.blocks, int(lens.max()))), np.int32)
+    out[:len(tables)][np.arange(out.shape[1]) < lens[:, None]] = list(
+        itertools.chain.from_iterable(tables))
+    return out
 
 
 def pad(values, size: int, fill: int = 0) -> np.ndarray:
