@@ -15,7 +15,7 @@ KV page dtypes (issue 17): --kv_cache_dtypes times the decode kernels over pages
 listed kv_cache_dtype instead (q stays in --dtype), on the same random data quantized with
 paged_jax.kv_quant (fp8 with vLLM's calibrated scales, max |K| / 200 and max |V| / 100), and
 reports per kernel seconds, decode tokens/s, KV bytes read per second (as stored: int8 rows
-D + 4 bytes, fp8 1 byte a value) and tokens/s over the first listed dtype's:
+D + 2 bytes, fp8 1 byte a value) and tokens/s over the first listed dtype's:
 
   python experiments/kernel_bench.py --batch_sizes=64 --context_lens=2048 \
       --block_sizes=16,32 --kv_cache_dtypes=bfloat16,fp8_e4m3,int8 --out=/tmp/kv8.json

@@ -35,7 +35,7 @@ class AttentionMetadata:
 
 def write_kv(cache: jax.Array, new: jax.Array, slot_mapping: jax.Array,
              kv_scale: float = 1.0, in_place_kernel: bool = False) -> jax.Array:
-    """cache [Hkv, N, B, D (+ 4 for int8's scale)]; new [T, Hkv, D]; returns the cache with
+    """cache [Hkv, N, B, D (+ 2 for int8's scale)]; new [T, Hkv, D]; returns the cache with
     new written (quantized to the pages' dtype, kv_quant.py; fp8 over kv_scale) at its
     slots. in_place_kernel (on the CPU, either backend): 8- and 16-bit float pages are written
     by the CPU kernel library (cpu_kernels.write_rows), whose cost is the rows, not the

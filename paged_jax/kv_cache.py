@@ -26,7 +26,7 @@ def num_blocks_for(cfg: ModelConfig, block_size: int, memory_bytes: int,
 
 def allocate(cfg: ModelConfig, num_blocks: int, block_size: int, sharding=None,
              kv_cache_dtype: str = "auto"):
-    """[(k, v)] per layer, each [Hkv, N, B, D] (int8: D + 4, kv_quant.py). Built by a jitted
+    """[(k, v)] per layer, each [Hkv, N, B, D] (int8: D + 2, kv_quant.py). Built by a jitted
     zeros so that, with a sharding, every device materializes only its own shard."""
     dtype, extra = kv_quant.storage(kv_cache_dtype, cfg.dtype)
     shape = (cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim + extra)

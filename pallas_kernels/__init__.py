@@ -2,8 +2,8 @@
 
 Layouts are fixed by docs/ARCHITECTURE.md: k_cache, v_cache [Hkv, N, B, D]; block 0 pads.
 Pages are q's dtype, fp8 (e4m3fn, e5m2, with per-tensor k_scale / v_scale) or int8
-([Hkv, N, B, D + 4], each row with its float32 scale): kv_pages.py. Every kernel reads all
-of them, 8-bit pages as 8-bit; the Mosaic GPU kernel takes int8 pages of blocks >= 32 tokens.
+([Hkv, N, B, D + 2], each row with its float16 scale): kv_pages.py. Every kernel reads all
+of them, 8-bit pages as 8-bit; the Mosaic GPU kernel takes int8 pages of blocks >= 64 tokens.
 """
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.paged_attention_mgpu import MosaicDecodeConfig, paged_attention_mgpu

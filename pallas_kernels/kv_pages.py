@@ -3,8 +3,8 @@
   float32, bfloat16, float16  plain values [Hkv, N, B, D], in q's dtype
   float8_e4m3fn, float8_e5m2  [Hkv, N, B, D]: value = fp8 * scale, scale the per-tensor
                               k_scale (or v_scale), a static Python float
-  int8                        [Hkv, N, B, D + 4]: a row's D values, then 4 bytes holding its
-                              float32 scale; value = int8 * row scale
+  int8                        [Hkv, N, B, D + 2]: a row's D values, then 2 bytes holding its
+                              float16 scale; value = int8 * row scale
 
 The kernels load 8-bit pages as they are stored (8-bit memory traffic) and convert inside.
 Converting an 8-bit value to q's dtype is exact (fp8 and |int8| <= 127 fit in bf16, f16 and
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
 INT8 = jnp.dtype(jnp.int8)
-SCALE_BYTES = 4  # an int8 row's float32 scale, after its values (kv_quant.SCALE_BYTES)
+SCALE_BYTES = 2  # an int8 row's float16 scale, after its values (kv_quant.SCALE_BYTES)
 
 
 def is_fp8(dtype) -> bool:
@@ -67,9 +67,19 @@ def validate(q, k_cache, v_cache, k_scale: float, v_scale: float) -> None:
 
 
 def int8_row_scales(pages: jax.Array, head_size: int) -> jax.Array:
-  """int8 pages [..., D + 4] -> the rows' float32 scales [...]."""
+  """int8 pages [..., D + 2] -> the rows' scales [...] as float32."""
   return jax.lax.bitcast_convert_type(pages[..., head_size:head_size + SCALE_BYTES],
-                                      jnp.float32)
+                                      jnp.float16).astype(jnp.float32)
+
+
+def half_from_bytes(low: jax.Array, high: jax.Array) -> jax.Array:
+  """The float16s whose little-endian bytes are the int8s `low` and `high`, as float32 (for
+  kernels, whose bitcasts are only between types of one width: Triton's, Mosaic's). The
+  bytes are joined in an int32 that lies in int16's range (`high` sign-extended), so
+  narrowing it to int16 is exact; that is bitcast."""
+  word = (high.astype(jnp.int32) << 8) | (low.astype(jnp.int32) & 0xFF)
+  return jax.lax.bitcast_convert_type(word.astype(jnp.int16),
+                                      jnp.float16).astype(jnp.float32)
 
 
 def dequantize(pages: jax.Array, head_size: int, scale: float = 1.0) -> jax.Array:

@@ -1,10 +1,10 @@
 """Paged decode attention: one query token per sequence, keys read through the block table.
 
 Pages: q's dtype (float32, bfloat16, float16), float8_e4m3fn / float8_e5m2 with per-tensor
-k_scale / v_scale, or int8 rows with their float32 scales (kv_pages.py). 8-bit pages are
+k_scale / v_scale, or int8 rows with their float16 scales (kv_pages.py). 8-bit pages are
 loaded as 8-bit and converted to q's dtype in registers (exact), their scales applied to
-the scores and probabilities (online_softmax_step); an int8 row's scale is read as 4 bytes
-and assembled into a float32 (load_row_scales).
+the scores and probabilities (online_softmax_step); an int8 row's scale is read as 2 bytes
+and assembled into a float16 (load_row_scales).
 
 Grid (sequence, KV head, split): a program loads its KV group's query heads once, then
 streams the pages of one slice of the context, so each page of a KV head is read once and
@@ -53,19 +53,16 @@ def load_kv(cache_ref, page, token, cols, token_ok, head_size):
 
 
 def load_row_scales(cache_ref, page, token, token_ok, head_size):
-  """int8 pages [N, B, D + 4]: the float32 scales of `token`'s rows -> [len] (0 where not
-  token_ok).
+  """int8 pages [N, B, D + 2]: the scales of `token`'s rows as float32 -> [len] (0 where
+  not token_ok).
 
-  Triton bitcasts only between types of one width, so the 4 little-endian scale bytes are
-  loaded as 4 byte columns, assembled into an int32 with shifts and ors, and that int32 is
-  bitcast to float32."""
+  Triton bitcasts only between types of one width, so the 2 little-endian scale bytes are
+  loaded as 2 byte columns and assembled into a float16 (kv_pages.half_from_bytes)."""
   block_size = cache_ref.shape[1]
   row = (page, token % block_size)
-  word = jnp.zeros(token.shape, jnp.int32)
-  for i in range(kv_pages.SCALE_BYTES):
-    byte = plgpu.load(cache_ref.at[(*row, head_size + i)], mask=token_ok, other=0)
-    word = word | ((byte.astype(jnp.int32) & 0xFF) << (8 * i))
-  return lax.bitcast_convert_type(word, jnp.float32)
+  low, high = (plgpu.load(cache_ref.at[(*row, head_size + i)], mask=token_ok, other=0)
+               for i in range(kv_pages.SCALE_BYTES))
+  return kv_pages.half_from_bytes(low, high)
 
 
 def load_page_rows(cache_ref, page, token, cols, token_ok, head_size, dtype):
@@ -246,7 +243,7 @@ def validate_cache_args(q, k_cache, v_cache, block_tables, seq_lens, k_scale=1.0
   if k_cache.shape[3] != width:
     if kv_pages.is_int8(k_cache.dtype):
       raise ValueError(f"int8 k_cache rows of {k_cache.shape[3]} bytes != q head size "
-                       f"{head_size} + {kv_pages.SCALE_BYTES} (the values, then a float32 "
+                       f"{head_size} + {kv_pages.SCALE_BYTES} (the values, then a float16 "
                        f"scale)")
     raise ValueError(f"q head size {head_size} != k_cache head size {k_cache.shape[3]}")
   if q.shape[1] % k_cache.shape[0]:
@@ -287,7 +284,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
   q [S, Hq, D] float32, bfloat16 or float16; k_cache, v_cache [Hkv, N, B, D] in q's dtype,
   float8_e4m3fn or float8_e5m2 (value = fp8 * k_scale, or v_scale), or int8 [Hkv, N, B,
-  D + 4] (each row's D values and its float32 scale; kv_pages.py); block_tables [S, MB]
+  D + 2] (each row's D values and its float16 scale; kv_pages.py); block_tables [S, MB]
   int32; seq_lens [S] int32 (0 for padded rows, whose output is zeros). Returns [S, Hq, D]
   in q's dtype: softmax(scale * q k^T) v over key positions 0..seq_lens[s]-1.
 

@@ -17,14 +17,14 @@ program:
   - splits write unnormalised (out, max, sum) that paged_attention.merge_splits combines.
 
 Pages (kv_pages.py): q's dtype; float8_e4m3fn / float8_e5m2 (per-tensor k_scale, v_scale);
-int8 rows of D values and a float32 scale, for blocks of >= 32 tokens (supports says why).
+int8 rows of D values and a float16 scale, for blocks of >= 64 tokens (supports says why).
 8-bit pages travel as 8-bit: TMA copies fp8 tiles into 8-bit swizzled SMEM (64-byte swizzle
-at head size 64); int8 pieces, whose D + 4-byte rows break TMA's 16-byte stride rule, move
+at head size 64); int8 pieces, whose D + 2-byte rows break TMA's 16-byte stride rule, move
 as contiguous bytes with bulk copies. Each step the warpgroup widens the slot's K and V tiles
 SMEM -> registers -> SMEM in q's dtype (exact) for wgmma, which multiplies 8-bit operands
 only with an 8-bit q, and frees the slot for the next copy at once. The scales never touch
 the tiles: k_scale folds into the softmax scale and v_scale into the output; an int8 row's
-scale (its 4 bytes assembled into a float32) multiplies its score column (K) or its
+scale (its 2 bytes assembled into a float16) multiplies its score column (K) or its
 probability column (V).
 
 Runs on the CPU in Mosaic GPU's interpret mode (InterpretGPUParams), which checks the
@@ -53,9 +53,9 @@ MAX_BARRIERS = 32  # per barrier group in Mosaic GPU: bounds pieces per step x r
 SMEM_ALIGN = 1024  # Mosaic GPU aligns every SMEM allocation to this many bytes
 HEAD_SIZES = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
-# int8 rows are D + 4 bytes, D + 4 = 4 x odd: a piece of rows is a multiple of the 128 bytes
-# a copy must move only with a multiple of 32 rows.
-INT8_MIN_BLOCK = 32
+# int8 rows are D + 2 bytes, D + 2 = 2 x odd: a piece of rows is a multiple of the 128 bytes
+# a copy must move only with a multiple of 64 rows.
+INT8_MIN_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,9 @@ def smem_bytes(head_size: int, tokens_per_step: int, num_slots: int, dtype, *,
   page_dtype = jnp.dtype(page_dtype or dtype)
   ring = num_slots * tokens_per_step * head_size * page_dtype.itemsize
   if kv_pages.is_int8(page_dtype):  # one ring of K and V rows with their scales; the scales
+    # (f32) and the values staged as rows of D bytes
     rings = [2 * num_slots * tokens_per_step * (head_size + kv_pages.SCALE_BYTES),
-             2 * tokens_per_step * 4]
+             2 * tokens_per_step * 4, 2 * tokens_per_step * head_size]
   else:
     rings = [ring, ring]
   widened = [tokens_per_step * head_size * item] * 2 if page_dtype.itemsize != item else []
@@ -132,9 +133,9 @@ def supports(q: jax.Array, k_cache: jax.Array) -> str | None:
     return f"head size {q.shape[2]} (TMA tiles take {HEAD_SIZES})"
   if kv_pages.is_int8(k_cache.dtype) and k_cache.shape[2] < INT8_MIN_BLOCK:
     return (f"int8 pages of block size {k_cache.shape[2]} (< {INT8_MIN_BLOCK}): a page of "
-            f"rows of D + 4 bytes is copied whole, and Pallas' Mosaic GPU copies move a "
+            f"rows of D + 2 bytes is copied whole, and Pallas' Mosaic GPU copies move a "
             f"multiple of 128 bytes (each thread of the warpgroup arrives on the barrier for "
-            f"1/128 of them), which {k_cache.shape[2]} rows of D + 4 bytes are not")
+            f"1/128 of them), which {k_cache.shape[2]} rows of D + 2 bytes are not")
   if k_cache.shape[2] < 8:
     return f"block size {k_cache.shape[2]} (a page must fill 8-row SMEM tiles)"
   if q.shape[1] // k_cache.shape[0] > ROWS:
@@ -165,15 +166,16 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   # p_smem is None when wgmma reads p from registers (compiled, p_from_registers)
   # scale includes fp8's k_scale; v_scale (fp8's, else 1) multiplies the output
   # rings: (k_smem, v_smem), or for int8 pages one ring [num_slots, 2, U, 16] of 16-byte
-  # units, U = tokens_per_step (D + 4) / 16: a slot's K rows, then its V rows (so their
+  # units, U = tokens_per_step (D + 2) / 16: a slot's K rows, then its V rows (so their
   # scales load as one [2, step] array, the 128 elements a warpgroup-strided load needs)
   # kw_smem, vw_smem [tokens_per_step, D] in q's dtype: 8-bit pages' tiles of the step,
   # widened for wgmma (which takes 8-bit operands only with an 8-bit q); None for 16-bit
-  # scales_smem [2, tokens_per_step] f32: int8 pages' K and V row scales of the step
+  # scales_smem (int8 pages only): ([2, tokens_per_step] f32, the K and V row scales of
+  # the step; staging [2, tokens_per_step, D] int8, the step's values as rows of D bytes)
   # tables_ref [S, MBp] int32, MBp covering every step of every split; lens_ref [S] int32
   # q_ref [S, Hkv, ROWS, D]: each group's query heads, zero-padded to ROWS rows
   # k_ref, v_ref [Hkv, N, B, D] (the engine's cache, read in place; int8: [Hkv, N, U', 16],
-  # U' = B (D + 4) / 16, the same bytes)
+  # U' = B (D + 2) / 16, the same bytes)
   # o_ref [K, S, Hkv, ROWS, D] f32 unnormalised; m_ref, l_ref [K, S, Hkv, ROWS] f32 (base 2)
   # q_smem [ROWS, D]; k_smem, v_smem [num_slots, tokens_per_step, D] in the pages' dtype
   # (int8: views of the ring);
@@ -182,6 +184,8 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   seq, head, split = lax.axis_index("s"), lax.axis_index("h"), lax.axis_index("k")
   head_size = q_smem.shape[1]
   int8 = scales_smem is not None
+  if int8:  # the rows' scales [2, step] f32, and the values staged as rows of D bytes
+    scales_smem, staging = scales_smem
   int8_rows = (2, tokens_per_step, head_size + kv_pages.SCALE_BYTES)  # a slot's K, V rows
   k_smem, v_smem = (rings.at[:, 0], rings.at[:, 1]) if int8 else rings
   # A step holds `pieces` whole pages, or (pages longer than a step) a slice of one page.
@@ -190,7 +194,7 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   iota = (functools.partial(lax.broadcasted_iota, jnp.int32) if interpret else
           functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA))
   # An 8-bit tile comes out of SMEM 4 bytes a thread at a time (WGMMA's 8-bit register
-  # layout) rather than WGMMA's 2. int8 rows of D + 4 bytes defeat Mosaic's bank-conflict
+  # layout) rather than WGMMA's 2. int8 rows of D + 2 bytes defeat Mosaic's bank-conflict
   # free transfer plans, hence optimized=False there.
   load_8bit = ((lambda ref: ref[...]) if interpret else
                functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA_8BIT,
@@ -210,7 +214,8 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
 
   if int8:
     # int8 pages and rings come in 16-byte units (_decode_call). Pieces start and end on
-    # rows that are multiples of 4, where a row of D + 4 = 4 x odd bytes ends on a unit.
+    # rows that are multiples of 64, where a row of D + 2 = 2 x odd bytes ends on a unit
+    # (every 8 rows).
     to_units = lambda row: row * int8_rows[2] // 16
     # A page slice is in bounds by construction; saying so lets Mosaic move it with one
     # bulk copy of contiguous bytes (no tensor map, so no 256-element box limit).
@@ -231,17 +236,24 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
       copy(v_ref.at[src], v_smem.at[dst], v_bars.at[slot * pieces + p])
 
   def load_8bit_tiles(slot):
-    """A slot's 8-bit K and V tiles [step, D] (registers), and for int8 the 4 bytes of
+    """A slot's 8-bit K and V tiles [step, D] (registers), and for int8 the 2 bytes of
     each row's scale, [2, step] int8 each (K's row scales, then V's)."""
     if not int8:
       return load_8bit(k_smem.at[slot]), load_8bit(v_smem.at[slot]), None
-    values = pl.ds(0, head_size)  # a row: D values, then the 4 bytes of its scale
+    values = pl.ds(0, head_size)  # a row: D values, then the 2 bytes of its scale
     if interpret:  # the interpreter reshapes no refs: load the slot, reshape the value
       kv = rings[slot].reshape(int8_rows)
       return kv[0, :, values], kv[1, :, values], [kv[:, :, head_size + i]
                                                  for i in range(kv_pages.SCALE_BYTES)]
     kv = rings.at[slot].reshape(*int8_rows)
-    return (load_8bit(kv.at[0, :, values]), load_8bit(kv.at[1, :, values]),
+    # Rows of D + 2 bytes have strides no multiple of the 4 bytes WGMMA's 8-bit layout loads
+    # a thread at a time: the values move in 2-byte vectors (a strided layout) into rows of
+    # D bytes (staging), which that layout then reads.
+    for i in range(2):
+      staging[i] = plgpu.load(kv.at[i, :, values], (), layout=plgpu.Layout.WG_STRIDED(
+          (tokens_per_step, head_size), vec_size=2))
+    plgpu.commit_smem()  # (each thread reads back values other threads stored)
+    return (load_8bit(staging.at[0]), load_8bit(staging.at[1]),
             [load_strided(kv.at[:, :, head_size + i]) for i in range(kv_pages.SCALE_BYTES)])
 
   def widen_slot(slot):
@@ -252,13 +264,9 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
     kw_smem[...] = _widen(k8, kw_smem.dtype)
     vw_smem[...] = _widen(v8, vw_smem.dtype)
     if int8:
-      # The 4 little-endian bytes of each row's float32 scale, assembled into an int32
-      # (Mosaic bitcasts only between types of one width) and bitcast to float32.
-      word = None
-      for i, byte in enumerate(scale_bytes):
-        byte = byte.astype(jnp.int32) & 0xFF
-        word = byte if word is None else word | (byte << (8 * i))
-      scales_smem[...] = lax.bitcast_convert_type(word, jnp.float32)
+      # The 2 little-endian bytes of each row's float16 scale, assembled into an int16
+      # (Mosaic bitcasts only between types of one width) and bitcast to float16.
+      scales_smem[...] = kv_pages.half_from_bytes(*scale_bytes)
 
   plgpu.copy_gmem_to_smem(q_ref.at[seq, head], q_smem, q_bar.at[0])
   for slot in range(num_slots):  # prologue: fill the ring
@@ -377,15 +385,15 @@ def _decode_call(q4, k_cache, v_cache, block_tables, seq_lens, *, scale, v_scale
               jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS), f32),
               jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, ROWS), f32))
   if kv_pages.is_int8(page_dtype):
-    # Rows of D + 4 bytes fit no swizzled tile, and Mosaic's copies need 16-byte strides
-    # (TMA's rule), which rows of D + 4 bytes lack. A piece of whole rows is contiguous,
-    # though, and a multiple of 128 bytes when it has a multiple of 32 rows (supports):
-    # seen as 16-byte units, [Hkv, N, B (D + 4) / 16, 16] (a free reshape), a piece is one
+    # Rows of D + 2 bytes fit no swizzled tile, and Mosaic's copies need 16-byte strides
+    # (TMA's rule), which rows of D + 2 bytes lack. A piece of whole rows is contiguous,
+    # though, and a multiple of 128 bytes when it has a multiple of 64 rows (supports):
+    # seen as 16-byte units, [Hkv, N, B (D + 2) / 16, 16] (a free reshape), a piece is one
     # contiguous slice, which Mosaic copies with one bulk copy (cp.async.bulk, no tensor
     # map) into an unswizzled ring; the kernel reads the ring back as rows.
     units = step * (head_size + kv_pages.SCALE_BYTES) // 16
     rings = plgpu.SMEM((slots, 2, units, 16), page_dtype)
-    scales = plgpu.SMEM((2, step), f32)
+    scales = (plgpu.SMEM((2, step), f32), plgpu.SMEM((2, step, head_size), page_dtype))
     k_cache, v_cache = (c.reshape(*c.shape[:2], -1, 16) for c in (k_cache, v_cache))
   else:
     page_transforms = _smem_transforms(page_dtype, head_size * page_dtype.itemsize)
@@ -437,7 +445,7 @@ def paged_attention_mgpu(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
   q [S, Hq, D] bfloat16 or float16; k_cache, v_cache [Hkv, N, B, D] in q's dtype, or
   float8_e4m3fn / float8_e5m2 (value = fp8 * k_scale, or v_scale; static floats, 1.0 for
-  other pages), or int8 [Hkv, N, B, D + 4] with B >= 32 (rows of D values and a float32
+  other pages), or int8 [Hkv, N, B, D + 2] with B >= 64 (rows of D values and a float16
   scale); block_tables [S, MB] int32; seq_lens [S] int32 (0 for padded rows, whose output
   is zeros). Returns [S, Hq, D] in q's dtype.
   Raises ValueError naming the mismatch, or what this kernel does not take (see supports);

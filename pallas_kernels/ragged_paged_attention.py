@@ -33,7 +33,7 @@ def _ragged_kernel(
     seq_lens_ref,         # [S]          int32
     block_tables_ref,     # [S, MB]      int32
     q_ref,                # [T, G, D]    this KV group's query heads of every token
-    k_ref,                # [N, B, W]    every page of this KV head (W: D, int8 D + 4)
+    k_ref,                # [N, B, W]    every page of this KV head (W: D, int8 D + 2)
     v_ref,                # [N, B, W]
     o_init_ref,           # [T, G, D]    zeros, aliased to o_ref (padding tokens stay 0)
     o_ref,                # [T, G, D]

@@ -2,7 +2,7 @@
 
 A config is a frozen (hashable) dataclass so it can be a static argument of a jitted
 function. `None` fields are filled per call by `resolve_*` from the shapes at hand.
-head_size is always q's: int8 pages' rows are D + 4 wide (kv_pages.py). The defaults were
+head_size is always q's: int8 pages' rows are D + 2 wide (kv_pages.py). The defaults were
 measured on 16-bit pages; 8-bit pages move half the bytes per token and have not been tuned.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ batches: prefills, chunks of prefills over a cached prefix, and decodes, in any 
 
 It reads the pages of every KV cache dtype (paged_jax/kv_quant.py): float32, bfloat16 and
 float16 as they are; float8_e4m3fn and float8_e5m2 as fp8 * k_scale (v_scale); int8 pages
-[Hkv, N, B, D + 4] as each row's D values times the float32 scale in its last 4 bytes. Rows
+[Hkv, N, B, D + 2] as each row's D values times the float16 scale in its last 2 bytes. Rows
 are converted to float32 as they are read and everything accumulates in float32; q may be
 float32, bfloat16 or float16 and the output has its dtype. It is compiled on first
 use with the machine's C++ compiler for the machine's CPU and kept in a cache directory; where
@@ -170,7 +170,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     """Ragged paged attention: sequence s owns query tokens [qsl[s], qsl[s + 1]) of q.
 
     q [T, Hq, D] float32, bfloat16 or float16; k_cache, v_cache [Hkv, N, B, D] (int8:
-    [Hkv, N, B, D + 4]) of one PAGE_DTYPES dtype, the new tokens' K/V already written;
+    [Hkv, N, B, D + 2]) of one PAGE_DTYPES dtype, the new tokens' K/V already written;
     query_start_loc [S + 1], seq_lens [S] (context with the new tokens; 0: padding),
     block_tables [S, MB], all int32. k_scale, v_scale: float8 pages' per-tensor scales (static
     numbers; 1.0 for other pages). Token i of a sequence with qlen new tokens sits at

@@ -12,8 +12,8 @@
 //   q               [T, Hq, D] f32  the step's new tokens, sequences concatenated
 //   k_cache         [Hkv, N, B, D]  the pool's pages (docs/ARCHITECTURE.md), new K/V written:
 //   v_cache         [Hkv, N, B, D]  f32, bf16, f16, or fp8 (e4m3fn, e5m2) read as fp8 * k_scale
-//                                   (v_scale); or s8 [Hkv, N, B, D + 4], each row D values and
-//                                   its float32 scale's bytes (paged_jax/kv_quant.py)
+//                                   (v_scale); or s8 [Hkv, N, B, D + 2], each row D values and
+//                                   its float16 scale's bytes (paged_jax/kv_quant.py)
 //   query_start_loc [S + 1] int32   sequence s owns tokens [qsl[s], qsl[s + 1])
 //   seq_lens        [S] int32       context length including the new tokens; 0: padding
 //   block_tables    [S, MB] int32   logical block -> physical page
@@ -43,7 +43,7 @@ namespace {
 
 constexpr int64_t kQueryChunk = 32;  // query tokens per work item: long prompts split up
 constexpr int64_t kMaxGroup = 64;    // query heads per KV head
-constexpr int64_t kScaleBytes = 4;   // an int8 row's float32 scale, after its values
+constexpr int64_t kScaleBytes = 2;   // an int8 row's float16 scale, after its values
 
 enum class Page { kF32, kBF16, kF16, kE4M3, kE5M2, kS8 };
 
@@ -97,8 +97,9 @@ const float* page_rows(const void* pages, int64_t row, int64_t count, int64_t d,
     const int64_t stride = d + kScaleBytes;
     const int8_t* src = static_cast<const int8_t*>(pages) + row * stride;
     for (int64_t r = 0; r < count; ++r, src += stride) {
-      float row_scale;
-      std::memcpy(&row_scale, src + d, sizeof row_scale);
+      uint16_t scale_bits;
+      std::memcpy(&scale_bits, src + d, sizeof scale_bits);
+      const float row_scale = half_to_float(scale_bits);
       float* __restrict__ o = buf + r * d;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) o[i] = float(src[i]) * row_scale;

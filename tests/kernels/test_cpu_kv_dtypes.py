@@ -87,9 +87,9 @@ def every_code(name):
     dtype, _, v_scale = PAGES[name]
     if name == "int8":
         codes = np.tile(np.arange(-128, 128, dtype=np.int32), 4).reshape(-1, 64)
-        scales = np.random.default_rng(1).uniform(1e-3, 2.0, (len(codes), 1)).astype(np.float32)
+        scales = np.random.default_rng(1).uniform(1e-3, 2.0, (len(codes), 1)).astype(np.float16)
         rows = np.concatenate([codes.astype(np.int8), scales.view(np.int8)], axis=1)
-        return jnp.asarray(rows.reshape(1, -1, 1, 68)), 1.0
+        return jnp.asarray(rows.reshape(1, -1, 1, 66)), 1.0
     bits = np.uint16 if jnp.dtype(dtype).itemsize == 2 else np.uint8
     codes = np.arange(np.iinfo(bits).max + 1, dtype=np.int64).astype(bits)
     values = codes.view(jnp.dtype(dtype))
@@ -162,7 +162,7 @@ def test_refusals_name_the_value():
     q = kt.random_q(rng, int(c.qsl[-1]), 4, 64, jnp.float32)
     args = (jnp.asarray(c.qsl), jnp.asarray(c.read.seq_lens), jnp.asarray(c.read.block_tables))
     attend = lambda q, k, v, **kw: cpu_kernels.paged_attention(q, k, v, *args, scale=0.1, **kw)
-    with pytest.raises(ValueError, match=r"q head size 64 needs k_cache's last axis 68, got 64"):
+    with pytest.raises(ValueError, match=r"q head size 64 needs k_cache's last axis 66, got 64"):
         attend(q, c.k[..., :64], c.v[..., :64])
     with pytest.raises(ValueError, match=r"k_scale scales float8 pages only, got k_scale=0.5 "
                                          r"with int8 pages"):
@@ -183,7 +183,7 @@ def test_refusals_name_the_value():
         attend(q, f16.astype(jnp.uint8), f16.astype(jnp.uint8))
     with pytest.raises(ValueError, match="q must be float32, bfloat16, float16, got int8"):
         attend(q.astype(jnp.int8), f16, f16)
-    with pytest.raises(ValueError, match=r"q head size 64 != k_cache head size 68"):
+    with pytest.raises(ValueError, match=r"q head size 64 != k_cache head size 66"):
         attend(q, c.k.astype(jnp.bfloat16), c.v.astype(jnp.bfloat16))
 
 

@@ -154,7 +154,7 @@ def test_references_read_8bit_pages():
 @pytest.mark.parametrize("name", PAGES)
 def test_triton_kernels_lower_8bit_pages_for_cuda(name):
   """Interpret mode never meets Triton's lowering rules: fp8 loads and conversions, the
-  int8 scale's bytes assembled into an int32 and bitcast to float32."""
+  int8 scale's bytes assembled into an int16 and bitcast to float16."""
   dtype, k_scale, v_scale = PAGES[name]
   spec = jax.ShapeDtypeStruct
   cache = spec((2, 32, 16, kv_pages.row_width(128, dtype)), dtype)
@@ -177,7 +177,7 @@ def test_triton_kernels_lower_8bit_pages_for_cuda(name):
 @mosaic
 @pytest.mark.parametrize("name,head_size,block_size,config", [
     ("fp8_e4m3", 64, 16, MosaicDecodeConfig(k_splits=2, p_from_registers=True)),
-    ("int8", 128, 32, MosaicDecodeConfig(tokens_per_step=128, num_slots=3)),
+    ("int8", 128, 64, MosaicDecodeConfig(tokens_per_step=128, num_slots=3)),
 ])
 def test_mosaic_lowers_8bit_pages_for_cuda(name, head_size, block_size, config):
   """The compiled path (8-bit TMA / bulk copies, the WGMMA 8-bit register layout, the
@@ -205,7 +205,8 @@ def test_mosaic_smem_bytes_counts_8bit_rings():
   assert smem_bytes(128, 64, 2, bf16, page_dtype=jnp.float8_e5m2, **kwargs) == (
       base - ring + widened)
   assert smem_bytes(128, 64, 2, bf16, page_dtype=jnp.int8, **kwargs) == (
-      base - 2 * ring + 2 * 2 * 64 * 132 + 1024 + widened)  # K and V rows of 132 B; scales
+      base - 2 * ring + 33 * 1024 + 1024 + 2 * 64 * 128 + widened)  # two slots of K and V
+  # rows of 130 B (33,280 B, aligned to 1 KiB); their scales; the values staged in 128 B rows
   assert ring_slots(MosaicDecodeConfig(num_slots=4), 128, 16, bf16, False,
                     jnp.float8_e4m3fn) == 4
 
@@ -231,7 +232,7 @@ def test_scales_and_page_dtypes_validated(q_dtype, page_dtype, kwargs, message):
 def test_int8_rows_must_hold_their_scales():
   q = jnp.ones((2, 4, 64), jnp.float32)
   cache = jnp.ones((2, 4, 8, 64), jnp.int8)  # no room for the scales
-  with pytest.raises(ValueError, match=r"int8 k_cache rows of 64 bytes != q head size 64 \+ 4"):
+  with pytest.raises(ValueError, match=r"int8 k_cache rows of 64 bytes != q head size 64 \+ 2"):
     paged_attention(q, cache, cache, jnp.ones((2, 2), jnp.int32), jnp.ones((2,), jnp.int32),
                     scale=0.1)
 
@@ -250,13 +251,13 @@ def test_dispatch_sends_8bit_pages_to_the_kernel_that_reads_them(monkeypatch):
   fp8 = jnp.ones((2, 4, 16, 64), jnp.float8_e4m3fn)
   dispatch.paged_decode(q, fp8, fp8, tables, lens, scale=0.1, **scales)
   for block_size in (16, INT8_MIN_BLOCK):
-    int8 = jnp.ones((2, 4, block_size, 68), jnp.int8)
+    int8 = jnp.ones((2, 4, block_size, 66), jnp.int8)
     dispatch.paged_decode(q, int8, int8, tables, lens, scale=0.1)
   assert calls == [
       ("mgpu", dict(scale=0.1, **scales)),
       ("triton", dict(scale=0.1, softcap=None, sliding_window=None, k_scale=1.0, v_scale=1.0)),
       ("mgpu", dict(scale=0.1, k_scale=1.0, v_scale=1.0))]
-  assert "int8 pages of block size 16" in supports(q, jnp.ones((2, 4, 16, 68), jnp.int8))
+  assert "int8 pages of block size 16" in supports(q, jnp.ones((2, 4, 16, 66), jnp.int8))
 
 
 # ---------------------------------------------------------------- the full grid (-m full)
