@@ -10,6 +10,12 @@ logprob of the text's next token (perplexity) and the model's top-1 token (agree
 float32 pages' top-1). All runs use the XLA attention path, so the pages (or the weights)
 are the only difference.
 
+The reference (--hf_dtypes): transformers' model in float32 over the same windows, its keys
+(after rope) and values rounded as each page dtype stores them, written here in torch apart
+from paged_jax (fp8: a cast to torch's float8 and back; int8: each token and head's row
+against its float16 scale). Its perplexity change and agreement are the format's own cost on
+this model; the engine's rows should match them.
+
   python -m experiments.kv_cache_dtype_accuracy --out_dir=/tmp/kv_cache_dtype_accuracy
 """
 from __future__ import annotations
@@ -35,6 +41,8 @@ flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e4m3:calibrate
                   "the first is the reference")
 flags.DEFINE_list("weight_quantizations", ["int8"], "weight quantizations, each run with "
                   "the reference's KV pages")
+flags.DEFINE_list("hf_dtypes", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
+                  "page dtypes to emulate in transformers as the reference (the first: none)")
 flags.DEFINE_string("out_dir", "results/kv_cache_dtype_accuracy", "where results.json goes")
 
 
@@ -61,6 +69,65 @@ def score(model, windows, kv_cache_dtype: str, chunk: int, calibrated: bool = Fa
             logprobs.append(entry[token].logprob)
             top1.append(next(t for t, lp in entry.items() if lp.rank == 1))
     return np.array(logprobs), np.array(top1), time.perf_counter() - start
+
+
+def rounded_as_stored(x, kv_cache_dtype: str):
+    """torch x [..., D] (float32) -> the values pages of kv_cache_dtype give back (scale 1.0
+    for fp8, as the engine's default)."""
+    import torch
+
+    if kv_cache_dtype == "auto":
+        return x
+    if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"):
+        dtype = {"fp8_e5m2": torch.float8_e5m2, "bfloat16": torch.bfloat16}.get(
+            kv_cache_dtype, torch.float8_e4m3fn)
+        return x.to(dtype).to(torch.float32)
+    if kv_cache_dtype == "int8":
+        scale = (x.abs().amax(-1, keepdim=True) / 127).to(torch.float16).to(torch.float32)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.clamp(torch.round(x / safe), -127, 127) * scale
+    raise ValueError(f"no emulation of kv_cache_dtype {kv_cache_dtype!r}")
+
+
+def hf_score(folder, windows, kv_cache_dtype: str):
+    """As score(), from transformers' model with its K/V rounded as the pages would hold
+    them: keys after rope (as the engine writes them), values as projected."""
+    import torch
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder),
+                                                              dtype=torch.float32).eval()
+    if model.config.model_type != "llama":
+        raise ValueError(f"the transformers reference emulates Llama models, got "
+                         f"{model.config.model_type}")
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    rope = modeling_llama.apply_rotary_pos_emb
+
+    def rope_then_round(q, k, *args, **kwargs):
+        q, k = rope(q, k, *args, **kwargs)
+        return q, rounded_as_stored(k, kv_cache_dtype)
+
+    def round_values(module, inputs, out):  # [B, T, Hkv * D] -> rows of D
+        return rounded_as_stored(out.unflatten(-1, (-1, head_dim)), kv_cache_dtype).flatten(-2)
+
+    hooks = [layer.self_attn.v_proj.register_forward_hook(round_values)
+             for layer in model.model.layers]
+    modeling_llama.apply_rotary_pos_emb = rope_then_round
+    logprobs, top1 = [], []
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for w in windows:
+                logits = model(torch.tensor([w])).logits[0, :-1].float()
+                lp = torch.log_softmax(logits, -1)
+                logprobs.append(lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].numpy())
+                top1.append(lp.argmax(-1).numpy())
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rope
+        for h in hooks:
+            h.remove()
+    return np.concatenate(logprobs), np.concatenate(top1), time.perf_counter() - start
 
 
 def param_bytes(params) -> int:
@@ -92,6 +159,13 @@ def main(argv):
             perplexity=math.exp(-logprobs.mean()), top1=top1, seconds=seconds,
             block_bytes=kv_cache.block_bytes(model.config, 16, FLAGS.dtypes[0]),
             weight_bytes=param_bytes(quantized.params))
+    hf = {}
+    if FLAGS.hf_dtypes:
+        from paged_jax.weights import resolve_model
+
+        for name in FLAGS.hf_dtypes:
+            logprobs, top1, seconds = hf_score(resolve_model(FLAGS.model), windows, name)
+            hf[name] = dict(perplexity=math.exp(-logprobs.mean()), top1=top1, seconds=seconds)
     ref = runs[FLAGS.dtypes[0]]
     rows, results = [], {"text": FLAGS.text, "tokens": int(sum(len(w) - 1 for w in windows)),
                          "window": FLAGS.window, "chunk": FLAGS.chunk, "dtypes": {}}
@@ -106,6 +180,20 @@ def main(argv):
         rows.append(f"{name:>20}  ppl {r['perplexity']:8.4f} ({change:+.2%})  top-1 agreement "
                     f"{agree:.2%}  {r['block_bytes']:>7} bytes per 16-token block  "
                     f"{r['seconds']:.0f} s")
+    results["transformers"] = {}
+    for name, r in hf.items():
+        base = hf[FLAGS.hf_dtypes[0]]
+        change = r["perplexity"] / base["perplexity"] - 1
+        agree = float(np.mean(r["top1"] == base["top1"]))
+        engine = runs.get(name)  # the engine's run of the same page dtype, if any
+        same = float(np.mean(engine["top1"] == r["top1"])) if engine else None
+        results["transformers"][name] = dict(perplexity=r["perplexity"],
+                                             perplexity_change=change, top1_agreement=agree,
+                                             top1_same_as_engine=same, seconds=r["seconds"])
+        rows.append(f"{'transformers ' + name:>20}  ppl {r['perplexity']:8.4f} "
+                    f"({change:+.2%})  top-1 agreement {agree:.2%}"
+                    + (f"  top-1 as the engine's {name}: {same:.2%}" if same is not None
+                       else "") + f"  {r['seconds']:.0f} s")
     report = (f"{results['tokens']} tokens of {FLAGS.text} in windows of {FLAGS.window}, "
               f"chunks of {FLAGS.chunk}; reference: {FLAGS.dtypes[0]}\n" + "\n".join(rows))
     publish(FLAGS.out_dir, results, report)
