@@ -57,7 +57,7 @@ SLOW_MODULES = {
     "test_preemption_experiment.py", "test_schedule_cost_experiment.py",
     "test_host_overhead_experiment.py",
     "test_spec_decode_experiment.py", "test_throughput_peers.py",
-    "test_structured_outputs_experiment.py",
+    "test_structured_outputs_experiment.py", "test_kv_accuracy_experiment.py",
     # the Mosaic GPU kernel in its (slow) interpreter
     "test_paged_attention_mgpu.py",
 }
