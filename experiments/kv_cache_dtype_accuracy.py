@@ -30,20 +30,6 @@ from absl import app, flags
 from experiments.results_file import publish
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "a model folder or GGUF (default: the embedded SmolLM2)")
-flags.DEFINE_string("text", "/usr/share/common-licenses/GPL-3", "held-out English text")
-flags.DEFINE_integer("tokens", 4096, "tokens of the text to score")
-flags.DEFINE_integer("window", 1024, "tokens per scored request")
-flags.DEFINE_integer("chunk", 64, "chunked-prefill chunk (max_num_batched_tokens)")
-flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e4m3:calibrated", "fp8_e5m2",
-                            "fp8_e5m2:calibrated", "int8"],
-                  "kv_cache_dtype values (fp8 ones with :calibrated for calculate_kv_scales); "
-                  "the first is the reference")
-flags.DEFINE_list("weight_quantizations", ["int8"], "weight quantizations, each run with "
-                  "the reference's KV pages")
-flags.DEFINE_list("hf_dtypes", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
-                  "page dtypes to emulate in transformers as the reference (the first: none)")
-flags.DEFINE_string("out_dir", "results/kv_cache_dtype_accuracy", "where results.json goes")
 
 
 def score(model, windows, kv_cache_dtype: str, chunk: int, calibrated: bool = False):
@@ -199,5 +185,24 @@ def main(argv):
     publish(FLAGS.out_dir, results, report)
 
 
+def define_flags() -> None:
+    """(Here rather than at import, so tests can import this module beside others.)"""
+    flags.DEFINE_string("model", None, "a model folder or GGUF (default: the embedded SmolLM2)")
+    flags.DEFINE_string("text", "/usr/share/common-licenses/GPL-3", "held-out English text")
+    flags.DEFINE_integer("tokens", 4096, "tokens of the text to score")
+    flags.DEFINE_integer("window", 1024, "tokens per scored request")
+    flags.DEFINE_integer("chunk", 64, "chunked-prefill chunk (max_num_batched_tokens)")
+    flags.DEFINE_list("dtypes", ["auto", "bfloat16", "fp8_e4m3", "fp8_e4m3:calibrated",
+                                "fp8_e5m2", "fp8_e5m2:calibrated", "int8"],
+                      "kv_cache_dtype values (fp8 ones with :calibrated for "
+                      "calculate_kv_scales); the first is the reference")
+    flags.DEFINE_list("weight_quantizations", ["int8"], "weight quantizations, each run with "
+                      "the reference's KV pages")
+    flags.DEFINE_list("hf_dtypes", ["auto", "fp8_e4m3", "fp8_e5m2", "int8"],
+                      "page dtypes to emulate in transformers as the reference (the first: none)")
+    flags.DEFINE_string("out_dir", "results/kv_cache_dtype_accuracy", "where results.json goes")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
