@@ -18,11 +18,11 @@ reports per kernel seconds, decode tokens/s, KV bytes read per second (as stored
 D + 2 bytes, fp8 1 byte a value) and tokens/s over the first listed dtype's:
 
   python experiments/kernel_bench.py --batch_sizes=64 --context_lens=2048 \
-      --block_sizes=16,32 --kv_cache_dtypes=bfloat16,fp8_e4m3,int8 --out=/tmp/kv8.json
+      --block_sizes=16,64 --kv_cache_dtypes=bfloat16,fp8_e4m3,int8 --out=/tmp/kv8.json
 
 On a GPU: the Triton decode kernel (ours), the ragged kernel on the decode batch
 (ours_ragged), the Mosaic GPU kernel on an H100/H200 where it takes the pages (int8 only at
-block size >= 32; elsewhere dispatch.paged_decode runs ours, and the row says why) and the
+block size >= 64; elsewhere dispatch.paged_decode runs ours, and the row says why) and the
 XLA gather path; on a CPU: the C++ CPU kernel (ours_cpu) and the XLA gather path.
 """
 from __future__ import annotations

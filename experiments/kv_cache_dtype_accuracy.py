@@ -67,9 +67,12 @@ def rounded_as_stored(x, kv_cache_dtype: str):
     if kv_cache_dtype in ("fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16"):
         dtype = {"fp8_e5m2": torch.float8_e5m2, "bfloat16": torch.bfloat16}.get(
             kv_cache_dtype, torch.float8_e4m3fn)
-        return x.to(dtype).to(torch.float32)
+        top = torch.finfo(dtype).max  # saturated, as the pages are (torch's cast is not)
+        return x.clamp(-top, top).to(dtype).to(torch.float32)
     if kv_cache_dtype == "int8":
-        scale = (x.abs().amax(-1, keepdim=True) / 127).to(torch.float16).to(torch.float32)
+        top = torch.finfo(torch.float16).max
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(max=top).to(
+            torch.float16).to(torch.float32)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         return torch.clamp(torch.round(x / safe), -127, 127) * scale
     raise ValueError(f"no emulation of kv_cache_dtype {kv_cache_dtype!r}")
@@ -87,7 +90,8 @@ def hf_score(folder, windows, kv_cache_dtype: str):
     if model.config.model_type != "llama":
         raise ValueError(f"the transformers reference emulates Llama models, got "
                          f"{model.config.model_type}")
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    head_dim = (getattr(model.config, "head_dim", None)
+                or model.config.hidden_size // model.config.num_attention_heads)
     rope = modeling_llama.apply_rotary_pos_emb
 
     def rope_then_round(q, k, *args, **kwargs):

@@ -65,7 +65,7 @@ class Request:
     matcher: object = dataclasses.field(default=None, repr=False)
     # min_tokens, allowed_token_ids, bad_words (token_rules.TokenRules), or None
     rules: object = dataclasses.field(default=None, repr=False)
-    # Its constant sampling columns (sampler.build_inputs builds them once)
+    # Its constant sampling columns (sampler.constant_columns builds them once)
     sampling_row: tuple | None = dataclasses.field(default=None, repr=False)
     # Its output's text, extended token by token (detokenizer.TextStream); None until first
     # asked for, False where the tokenizer's decode cannot be streamed

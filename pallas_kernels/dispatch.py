@@ -1,7 +1,7 @@
 """The engine's entry to the decode kernels: backend.COMPILED_BACKEND picks the lowering.
 
 With COMPILED_BACKEND = MOSAIC_GPU, decode steps whose arguments the Mosaic GPU kernel takes
-(paged_attention_mgpu.supports: among others no int8 pages of blocks under 32 tokens; and
+(paged_attention_mgpu.supports: among others no int8 pages of blocks under 64 tokens; and
 neither softcap nor sliding_window, which it lacks) run it; everything else runs the
 Triton-lowered kernel. Both read 16-bit, fp8 and int8 pages (kv_pages.py).
 """

@@ -105,7 +105,7 @@ def _decode_kernel(
     block_tables_ref,  # [MB]       int32, this sequence's row
     seq_lens_ref,      # [S]        int32, all of them (read at program_id(0))
     q_ref,             # [G, D]     this sequence's query heads of this KV group
-    k_ref,             # [N, B, W]  every page of this KV head (W: D, int8 D + 4)
+    k_ref,             # [N, B, W]  every page of this KV head (W: D, int8 D + 2)
     v_ref,             # [N, B, W]
     o_ref,             # [G, D]     k_splits == 1: normalised output; else unnormalised f32
     *stat_refs,        # k_splits > 1: m [G], l [G] float32 (base-2 running max, sum)

@@ -22,7 +22,8 @@ int8 rows of D values and a float16 scale, for blocks of >= 64 tokens (supports 
 at head size 64); int8 pieces, whose D + 2-byte rows break TMA's 16-byte stride rule, move
 as contiguous bytes with bulk copies. Each step the warpgroup widens the slot's K and V tiles
 SMEM -> registers -> SMEM in q's dtype (exact) for wgmma, which multiplies 8-bit operands
-only with an 8-bit q, and frees the slot for the next copy at once. The scales never touch
+only with an 8-bit q, and frees the slot for the next copy at once (int8 values pass through
+a staging tile of D-byte rows first: WGMMA's 8-bit layout takes no rows of D + 2 bytes). The scales never touch
 the tiles: k_scale folds into the softmax scale and v_scale into the output; an int8 row's
 scale (its 2 bytes assembled into a float16) multiplies its score column (K) or its
 probability column (V).
@@ -194,8 +195,9 @@ def _decode_kernel(tables_ref, lens_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
   iota = (functools.partial(lax.broadcasted_iota, jnp.int32) if interpret else
           functools.partial(plgpu.broadcasted_iota, jnp.int32, layout=plgpu.Layout.WGMMA))
   # An 8-bit tile comes out of SMEM 4 bytes a thread at a time (WGMMA's 8-bit register
-  # layout) rather than WGMMA's 2. int8 rows of D + 2 bytes defeat Mosaic's bank-conflict
-  # free transfer plans, hence optimized=False there.
+  # layout) rather than WGMMA's 2. int8 tiles come from the unswizzled staging tile (below)
+  # with the plain transfer (optimized=False), as they came from rows of D + 4 bytes before
+  # it; Mosaic's bank-conflict free plans are untried there.
   load_8bit = ((lambda ref: ref[...]) if interpret else
                functools.partial(plgpu.load, idx=(), layout=plgpu.Layout.WGMMA_8BIT,
                                  optimized=not int8))

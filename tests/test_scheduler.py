@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -522,10 +523,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.sched.kv.num_swapped_blocks() == 0
 
 
-def machine_test(machine, max_examples: int):
-    case = machine.TestCase
-    case.settings = settings(max_examples=max_examples, stateful_step_count=40, deadline=None)
-    return case
+def machine_tests(machine, max_examples: int):
+    """The machine as two TestCases: a quarter of the examples in the quick tier, and all of
+    them marked slow (CI runs both; `-m "not slow"` keeps the quick tier under 3 minutes)."""
+    def case(n: int, suffix: str):
+        return type(machine.__name__ + suffix, (machine.TestCase,), dict(settings=settings(
+            max_examples=n, stateful_step_count=40, deadline=None)))
+    return case(max(10, max_examples // 4), "Quick"), pytest.mark.slow(case(max_examples, ""))
 
 
 class ChunkedSchedulerMachine(SchedulerMachine):
@@ -544,21 +548,25 @@ def variant(name: str, **flags):
     return type(name, (SchedulerMachine,), flags)
 
 
-TestSchedulerMachine = machine_test(SchedulerMachine, 70)
-TestMixedSchedulerMachine = machine_test(variant("MixedSchedulerMachine", MIXED=True), 70)
-TestCachingSchedulerMachine = machine_test(
+SwapChunkedMachine = type("SwapChunkedMachine", (ChunkedSchedulerMachine,), dict(SWAP=True))
+WindowedMachine = type("WindowedMachine", (ChunkedSchedulerMachine,),
+                       dict(SWAP=True, WINDOWED=True))
+TestSchedulerMachineQuick, TestSchedulerMachine = machine_tests(SchedulerMachine, 70)
+TestMixedSchedulerMachineQuick, TestMixedSchedulerMachine = machine_tests(
+    variant("MixedSchedulerMachine", MIXED=True), 70)
+TestCachingSchedulerMachineQuick, TestCachingSchedulerMachine = machine_tests(
     variant("CachingSchedulerMachine", MIXED=True, CACHING=True), 100)
-TestCachingPrefillFirstMachine = machine_test(
+TestCachingPrefillFirstMachineQuick, TestCachingPrefillFirstMachine = machine_tests(
     variant("CachingPrefillFirstMachine", CACHING=True), 70)
-TestChunkedSchedulerMachine = machine_test(ChunkedSchedulerMachine, 100)
-TestSwapSchedulerMachine = machine_test(variant("SwapSchedulerMachine", SWAP=True), 70)
-TestSwapMixedCachingMachine = machine_test(
+TestChunkedSchedulerMachineQuick, TestChunkedSchedulerMachine = machine_tests(
+    ChunkedSchedulerMachine, 100)
+TestSwapSchedulerMachineQuick, TestSwapSchedulerMachine = machine_tests(
+    variant("SwapSchedulerMachine", SWAP=True), 70)
+TestSwapMixedCachingMachineQuick, TestSwapMixedCachingMachine = machine_tests(
     variant("SwapMixedCachingMachine", MIXED=True, CACHING=True, SWAP=True), 70)
-TestSwapChunkedMachine = machine_test(type("SwapChunkedMachine", (ChunkedSchedulerMachine,),
-                                           dict(SWAP=True)), 70)
-TestWindowedMachine = machine_test(type("WindowedMachine", (ChunkedSchedulerMachine,),
-                                        dict(SWAP=True, WINDOWED=True)), 60)
-TestWindowedPrefillFirstMachine = machine_test(
+TestSwapChunkedMachineQuick, TestSwapChunkedMachine = machine_tests(SwapChunkedMachine, 70)
+TestWindowedMachineQuick, TestWindowedMachine = machine_tests(WindowedMachine, 60)
+TestWindowedPrefillFirstMachineQuick, TestWindowedPrefillFirstMachine = machine_tests(
     variant("WindowedPrefillFirstMachine", CACHING=True, SWAP=True, WINDOWED=True), 40)
 
 

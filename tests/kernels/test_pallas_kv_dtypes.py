@@ -96,10 +96,10 @@ def test_ragged_reads_8bit_pages(name):
 @mosaic
 def test_mosaic_decode_reads_8bit_pages(name):
   # float16 q (its rounding is 8x finer than bfloat16's: the quantization shows through);
-  # 32-token pages, two a step, three steps over two ring slots, two splits.
+  # 64-token pages (int8's smallest), two a step of 128, over two ring slots, two splits.
   check_decode(paged_attention_mgpu, name, (8, 2), 64, INT8_MIN_BLOCK, jnp.float16,
-               num_seqs=3, max_len=150, in_force=True,
-               config=MosaicDecodeConfig(num_slots=2, k_splits=2))
+               num_seqs=3, max_len=300, in_force=True,
+               config=MosaicDecodeConfig(tokens_per_step=128, num_slots=2, k_splits=2))
 
 
 @pytest.mark.parametrize("name,ragged", [("fp8_e4m3", False), ("int8", True)])
@@ -238,7 +238,7 @@ def test_int8_rows_must_hold_their_scales():
 
 
 def test_dispatch_sends_8bit_pages_to_the_kernel_that_reads_them(monkeypatch):
-  """Mosaic takes fp8 pages and int8 pages of blocks >= 32 tokens; int8 pages of smaller
+  """Mosaic takes fp8 pages and int8 pages of blocks >= 64 tokens; int8 pages of smaller
   blocks go to the Triton kernel. The scales go along either way."""
   from pallas_kernels import backend, dispatch
   calls = []
@@ -263,7 +263,7 @@ def test_dispatch_sends_8bit_pages_to_the_kernel_that_reads_them(monkeypatch):
 # ---------------------------------------------------------------- the full grid (-m full)
 
 FULL_HEADS = [(8, 2), (8, 1), (4, 4)]  # GQA, MQA, MHA
-FULL = list(itertools.product(FULL_HEADS, [64, 128], [8, 16, 32], PAGES))
+FULL = list(itertools.product(FULL_HEADS, [64, 128], [8, 16, 32, 64], PAGES))
 full_id = lambda value: value if isinstance(value, str) else kt.case_id(value)
 
 
@@ -326,7 +326,7 @@ def test_mosaic_lowers_8bit_pages_full(head_size, block_size, name):
 @mosaic
 @pytest.mark.full
 @pytest.mark.parametrize("name,block_size", [("fp8_e4m3", 16), ("fp8_e5m2", 64),
-                                             ("int8", 32), ("int8", 128)])
+                                             ("int8", 64), ("int8", 128)])
 def test_mosaic_smem_bytes_is_what_mosaic_allocates_for_8bit_pages(monkeypatch, name,
                                                                    block_size):
   """As test_paged_attention_mgpu.test_smem_bytes_is_what_mosaic_allocates, for 8-bit rings:
