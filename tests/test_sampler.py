@@ -161,3 +161,43 @@ def test_the_bitmask_allows_only_its_tokens_and_leaves_other_rows_alone(temperat
         best = np.where(allowed, logits, -np.inf).argmax(-1)
         np.testing.assert_array_equal(masked[:n // 2], best[:n // 2])
     assert (masked[:n // 2] != free[:n // 2]).any()  # the mask did change draws
+
+
+def _columns_request(i: int, rng) -> Request:
+    p = SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.choice([-1, 5])),
+                       top_p=float(rng.choice([1.0, 0.9])),
+                       repetition_penalty=float(rng.choice([1.0, 1.2])),
+                       logit_bias={3: 1.5} if rng.random() < 0.3 else None,
+                       logprobs=2 if rng.random() < 0.3 else None)
+    r = Request(f"c{i}", rng.integers(0, V, int(rng.integers(1, 9))).tolist(), p, 10**6,
+                seed=int(rng.integers(0, 2**40)))
+    r.output_token_ids = rng.integers(0, V, int(rng.integers(0, 5))).tolist()
+    return r
+
+
+def test_the_column_cache_gives_what_a_fresh_build_gives():
+    """Steps whose rows are the step before's requests (in order, at one row count) reuse
+    the cached columns; any other step rebuilds them. Either way every array equals an
+    uncached build's, and a cached column cannot be written."""
+    rng = np.random.default_rng(5)
+    pool = [_columns_request(i, rng) for i in range(12)]
+    cache = sampler.ColumnCache()
+    steps = [pool[:6], pool[:6], pool[:6][::-1], pool[1:7], pool[1:7], pool[:3]]
+    rows = [8, 8, 8, 8, 16, 8]
+    built = []
+    for reqs, num_rows in zip(steps, rows):
+        for r in reqs:
+            r.output_token_ids.append(int(rng.integers(0, V)))  # (the step column moves)
+        got = build_inputs(list(reqs), num_rows, 32, cache=cache)
+        want = build_inputs(list(reqs), num_rows, 32)
+        assert got.keys() == want.keys()
+        for k in want:
+            if want[k] is None:
+                assert got[k] is None, k
+            else:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        built.append(got["temperature"])
+    assert built[1] is built[0]  # the same requests in the same order: kept
+    assert built[2] is not built[1] and built[4] is not built[3]  # reordered; more rows
+    with pytest.raises(ValueError, match="read-only"):
+        built[0][0] = 1.0

@@ -1,6 +1,7 @@
 """step_inputs: a decode step's numpy fast path (build_decode) gives exactly the arrays of the
 general row-by-row path (build_rows), on batches a scheduler really makes: random requests,
-prefix caching, a sliding window, preemption, and pending tokens of asynchronous steps."""
+prefix caching, a sliding window, preemption, and pending tokens of asynchronous steps. Both
+fill block tables with table_array, checked here against a row-by-row fill."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +14,7 @@ from paged_jax.kv_cache_manager import KVCacheManager
 from paged_jax.request import Request
 from paged_jax.sampling_params import SamplingParams
 from paged_jax.scheduler import Scheduler
-from paged_jax.step_inputs import Buckets, build, build_decode, build_rows
+from paged_jax.step_inputs import Buckets, build, build_decode, build_rows, table_array
 
 
 def assert_same(a, b) -> None:
@@ -57,14 +58,26 @@ def test_decode_fast_path_equals_the_general_path(data, num_blocks, block_size, 
                 assert build(batch, kv, buckets, prev).mode != "decode"
             sched.dispatched(batch)
             flight = (batch,)
-        if in_flight is not None:  # asynchronous: applied after the next was dispatched
-            done = in_flight[0]
+        if overlap:  # asynchronous: the step before is applied after this one went out
+            flight, in_flight = in_flight, flight
+        if flight is not None:
+            done = flight[0]
             sched.update_from_output(done, [[int(t)] for t in rng.integers(3, 50, len(
                 done.requests))])
-        in_flight = flight
-        if not overlap and in_flight is not None:  # synchronous: applied at once
-            done = in_flight[0]
-            sched.update_from_output(done, [[int(t)] for t in rng.integers(3, 50, len(
-                done.requests))])
-            in_flight = None
     assert decodes > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(0, 40), min_size=1, max_size=12), extra_rows=st.integers(0, 5),
+       seed=st.integers(0, 2**16))
+def test_table_array_is_a_row_by_row_fill(lens, extra_rows, seed):
+    rng = np.random.default_rng(seed)
+    tables = [rng.integers(1, 1000, n).tolist() for n in lens]
+    buckets = Buckets.make(8, 256, 256, 4)
+    got = table_array(tables, len(tables) + extra_rows, buckets)
+    want = np.zeros((len(tables) + extra_rows, got.shape[1]), np.int32)
+    for i, t in enumerate(tables):
+        want[i, :len(t)] = t
+    assert got.dtype == np.int32 and got.shape[1] >= max(lens)
+    assert got.shape[1] in buckets.blocks
+    np.testing.assert_array_equal(got, want)
